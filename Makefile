@@ -1,0 +1,37 @@
+# Every target creates .venv itself, so each works on a bare machine with Python 3.11 and pip.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint campaign bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: the CPU build on this machine; a range would pull CUDA packages.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev,plot]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/adding_problem.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check lightning_clip tests examples benchmarks
+	$(BIN)/ruff format --check lightning_clip tests examples benchmarks
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest -n 2 -q
+
+campaign: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow --run-slow tests/reliability
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/clip_step.py
+	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/scaling.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,106 @@
+"""One measurement of the gradients per optimizer step, shared by every lightning-clip callback.
+
+Whichever callback asks first reads the gradients (one fused ``_foreach_norm`` pass); the others get the
+same object, so the gradients are measured once per step whatever the number of callbacks, and every
+callback sees the pre-clip figures whatever their order in the Trainer's list. No Lightning import.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lightning_clip import functional as F
+
+__all__ = ["StepMeasurement", "measure_step", "optimizer_params"]
+
+
+def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every parameter of ``optimizer``, in param-group order."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+@dataclass
+class StepMeasurement:
+    """The gradients of one optimizer at one step, and their pre-clip norms.
+
+    Attributes:
+        params: the optimizer's parameters that have a gradient, in order.
+        grads: their gradients (the same tensors the optimizer will read).
+        total: float32 0-d tensor, the total p-norm (on the gradients' device).
+        per_param: float32 1-D tensor, one p-norm per entry of ``params``.
+        norm_type: the p.
+        skipped: set by a callback that removed the gradients (the update will not be applied).
+    """
+
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    total: torch.Tensor
+    per_param: torch.Tensor
+    norm_type: float
+    skipped: bool = False
+    _host_total: float | None = field(default=None, repr=False)
+
+    @property
+    def total_norm(self) -> float:
+        """The total norm as a Python float: the step's single device-to-host transfer, cached."""
+        if self._host_total is None:
+            self._host_total = float(self.total.item())
+        return self._host_total
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.total_norm)
+
+    def nonfinite_indices(self) -> list[int]:
+        """Indices into ``params`` whose gradient holds a NaN or Inf (only call when not ``finite``)."""
+        return torch.nonzero(~torch.isfinite(self.per_param)).flatten().tolist()
+
+
+def _measure(optimizer: torch.optim.Optimizer, norm_type: float) -> StepMeasurement:
+    params = [p for p in optimizer_params(optimizer) if p.grad is not None]
+    grads = [p.grad for p in params]  # type: ignore[misc]
+    total, per_param = F.grad_norms(grads, norm_type)
+    return StepMeasurement(params, grads, total, per_param, norm_type)  # type: ignore[arg-type]
+
+
+# owner (the Trainer) -> (step key, {norm_type: measurement}); weak so a finished Trainer frees it.
+_CACHE: weakref.WeakKeyDictionary[Any, tuple[tuple[int, int], dict[float, StepMeasurement]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def measure_step(owner: Any, optimizer: torch.optim.Optimizer, step: int, norm_type: float = 2.0) -> StepMeasurement:
+    """The measurement of ``optimizer``'s gradients at ``step``, computed once and shared.
+
+    Args:
+        owner: the object the cache is attached to (the Trainer); weakly referenced.
+        optimizer: the optimizer about to step.
+        step: a counter unique to this optimizer step (the Trainer's ``global_step``).
+        norm_type: the p of the norms; each distinct p costs one pass.
+    """
+    key = (id(optimizer), step)
+    entry = _CACHE.get(owner)
+    if entry is None or entry[0] != key:
+        entry = (key, {})
+        _CACHE[owner] = entry
+    by_p = entry[1]
+    found = by_p.get(norm_type)
+    if found is None:
+        found = _measure(optimizer, norm_type)
+        if by_p:  # a measurement with another p exists: keep its skip decision
+            found.skipped = any(m.skipped for m in by_p.values())
+        by_p[norm_type] = found
+    return found
+
+
+def mark_skipped(owner: Any, optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Record that the update of ``optimizer`` at ``step`` will not be applied."""
+    entry = _CACHE.get(owner)
+    if entry is not None and entry[0] == (id(optimizer), step):
+        for m in entry[1].values():
+            m.skipped = True

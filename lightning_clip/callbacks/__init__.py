@@ -1,0 +1,5 @@
+"""The public callbacks, one per module."""
+
+from lightning_clip.callbacks.adaptive_clipping import AdaptiveGradientClipping
+
+__all__ = ["AdaptiveGradientClipping"]

@@ -1,0 +1,215 @@
+"""AdaptiveGradientClipping: clip to a threshold learned from recent gradient norms."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_warn
+
+from lightning_clip import _trainer
+from lightning_clip import functional as F
+from lightning_clip._measure import measure_step
+from lightning_clip._validation import check_norm_type, check_number
+from lightning_clip.callbacks._base import LightningClipCallback
+from lightning_clip.exceptions import LightningClipWarning
+from lightning_clip.statistics import ThresholdRule, make_rule
+
+__all__ = ["AdaptiveGradientClipping"]
+
+
+class AdaptiveGradientClipping(LightningClipCallback):
+    r"""Clip the gradient norm to a threshold learned from a running mean of recent norms.
+
+    Acts in ``on_before_optimizer_step``, where gradients are accumulated, AMP-unscaled and not yet
+    clipped by Lightning: when the pre-clip total norm ``n`` exceeds the threshold ``c``, every gradient
+    is scaled by ``c / n`` (direction kept). Nothing is written when no clipping is needed.
+
+    Modes (``threshold_t`` is the threshold applied to step ``t``'s norm ``n_t``; only finite norms count):
+
+    * ``"mean"`` (default): ``min(factor · μ̂_{t−1}, max_norm)`` where ``μ̂`` is the bias-corrected EMA
+      of the norms as applied, ``min(n_t, threshold_t)`` (Pascanu et al. 2013 suggest the average norm as
+      the threshold). A spike never inflates its own statistics; ``factor > 1`` lets the mean follow norms
+      that grow steadily.
+    * ``"zscore"``: ZClip (Kumar et al. 2025) — reproduces ``zclip.ZClip`` 1.0.0 (``mode="zscore"``,
+      ``clip_option="adaptive_scaling"``, ``clip_factor=1``); pass ``warmup_steps=25, max_norm=1.0`` for
+      ZClip's defaults.
+    * ``"percentile"``: AutoClip (Seetharaman et al. 2020) — reproduces ``autoclip.torch.QuantileClip(
+      quantile=percentile/100, history_length=window, global_threshold=True)`` 0.2.1.
+
+    Warm-up: the first ``warmup_steps`` steps are capped by ``max_norm``; in ``zscore`` and ``percentile``
+    modes, without ``max_norm``, by the ``mean`` rule from the second step on (no unprotected warm-up).
+
+    Args:
+        mode: ``"mean"`` | ``"zscore"`` | ``"percentile"``.
+        factor: ``mean``: threshold = factor × running mean, ``> 1``.
+        decay: ``mean``, ``zscore``: EMA decay of the running statistics, in ``[0, 1)``.
+        z_threshold: ``zscore``: ZClip's ``z_thresh``, ``> 0``.
+        percentile: ``percentile``: AutoClip's p, in ``[0, 100]``.
+        window: ``percentile``: how many recent norms are kept, ``≥ 1``.
+        warmup_steps: steps (``≥ 1``) before the mode's own rule applies; None: 1, or 25 for ``zscore``.
+        max_norm: optional absolute cap (``> 0``), applied always, also during warm-up.
+        norm_type: p of the p-norm, any ``p > 0`` or ``float("inf")``.
+
+    Raises:
+        ValueError / TypeError: at construction, for an argument out of range or of the wrong type.
+        ValueError: at fit start, for a fused optimizer under 16-mixed (its gradients are still scaled in
+            the hook).
+
+    Logged keys (through ``pl_module.log``, on the Trainer's logging steps):
+
+    ========================  =========================================================
+    key                       meaning
+    ========================  =========================================================
+    ``grad/norm``             pre-clip total gradient norm
+    ``grad/clip_threshold``   threshold applied this step (∞ until one exists)
+    ``grad/clip_coef``        factor the gradients were scaled by (≤ 1; 1 = not clipped)
+    ========================  =========================================================
+
+    With several optimizers each key gets the suffix ``_opt{i}``, ``i`` the optimizer's index in
+    ``configure_optimizers`` (``grad/norm_opt0``, ``grad/norm_opt1``, …), and each optimizer keeps its
+    own statistics.
+
+    Notes:
+        AMP: under ``16-mixed`` the gradients are already unscaled in the hook; a non-finite norm there
+        (GradScaler calibration) is ignored and the scaler skips the step. DDP: gradients are all-reduced
+        before the hook, so every rank computes the same threshold. Sharded strategies (FSDP, DeepSpeed)
+        are not supported: the norm would be local to each shard. ``Trainer(gradient_clip_val=...)`` still
+        applies after this callback (a warning says so).
+
+    Example:
+        >>> import pytorch_lightning as pl
+        >>> from lightning_clip import AdaptiveGradientClipping
+        >>> trainer = pl.Trainer(callbacks=[AdaptiveGradientClipping(factor=2.0)], logger=False)
+    """
+
+    def __init__(
+        self,
+        mode: str = "mean",
+        factor: float = 1.5,
+        decay: float = 0.97,
+        z_threshold: float = 2.5,
+        percentile: float = 10.0,
+        window: int = 1000,
+        warmup_steps: int | None = None,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+    ) -> None:
+        super().__init__()
+        if max_norm is not None:
+            max_norm = check_number("max_norm", max_norm, low=0.0, low_inclusive=False)
+        self._rule_kwargs: dict[str, Any] = dict(
+            factor=factor,
+            decay=decay,
+            z_threshold=z_threshold,
+            percentile=percentile,
+            window=window,
+            warmup_steps=warmup_steps,
+            max_norm=max_norm,
+        )
+        make_rule(mode, **self._rule_kwargs)  # validates every argument
+        self.mode = mode
+        self.factor = factor
+        self.decay = decay
+        self.z_threshold = z_threshold
+        self.percentile = percentile
+        self.window = window
+        self.warmup_steps = warmup_steps
+        self.max_norm = max_norm
+        self.norm_type = check_norm_type("norm_type", norm_type)
+        self._rules: dict[int, ThresholdRule] = {}
+        self._pending: dict[int, dict[str, Any]] = {}
+        self._multi = False
+        #: figures of the last step, per optimizer index: (norm, threshold, coef)
+        self.last: dict[int, tuple[float, float, float]] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            mode=self.mode,
+            factor=self.factor,
+            decay=self.decay,
+            z_threshold=self.z_threshold,
+            percentile=self.percentile,
+            window=self.window,
+            warmup_steps=self.warmup_steps,
+            max_norm=self.max_norm,
+            norm_type=self.norm_type,
+        )
+
+    # ----------------------------------------------------------------------------------------- state
+    def rule(self, index: int = 0) -> ThresholdRule:
+        """The threshold statistics of optimizer ``index`` (created on first use)."""
+        found = self._rules.get(index)
+        if found is None:
+            found = make_rule(self.mode, **self._rule_kwargs)
+            if index in self._pending:
+                found.load_state_dict(self._pending.pop(index))
+            self._rules[index] = found
+        return found
+
+    def state_dict(self) -> dict[str, Any]:
+        rules = {str(i): r.state_dict() for i, r in self._rules.items()}
+        rules.update({str(i): s for i, s in self._pending.items() if str(i) not in rules})
+        return {"version": 1, "rules": rules}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._rules = {}
+        self._pending = {int(i): s for i, s in state_dict.get("rules", {}).items()}
+
+    # ----------------------------------------------------------------------------------------- hooks
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.gradient_clip_val:
+            rank_zero_warn(
+                f"AdaptiveGradientClipping is attached and `Trainer(gradient_clip_val={trainer.gradient_clip_val!r})`"
+                " is set too: both apply, AdaptiveGradientClipping first, then Lightning's clipping on top."
+                " Remove `gradient_clip_val` to let the adaptive threshold decide alone.",
+                category=LightningClipWarning,
+            )
+        scaler = _trainer.gradient_scaler(trainer)
+        if scaler is not None:
+            for opt in trainer.optimizers:
+                if getattr(opt, "_step_supports_amp_scaling", False):
+                    raise ValueError(
+                        f"AdaptiveGradientClipping cannot clip {type(opt).__name__} under precision='16-mixed':"
+                        " this optimizer unscales its gradients inside `step()`, so they are still scaled when"
+                        " the callback runs. Use a non-fused optimizer (e.g. `fused=False`) or bf16-mixed."
+                    )
+        self._multi = len(trainer.optimizers) > 1
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        index = _trainer.optimizer_index(trainer, optimizer)
+        measurement = measure_step(trainer, optimizer, trainer.global_step, self.norm_type)
+        norm, threshold, coef = self.clip(measurement.total_norm, measurement.grads, index, measurement.skipped)
+        self.last[index] = (norm, threshold, coef)
+        if _trainer.should_update_logs(trainer):
+            suffix = f"_opt{index}" if self._multi else ""
+            pl_module.log_dict(
+                {
+                    f"grad/norm{suffix}": norm,
+                    f"grad/clip_threshold{suffix}": threshold,
+                    f"grad/clip_coef{suffix}": coef,
+                },
+                on_step=True,
+                on_epoch=False,
+            )
+
+    def clip(
+        self, norm: float, grads: list[torch.Tensor], index: int = 0, skipped: bool = False
+    ) -> tuple[float, float, float]:
+        """Update optimizer ``index``'s statistics with ``norm`` and clip ``grads`` in place.
+
+        Returns ``(norm, threshold, coef)``. A non-finite norm is not clipped (the step is left to
+        :class:`~lightning_clip.ExplosionGuard` or the GradScaler) and leaves the statistics unchanged;
+        ``skipped`` (the update will not be applied) still updates the statistics, so the result does not
+        depend on the order of the callbacks.
+        """
+        threshold = self.rule(index).step(norm)
+        coef = 1.0
+        if not skipped and math.isfinite(norm):
+            coef = F.clip_grads_(grads, threshold, norm)
+        return norm, threshold, coef

@@ -1,0 +1,196 @@
+"""Pure tensor math shared by every lightning-clip callback. Imports torch only, never Lightning.
+
+Usable from a plain PyTorch loop::
+
+    >>> import torch
+    >>> from lightning_clip import functional as F
+    >>> model = torch.nn.Linear(4, 2)
+    >>> model(torch.ones(3, 4)).sum().backward()
+    >>> grads = F.collect_grads(model.parameters())
+    >>> total, per_tensor = F.grad_norms(grads)
+    >>> per_tensor.shape
+    torch.Size([2])
+    >>> coef = F.clip_coef(total, max_norm=0.5)
+    >>> F.scale_grads_(grads, coef)
+    >>> round(float(F.grad_norms(grads)[0]), 4) == round(min(float(total), 0.5), 4)
+    True
+
+Conventions: norms are accumulated in float32 whatever the gradients' dtype (bf16 / fp16 gradients are
+not up-cast in memory; ``torch._foreach_norm`` accumulates in the requested dtype); ``None`` gradients
+are skipped; in-place functions end in ``_``; nothing here calls ``.item()``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+__all__ = [
+    "all_finite",
+    "clip_coef",
+    "clip_grads_",
+    "collect_grads",
+    "grad_norms",
+    "group_norms",
+    "scale_grads_",
+    "spectral_radius",
+    "total_norm",
+]
+
+EPS = 1e-6
+"""Added to the norm in the clip coefficient, as in ``torch.nn.utils.clip_grad_norm_``."""
+
+
+def collect_grads(parameters: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradients of ``parameters`` that exist (``None`` gradients are skipped), in order."""
+    return [p.grad for p in parameters if p.grad is not None]
+
+
+def _check_norm_type(norm_type: float) -> float:
+    norm_type = float(norm_type)
+    if math.isnan(norm_type) or norm_type <= 0:
+        raise ValueError(f"`norm_type` must be a real number > 0 or float('inf'), got {norm_type!r}.")
+    return norm_type
+
+
+def grad_norms(
+    tensors: Sequence[torch.Tensor], norm_type: float = 2.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Total and per-tensor p-norms in one fused pass over ``tensors``.
+
+    Args:
+        tensors: gradients (any dtypes, one or more devices). An empty sequence gives zeros.
+        norm_type: p of the p-norm, any real ``p > 0`` or ``float("inf")``.
+
+    Returns:
+        ``(total, per_tensor)``: float32 tensors on the device of the first tensor; ``total`` is the
+        p-norm of all tensors taken together (the p-norm of the per-tensor norms), never a sum of norms.
+        A NaN or Inf anywhere makes ``total`` non-finite.
+
+    Example:
+        >>> total, per = grad_norms([torch.tensor([3.0, 0.0]), torch.tensor([4.0])])
+        >>> float(total), per.tolist()
+        (5.0, [3.0, 4.0])
+    """
+    norm_type = _check_norm_type(norm_type)
+    if len(tensors) == 0:
+        zero = torch.zeros((), dtype=torch.float32)
+        return zero, torch.zeros(0, dtype=torch.float32)
+    first_device = tensors[0].device
+    per_tensor = torch.empty(len(tensors), dtype=torch.float32, device=first_device)
+    grouped = _group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)
+    for (device, _), ([group], indices) in grouped.items():
+        norms = torch._foreach_norm(group, norm_type, dtype=torch.float32)  # type: ignore[arg-type]
+        stacked = torch.stack(norms)
+        if device != first_device:
+            stacked = stacked.to(first_device)
+        per_tensor[torch.tensor(indices, device=first_device)] = stacked
+    return torch.linalg.vector_norm(per_tensor, norm_type), per_tensor
+
+
+def total_norm(tensors: Sequence[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """The total p-norm of ``tensors`` (float32); see :func:`grad_norms`."""
+    return grad_norms(tensors, norm_type)[0]
+
+
+def clip_coef(total: torch.Tensor | float, max_norm: torch.Tensor | float, eps: float = EPS) -> torch.Tensor:
+    """``min(1, max_norm / (total + eps))``: the factor that brings a norm ``total`` down to ``max_norm``.
+
+    Example:
+        >>> float(clip_coef(torch.tensor(10.0), 5.0, eps=0.0))
+        0.5
+        >>> float(clip_coef(torch.tensor(1.0), 5.0))
+        1.0
+    """
+    total = torch.as_tensor(total, dtype=torch.float32)
+    return torch.clamp(torch.as_tensor(max_norm, dtype=torch.float32) / (total + eps), max=1.0)
+
+
+def scale_grads_(tensors: Sequence[torch.Tensor], coef: torch.Tensor | float) -> None:
+    """Multiply every tensor in place by ``coef`` (a Python float or a 0-d tensor) in fused passes."""
+    if len(tensors) == 0:
+        return
+    if isinstance(coef, float):
+        grouped_f = _group_tensors_by_device_and_dtype([list(tensors)])
+        for [group], _ in grouped_f.values():
+            torch._foreach_mul_(group, coef)  # type: ignore[arg-type]
+        return
+    grouped = _group_tensors_by_device_and_dtype([list(tensors)])
+    for (device, _), ([group], _) in grouped.items():
+        torch._foreach_mul_(group, coef.to(device))  # type: ignore[arg-type]
+
+
+def clip_grads_(
+    tensors: Sequence[torch.Tensor], max_norm: float, total: float, eps: float = EPS
+) -> float:
+    """Scale ``tensors`` so their total norm ``total`` (already measured) becomes ``max_norm``.
+
+    Host-side decision: nothing is written when ``total <= max_norm`` or ``total`` is not finite.
+
+    Returns:
+        The coefficient applied (``1.0`` when nothing was written).
+
+    Example:
+        >>> g = [torch.tensor([3.0, 4.0])]
+        >>> clip_grads_(g, max_norm=1.0, total=5.0, eps=0.0)
+        0.2
+        >>> g[0].tolist()
+        [0.6000000238418579, 0.800000011920929]
+    """
+    if not math.isfinite(total) or total <= max_norm:
+        return 1.0
+    coef = max_norm / (total + eps)
+    if coef >= 1.0:
+        return 1.0
+    scale_grads_(tensors, coef)
+    return coef
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A 0-d bool tensor: no NaN or Inf in any of ``tensors`` (one fused pass, no host sync).
+
+    Example:
+        >>> bool(all_finite([torch.ones(2), torch.tensor([1.0, float("nan")])]))
+        False
+    """
+    if len(tensors) == 0:
+        return torch.tensor(True)
+    return torch.isfinite(grad_norms(tensors, 1.0)[1]).all()
+
+
+def group_norms(
+    per_tensor: torch.Tensor, group_index: torch.Tensor, num_groups: int, norm_type: float = 2.0
+) -> torch.Tensor:
+    """Combine per-tensor norms into per-group norms (e.g. per layer) without reading the tensors again.
+
+    Args:
+        per_tensor: 1-D float tensor of per-tensor p-norms.
+        group_index: 1-D long tensor, the group of each entry of ``per_tensor``.
+        num_groups: number of groups; a group with no entry gets 0.
+        norm_type: the p the per-tensor norms were taken with.
+
+    Example:
+        >>> group_norms(torch.tensor([3.0, 4.0, 1.0]), torch.tensor([0, 0, 1]), 2).tolist()
+        [5.0, 1.0]
+    """
+    norm_type = _check_norm_type(norm_type)
+    out = torch.zeros(num_groups, dtype=per_tensor.dtype, device=per_tensor.device)
+    if math.isinf(norm_type):
+        return out.scatter_reduce_(0, group_index, per_tensor, reduce="amax", include_self=True)
+    return out.index_add_(0, group_index, per_tensor.pow(norm_type)).pow(1.0 / norm_type)
+
+
+def spectral_radius(weight: torch.Tensor) -> torch.Tensor:
+    """Largest absolute eigenvalue of a square matrix (float32 result, computed in float64).
+
+    Example:
+        >>> round(float(spectral_radius(torch.tensor([[0.0, 2.0], [0.5, 0.0]]))), 6)
+        1.0
+    """
+    if weight.ndim != 2 or weight.shape[0] != weight.shape[1]:
+        raise ValueError(f"`weight` must be a square matrix, got shape {tuple(weight.shape)}.")
+    eig = torch.linalg.eigvals(weight.detach().to(torch.float64))
+    return eig.abs().max().to(torch.float32)

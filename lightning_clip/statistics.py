@@ -1,0 +1,266 @@
+"""Running statistics that turn a stream of gradient norms into clipping thresholds.
+
+No Lightning and no tensors here: each rule is a small object fed one host-side float per optimizer step,
+with a ``state_dict`` of plain values. Every rule obeys the same contract:
+
+* :meth:`ThresholdRule.step` takes the pre-clip norm ``n_t`` and returns the threshold that applies to it
+  (``math.inf`` when nothing caps it); the gradient is clipped to ``min(n_t, threshold)``.
+* A non-finite norm never enters the statistics and never makes a threshold non-finite: the rule
+  returns the threshold it would apply and leaves its state untouched.
+* ``max_norm`` (optional absolute cap) always applies, during warm-up too.
+
+Example:
+    >>> rule = MeanThreshold(factor=2.0, decay=0.5)
+    >>> rule.step(4.0)  # warm-up step: nothing caps it
+    inf
+    >>> rule.step(100.0)  # 2 × bias-corrected mean of [4.0]; enters the mean clipped to 8
+    8.0
+    >>> rule.step(float("nan"))  # ignored, threshold unchanged by it
+    13.333333333333334
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from typing import Any
+
+from lightning_clip._validation import check_choice, check_int, check_number
+
+__all__ = ["MODES", "MeanThreshold", "PercentileThreshold", "ThresholdRule", "ZScoreThreshold", "make_rule"]
+
+MODES = ("mean", "zscore", "percentile")
+
+
+def _cap(value: float, max_norm: float | None) -> float:
+    return value if max_norm is None else min(value, max_norm)
+
+
+class ThresholdRule:
+    """Base class: a threshold rule fed one norm per step."""
+
+    max_norm: float | None
+
+    def step(self, norm: float) -> float:  # pragma: no cover - abstract
+        """Return the threshold for this step's pre-clip ``norm`` and update the statistics."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class MeanThreshold(ThresholdRule):
+    """``threshold_t = min(factor · μ̂_{t−1}, max_norm)``, μ̂ the bias-corrected EMA of the norms as applied.
+
+    ``m_t = decay·m_{t−1} + (1−decay)·min(n_t, threshold_t)``, ``m_0 = 0``, ``μ̂_t = m_t / (1 − decay^t)``,
+    counting finite norms only. During the first ``warmup_steps`` finite steps the threshold is
+    ``max_norm`` (∞ when None). A spike never inflates its own statistics (it enters clipped), and
+    because ``factor > 1`` the mean can still follow norms that grow steadily.
+
+    Example:
+        >>> r = MeanThreshold(factor=1.5, decay=0.9, max_norm=10.0)
+        >>> [round(r.step(n), 4) for n in (2.0, 2.0, 50.0, 2.0)]
+        [10.0, 3.0, 3.0, 3.5535]
+    """
+
+    def __init__(
+        self, factor: float = 1.5, decay: float = 0.97, warmup_steps: int = 1, max_norm: float | None = None
+    ) -> None:
+        self.factor = check_number("factor", factor, low=1.0, low_inclusive=False)
+        self.decay = check_number("decay", decay, low=0.0, high=1.0, high_inclusive=False)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, low=1)
+        self.max_norm = None if max_norm is None else check_number("max_norm", max_norm, low=0.0, low_inclusive=False)
+        self.count = 0
+        self.ema = 0.0
+
+    def current(self) -> float:
+        """The threshold the next norm will meet (no update)."""
+        if self.count + 1 <= self.warmup_steps:
+            return math.inf if self.max_norm is None else self.max_norm
+        mean = self.ema / (1.0 - self.decay**self.count)
+        return _cap(self.factor * mean, self.max_norm)
+
+    def step(self, norm: float) -> float:
+        threshold = self.current()
+        if math.isfinite(norm):
+            self.count += 1
+            self.ema = self.decay * self.ema + (1.0 - self.decay) * min(norm, threshold)
+        return threshold
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "ema": self.ema}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.count = int(state.get("count", 0))
+        self.ema = float(state.get("ema", 0.0))
+
+
+class ZScoreThreshold(ThresholdRule):
+    """ZClip's z-score rule (Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training").
+
+    Reproduces ``zclip.ZClip(mode="zscore", clip_option="adaptive_scaling", clip_factor=1.0)`` 1.0.0: the
+    first ``warmup_steps`` finite norms fill a buffer, then EMA mean μ and variance σ² start from the
+    buffer's mean and variance. After that, with ``z = (n − μ) / (σ + eps)``: if ``z > z_threshold`` the
+    threshold is ``μ + z_threshold·σ / (z / z_threshold)`` and the EMA is fed that threshold, otherwise the
+    norm is not clipped (the returned threshold is the detection boundary ``μ + z_threshold·(σ + eps)``)
+    and the EMA is fed the norm. ``max_norm`` caps every threshold.
+
+    Differences from ZClip, on purpose: a non-finite norm is ignored (ZClip's EMA turns NaN for good), and
+    without ``max_norm`` the warm-up steps are protected by the ``mean`` rule (from the second step on)
+    and fill the buffer with the norms as applied, so that a warm-up spike cannot inflate the start.
+    """
+
+    def __init__(
+        self,
+        z_threshold: float = 2.5,
+        decay: float = 0.97,
+        warmup_steps: int = 25,
+        max_norm: float | None = None,
+        factor: float = 1.5,
+        eps: float = 1e-6,
+    ) -> None:
+        self.z_threshold = check_number("z_threshold", z_threshold, low=0.0, low_inclusive=False)
+        self.decay = check_number("decay", decay, low=0.0, high=1.0, high_inclusive=False)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, low=1)
+        self.max_norm = None if max_norm is None else check_number("max_norm", max_norm, low=0.0, low_inclusive=False)
+        self.eps = check_number("eps", eps, low=0.0)
+        self._warmup_rule = MeanThreshold(factor=factor, decay=decay, warmup_steps=1)
+        self.buffer: list[float] = []
+        self.mean: float | None = None
+        self.var: float | None = None
+
+    def step(self, norm: float) -> float:
+        finite = math.isfinite(norm)
+        if self.mean is None or self.var is None:
+            if self.max_norm is not None:
+                threshold = self.max_norm
+                entry = norm
+            else:
+                threshold = self._warmup_rule.step(norm)
+                entry = min(norm, threshold)
+            if finite:
+                self.buffer.append(entry)
+                if len(self.buffer) >= self.warmup_steps:
+                    mean = sum(self.buffer) / len(self.buffer)
+                    self.var = sum((x - mean) ** 2 for x in self.buffer) / len(self.buffer)
+                    self.mean = mean
+                    self.buffer = []
+            return threshold
+        std = self.var**0.5
+        boundary = self.mean + self.z_threshold * (std + self.eps)
+        if not finite:
+            return _cap(boundary, self.max_norm)
+        z = (norm - self.mean) / (std + self.eps)
+        if z > self.z_threshold:
+            adaptive = self.mean + (self.z_threshold * std) / (z / self.z_threshold)
+            fed, threshold = adaptive, adaptive
+        else:
+            fed, threshold = norm, boundary
+        self.mean = self.decay * self.mean + (1.0 - self.decay) * fed
+        self.var = self.decay * self.var + (1.0 - self.decay) * (fed - self.mean) ** 2
+        return _cap(threshold, self.max_norm)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "buffer": list(self.buffer),
+            "mean": self.mean,
+            "var": self.var,
+            "warmup_rule": self._warmup_rule.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.buffer = [float(x) for x in state.get("buffer", [])]
+        self.mean = None if state.get("mean") is None else float(state["mean"])
+        self.var = None if state.get("var") is None else float(state["var"])
+        self._warmup_rule.load_state_dict(state.get("warmup_rule", {}))
+
+
+class PercentileThreshold(ThresholdRule):
+    """AutoClip's percentile rule (Seetharaman et al. 2020, "AutoClip: Adaptive Gradient Clipping").
+
+    The threshold is the ``percentile``-th percentile (linear interpolation, as ``torch.quantile``) of the
+    last ``window`` pre-clip norms. Reproduces ``autoclip.torch.QuantileClip(quantile=percentile/100,
+    history_length=window, global_threshold=True)`` 0.2.1 with ``warmup_steps=1``. During the first
+    ``warmup_steps`` finite steps the threshold is ``max_norm`` or, without it, the ``mean`` rule (from the
+    second step on). Non-finite norms are never recorded.
+    """
+
+    def __init__(
+        self,
+        percentile: float = 10.0,
+        window: int = 1000,
+        warmup_steps: int = 1,
+        max_norm: float | None = None,
+        factor: float = 1.5,
+        decay: float = 0.97,
+    ) -> None:
+        self.percentile = check_number("percentile", percentile, low=0.0, high=100.0)
+        self.window = check_int("window", window, low=1)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, low=1)
+        self.max_norm = None if max_norm is None else check_number("max_norm", max_norm, low=0.0, low_inclusive=False)
+        self._warmup_rule = MeanThreshold(factor=factor, decay=decay, warmup_steps=1)
+        self.count = 0
+        self._history: deque[float] = deque()
+        self._sorted: list[float] = []
+
+    def _quantile(self) -> float:
+        values = self._sorted
+        pos = (self.percentile / 100.0) * (len(values) - 1)
+        lo = math.floor(pos)
+        hi = min(lo + 1, len(values) - 1)
+        return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+
+    def step(self, norm: float) -> float:
+        if self.count < self.warmup_steps:
+            if self.max_norm is not None:
+                threshold = self.max_norm
+            elif self.warmup_steps == 1:
+                threshold = math.inf
+            else:
+                threshold = self._warmup_rule.step(norm)
+        else:
+            threshold = _cap(self._quantile(), self.max_norm)
+        if math.isfinite(norm):
+            self.count += 1
+            self._history.append(norm)
+            bisect.insort(self._sorted, norm)
+            if len(self._history) > self.window:
+                old = self._history.popleft()
+                del self._sorted[bisect.bisect_left(self._sorted, old)]
+        return threshold
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "history": list(self._history), "warmup_rule": self._warmup_rule.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.count = int(state.get("count", 0))
+        self._history = deque(float(x) for x in state.get("history", []))
+        self._sorted = sorted(self._history)
+        self._warmup_rule.load_state_dict(state.get("warmup_rule", {}))
+
+
+def make_rule(
+    mode: str,
+    *,
+    factor: float = 1.5,
+    decay: float = 0.97,
+    z_threshold: float = 2.5,
+    percentile: float = 10.0,
+    window: int = 1000,
+    warmup_steps: int | None = None,
+    max_norm: float | None = None,
+) -> ThresholdRule:
+    """Build the rule for ``mode`` from :class:`~lightning_clip.AdaptiveGradientClipping`'s arguments.
+
+    ``warmup_steps=None`` means 1, or 25 for ``zscore`` (ZClip's default).
+    """
+    check_choice("mode", mode, MODES)
+    if mode == "mean":
+        return MeanThreshold(factor, decay, 1 if warmup_steps is None else warmup_steps, max_norm)
+    if mode == "zscore":
+        return ZScoreThreshold(z_threshold, decay, 25 if warmup_steps is None else warmup_steps, max_norm, factor)
+    return PercentileThreshold(percentile, window, 1 if warmup_steps is None else warmup_steps, max_norm, factor, decay)

@@ -1,0 +1,93 @@
+"""Small real models and Trainer factories shared by the tests (no mocks: real optimizers, real fits)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def regression_loader(n: int = 64, features: int = 8, batch_size: int = 8, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=g)
+    w = torch.randn(features, 1, generator=g)
+    y = x @ w + 0.1 * torch.randn(n, 1, generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+class RegressionModel(pl.LightningModule):
+    """An MLP regressor with a configurable optimizer and scheduler."""
+
+    def __init__(
+        self,
+        features: int = 8,
+        hidden: int = 16,
+        optimizer: str = "sgd",
+        lr: float = 0.05,
+        scheduler: bool = False,
+        loss_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(features, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        self.optimizer_name = optimizer
+        self.lr = lr
+        self.use_scheduler = scheduler
+        self.loss_scale = loss_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return self.loss_scale * nn.functional.mse_loss(self(x), y)
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_name == "adam":
+            opt: torch.optim.Optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+        elif self.optimizer_name == "adamw":
+            opt = torch.optim.AdamW(self.parameters(), lr=self.lr)
+        else:
+            opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        if not self.use_scheduler:
+            return opt
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.7)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def make_trainer(tmp_path: Any, **kwargs: Any) -> pl.Trainer:
+    """A quiet CPU Trainer writing into ``tmp_path``; keyword arguments override the defaults."""
+    defaults: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=10,
+        default_root_dir=str(tmp_path),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        deterministic=True,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+class StepNormRecorder:
+    """Records the total 2-norm of the gradients the optimizer actually applied, independently of the
+    library (a naive float64 per-tensor loop in a ``register_step_post_hook``: the step reads but does
+    not modify the gradients). NaN is recorded for a step with no gradients (a skipped update)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.norms: list[float] = []
+        optimizer.register_step_post_hook(self._hook)
+
+    def _hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            self.norms.append(float("nan"))
+            return
+        per = torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])
+        self.norms.append(float(torch.linalg.vector_norm(per)))
