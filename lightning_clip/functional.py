@@ -80,8 +80,12 @@ def grad_norms(
         zero = torch.zeros((), dtype=torch.float32)
         return zero, torch.zeros(0, dtype=torch.float32)
     first_device = tensors[0].device
-    per_tensor = torch.empty(len(tensors), dtype=torch.float32, device=first_device)
     grouped = _group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)
+    if len(grouped) == 1:  # the common case: one device, one dtype, already in order
+        [group], _ = next(iter(grouped.values()))
+        per_tensor = torch.stack(torch._foreach_norm(group, norm_type, dtype=torch.float32))  # type: ignore[arg-type]
+        return torch.linalg.vector_norm(per_tensor, norm_type), per_tensor
+    per_tensor = torch.empty(len(tensors), dtype=torch.float32, device=first_device)
     for (device, _), ([group], indices) in grouped.items():
         norms = torch._foreach_norm(group, norm_type, dtype=torch.float32)  # type: ignore[arg-type]
         stacked = torch.stack(norms)
