@@ -16,12 +16,19 @@ import torch
 
 from lightning_clip import functional as F
 
-__all__ = ["StepMeasurement", "measure_step", "optimizer_params"]
+__all__ = ["StepMeasurement", "mark_skipped", "measure_step", "optimizer_params"]
 
 
 def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """Every parameter of ``optimizer``, in param-group order."""
     return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+@dataclass
+class _StepScale:
+    """The factor the step's gradients have been scaled by so far (shared by every measurement of a step)."""
+
+    value: float = 1.0
 
 
 @dataclass
@@ -35,6 +42,10 @@ class StepMeasurement:
         per_param: float32 1-D tensor, one p-norm per entry of ``params``.
         norm_type: the p.
         skipped: set by a callback that removed the gradients (the update will not be applied).
+
+    Several clipping callbacks share one measurement: :meth:`clip_` scales the gradients only as far as
+    needed to bring them from their current norm to a bound, so the final norm is the smallest bound
+    whatever the callbacks' order, and every callback sees the same pre-clip figures.
     """
 
     params: list[torch.Tensor]
@@ -44,6 +55,7 @@ class StepMeasurement:
     norm_type: float
     skipped: bool = False
     _host_total: float | None = field(default=None, repr=False)
+    _scale: _StepScale = field(default_factory=_StepScale, repr=False)
 
     @property
     def total_norm(self) -> float:
@@ -56,16 +68,46 @@ class StepMeasurement:
     def finite(self) -> bool:
         return math.isfinite(self.total_norm)
 
+    @property
+    def scale(self) -> float:
+        """The factor the gradients have been scaled by since they were measured (1.0: untouched)."""
+        return self._scale.value
+
+    def clip_(self, max_norm: float, eps: float = F.EPS) -> float:
+        """Bring the gradients' total norm down to ``max_norm`` if their pre-clip norm exceeds it.
+
+        Writes the gradients only when the bound is tighter than every bound applied before at this step
+        (one fused multiply per device and dtype); nothing is written when the norm is not finite or the
+        update is ``skipped``.
+
+        Returns:
+            The coefficient this bound asks for relative to the pre-clip norm, ``min(1, max_norm / (norm +
+            eps))`` (``1.0`` when nothing needs clipping, the norm is not finite or the step is skipped).
+        """
+        norm = self.total_norm
+        if self.skipped or not math.isfinite(norm) or norm <= max_norm:
+            return 1.0
+        coef = max_norm / (norm + eps)
+        if coef >= 1.0:
+            return 1.0
+        current = self._scale.value
+        if coef < current:
+            F.scale_grads_(self.grads, coef / current)
+            self._scale.value = coef
+        return coef
+
     def nonfinite_indices(self) -> list[int]:
         """Indices into ``params`` whose gradient holds a NaN or Inf (only call when not ``finite``)."""
         return torch.nonzero(~torch.isfinite(self.per_param)).flatten().tolist()
 
 
-def _measure(optimizer: torch.optim.Optimizer, norm_type: float) -> StepMeasurement:
+def _measure(optimizer: torch.optim.Optimizer, norm_type: float, scale: _StepScale) -> StepMeasurement:
     params = [p for p in optimizer_params(optimizer) if p.grad is not None]
     grads = [p.grad for p in params]  # type: ignore[misc]
     total, per_param = F.grad_norms(grads, norm_type)
-    return StepMeasurement(params, grads, total, per_param, norm_type)  # type: ignore[arg-type]
+    if scale.value != 1.0:  # measured after a clip at this step: report pre-clip figures (norms are homogeneous)
+        total, per_param = total / scale.value, per_param / scale.value
+    return StepMeasurement(params, grads, total, per_param, norm_type, _scale=scale)  # type: ignore[arg-type]
 
 
 # owner (the Trainer) -> (step key, {norm_type: measurement}); weak so a finished Trainer frees it.
@@ -74,7 +116,9 @@ _CACHE: weakref.WeakKeyDictionary[Any, tuple[tuple[int, int], dict[float, StepMe
 )
 
 
-def measure_step(owner: Any, optimizer: torch.optim.Optimizer, step: int, norm_type: float = 2.0) -> StepMeasurement:
+def measure_step(
+    owner: Any, optimizer: torch.optim.Optimizer, step: int, norm_type: float = 2.0
+) -> StepMeasurement:
     """The measurement of ``optimizer``'s gradients at ``step``, computed once and shared.
 
     Args:
@@ -91,9 +135,10 @@ def measure_step(owner: Any, optimizer: torch.optim.Optimizer, step: int, norm_t
     by_p = entry[1]
     found = by_p.get(norm_type)
     if found is None:
-        found = _measure(optimizer, norm_type)
-        if by_p:  # a measurement with another p exists: keep its skip decision
-            found.skipped = any(m.skipped for m in by_p.values())
+        siblings = list(by_p.values())
+        found = _measure(optimizer, norm_type, siblings[0]._scale if siblings else _StepScale())
+        if siblings:  # a measurement with another p exists: keep its skip decision
+            found.skipped = any(m.skipped for m in siblings)
         by_p[norm_type] = found
     return found
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pytorch_lightning as pl
@@ -10,8 +9,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_clip import _trainer
-from lightning_clip import functional as F
-from lightning_clip._measure import measure_step
+from lightning_clip._measure import StepMeasurement, measure_step
 from lightning_clip._validation import check_norm_type, check_number
 from lightning_clip.callbacks._base import LightningClipCallback
 from lightning_clip.exceptions import LightningClipWarning
@@ -55,8 +53,8 @@ class AdaptiveGradientClipping(LightningClipCallback):
 
     Raises:
         ValueError / TypeError: at construction, for an argument out of range or of the wrong type.
-        ValueError: at fit start, for a fused optimizer under 16-mixed (its gradients are still scaled in
-            the hook).
+        ValueError: at fit start (``on_fit_start``, the first hook where the optimizers exist), for a fused
+            optimizer under 16-mixed with a GradScaler (its gradients are still scaled in the hook).
 
     Logged keys (through ``pl_module.log``, on the Trainer's logging steps):
 
@@ -160,22 +158,26 @@ class AdaptiveGradientClipping(LightningClipCallback):
         self._pending = {int(i): s for i, s in state_dict.get("rules", {}).items()}
 
     # ----------------------------------------------------------------------------------------- hooks
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.gradient_clip_val:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.gradient_clip_val:
             rank_zero_warn(
-                f"AdaptiveGradientClipping is attached and `Trainer(gradient_clip_val={trainer.gradient_clip_val!r})`"
-                " is set too: both apply, AdaptiveGradientClipping first, then Lightning's clipping on top."
-                " Remove `gradient_clip_val` to let the adaptive threshold decide alone.",
+                "AdaptiveGradientClipping is attached and"
+                f" `Trainer(gradient_clip_val={trainer.gradient_clip_val!r})` is set too: both apply,"
+                " AdaptiveGradientClipping first, then Lightning's clipping on top. Remove"
+                " `gradient_clip_val` to let the adaptive threshold decide alone.",
                 category=LightningClipWarning,
             )
-        scaler = _trainer.gradient_scaler(trainer)
-        if scaler is not None:
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The optimizers exist only from here on (`setup` runs before `configure_optimizers`).
+        if _trainer.gradient_scaler(trainer) is not None:
             for opt in trainer.optimizers:
                 if getattr(opt, "_step_supports_amp_scaling", False):
                     raise ValueError(
-                        f"AdaptiveGradientClipping cannot clip {type(opt).__name__} under precision='16-mixed':"
-                        " this optimizer unscales its gradients inside `step()`, so they are still scaled when"
-                        " the callback runs. Use a non-fused optimizer (e.g. `fused=False`) or bf16-mixed."
+                        f"AdaptiveGradientClipping cannot clip {type(opt).__name__} under a GradScaler"
+                        " (precision='16-mixed'): this optimizer unscales its gradients inside `step()`"
+                        " (fused), so they are still scaled when the callback runs. Use a non-fused optimizer"
+                        " (e.g. `fused=False`) or precision='bf16-mixed'."
                     )
         self._multi = len(trainer.optimizers) > 1
 
@@ -184,8 +186,7 @@ class AdaptiveGradientClipping(LightningClipCallback):
     ) -> None:
         index = _trainer.optimizer_index(trainer, optimizer)
         measurement = measure_step(trainer, optimizer, trainer.global_step, self.norm_type)
-        norm, threshold, coef = self.clip(measurement.total_norm, measurement.grads, index, measurement.skipped)
-        self.last[index] = (norm, threshold, coef)
+        norm, threshold, coef = self.clip(measurement, index)
         if _trainer.should_update_logs(trainer):
             suffix = f"_opt{index}" if self._multi else ""
             pl_module.log_dict(
@@ -198,18 +199,18 @@ class AdaptiveGradientClipping(LightningClipCallback):
                 on_epoch=False,
             )
 
-    def clip(
-        self, norm: float, grads: list[torch.Tensor], index: int = 0, skipped: bool = False
-    ) -> tuple[float, float, float]:
-        """Update optimizer ``index``'s statistics with ``norm`` and clip ``grads`` in place.
+    def clip(self, measurement: StepMeasurement, index: int = 0) -> tuple[float, float, float]:
+        """Update optimizer ``index``'s statistics with the measured pre-clip norm and clip in place.
 
-        Returns ``(norm, threshold, coef)``. A non-finite norm is not clipped (the step is left to
-        :class:`~lightning_clip.ExplosionGuard` or the GradScaler) and leaves the statistics unchanged;
-        ``skipped`` (the update will not be applied) still updates the statistics, so the result does not
-        depend on the order of the callbacks.
+        Returns ``(norm, threshold, coef)``, also kept in :attr:`last`. A non-finite norm is not clipped
+        (the step is left to :class:`~lightning_clip.ExplosionGuard` or the GradScaler) and leaves the
+        statistics unchanged; a ``skipped`` step (the update will not be applied) is not clipped but still
+        updates the statistics, so the result does not depend on the order of the callbacks. Another
+        clipping callback sharing the measurement may already have clipped: the gradients then end at the
+        smaller of the two bounds (see :meth:`StepMeasurement.clip_`).
         """
+        norm = measurement.total_norm
         threshold = self.rule(index).step(norm)
-        coef = 1.0
-        if not skipped and math.isfinite(norm):
-            coef = F.clip_grads_(grads, threshold, norm)
+        coef = measurement.clip_(threshold)
+        self.last[index] = (norm, threshold, coef)
         return norm, threshold, coef
