@@ -103,11 +103,11 @@ class StepMeasurement:
 
 def _measure(optimizer: torch.optim.Optimizer, norm_type: float, scale: _StepScale) -> StepMeasurement:
     params = [p for p in optimizer_params(optimizer) if p.grad is not None]
-    grads = [p.grad for p in params]  # type: ignore[misc]
+    grads = [p.grad for p in params if p.grad is not None]
     total, per_param = F.grad_norms(grads, norm_type)
-    if scale.value != 1.0:  # measured after a clip at this step: report pre-clip figures (norms are homogeneous)
+    if scale.value != 1.0:  # measured after a clip at this step: report the pre-clip figures
         total, per_param = total / scale.value, per_param / scale.value
-    return StepMeasurement(params, grads, total, per_param, norm_type, _scale=scale)  # type: ignore[arg-type]
+    return StepMeasurement(params, grads, total, per_param, norm_type, _scale=scale)
 
 
 # owner (the Trainer) -> (step key, {norm_type: measurement}); weak so a finished Trainer frees it.
