@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
@@ -56,9 +57,21 @@ def _check_norm_type(norm_type: float) -> float:
     return norm_type
 
 
-def grad_norms(
-    tensors: Sequence[torch.Tensor], norm_type: float = 2.0
-) -> tuple[torch.Tensor, torch.Tensor]:
+_FLOAT32_SAFE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _float32_norms(group: list[Any], norm_type: float) -> torch.Tensor:
+    """Per-tensor norms of one device/dtype group as a float32 1-D tensor.
+
+    Half-precision tensors are accumulated in float32 without an up-cast copy; wider dtypes (float64)
+    cannot be narrowed by ``_foreach_norm``, so they are reduced in their own precision, then cast.
+    """
+    if group[0].dtype in _FLOAT32_SAFE:
+        return torch.stack(torch._foreach_norm(group, norm_type, dtype=torch.float32))
+    return torch.stack(torch._foreach_norm(group, norm_type)).to(torch.float32)
+
+
+def grad_norms(tensors: Sequence[torch.Tensor], norm_type: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Total and per-tensor p-norms in one fused pass over ``tensors``.
 
     Args:
@@ -79,16 +92,23 @@ def grad_norms(
     if len(tensors) == 0:
         zero = torch.zeros((), dtype=torch.float32)
         return zero, torch.zeros(0, dtype=torch.float32)
+    if math.isinf(norm_type) and any(t.numel() == 0 for t in tensors):
+        # the inf-norm of an empty tensor has no identity in torch; here it is 0, as for every other p
+        keep = [i for i, t in enumerate(tensors) if t.numel() > 0]
+        per_tensor = torch.zeros(len(tensors), dtype=torch.float32, device=tensors[0].device)
+        if keep:
+            _, kept = grad_norms([tensors[i] for i in keep], norm_type)
+            per_tensor[torch.tensor(keep, device=per_tensor.device)] = kept.to(per_tensor.device)
+        return torch.linalg.vector_norm(per_tensor, norm_type), per_tensor
     first_device = tensors[0].device
     grouped = _group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)
     if len(grouped) == 1:  # the common case: one device, one dtype, already in order
         [group], _ = next(iter(grouped.values()))
-        per_tensor = torch.stack(torch._foreach_norm(group, norm_type, dtype=torch.float32))  # type: ignore[arg-type]
+        per_tensor = _float32_norms(group, norm_type)
         return torch.linalg.vector_norm(per_tensor, norm_type), per_tensor
     per_tensor = torch.empty(len(tensors), dtype=torch.float32, device=first_device)
     for (device, _), ([group], indices) in grouped.items():
-        norms = torch._foreach_norm(group, norm_type, dtype=torch.float32)  # type: ignore[arg-type]
-        stacked = torch.stack(norms)
+        stacked = _float32_norms(group, norm_type)
         if device != first_device:
             stacked = stacked.to(first_device)
         per_tensor[torch.tensor(indices, device=first_device)] = stacked
@@ -117,7 +137,8 @@ def scale_grads_(tensors: Sequence[torch.Tensor], coef: torch.Tensor | float) ->
     """Multiply every tensor in place by ``coef`` (a Python float or a 0-d tensor) in fused passes."""
     if len(tensors) == 0:
         return
-    if isinstance(coef, float):
+    if isinstance(coef, (int, float)):
+        coef = float(coef)
         grouped_f = _group_tensors_by_device_and_dtype([list(tensors)])
         for [group], _ in grouped_f.values():
             torch._foreach_mul_(group, coef)  # type: ignore[arg-type]
@@ -127,15 +148,17 @@ def scale_grads_(tensors: Sequence[torch.Tensor], coef: torch.Tensor | float) ->
         torch._foreach_mul_(group, coef.to(device))  # type: ignore[arg-type]
 
 
-def clip_grads_(
-    tensors: Sequence[torch.Tensor], max_norm: float, total: float, eps: float = EPS
-) -> float:
+def clip_grads_(tensors: Sequence[torch.Tensor], max_norm: float, total: float, eps: float = EPS) -> float:
     """Scale ``tensors`` so their total norm ``total`` (already measured) becomes ``max_norm``.
 
-    Host-side decision: nothing is written when ``total <= max_norm`` or ``total`` is not finite.
+    Host-side decision: nothing is written when ``total <= max_norm`` or ``total`` is not finite. The
+    coefficient is ``max_norm / (total + eps)``, as in ``torch.nn.utils.clip_grad_norm_``.
 
     Returns:
         The coefficient applied (``1.0`` when nothing was written).
+
+    Raises:
+        ValueError: ``max_norm`` is negative or NaN (it would flip or poison the gradients).
 
     Example:
         >>> g = [torch.tensor([3.0, 4.0])]
@@ -144,6 +167,8 @@ def clip_grads_(
         >>> g[0].tolist()
         [0.6000000238418579, 0.800000011920929]
     """
+    if not max_norm >= 0.0:
+        raise ValueError(f"`max_norm` must be a number >= 0 or inf, got {max_norm!r}.")
     if not math.isfinite(total) or total <= max_norm:
         return 1.0
     coef = max_norm / (total + eps)
@@ -156,13 +181,24 @@ def clip_grads_(
 def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """A 0-d bool tensor: no NaN or Inf in any of ``tensors`` (one fused pass, no host sync).
 
+    Each tensor's largest magnitude (inf-norm) is taken in its own dtype, so huge finite values never
+    overflow into a false alarm, and a NaN anywhere propagates.
+
     Example:
         >>> bool(all_finite([torch.ones(2), torch.tensor([1.0, float("nan")])]))
         False
+        >>> bool(all_finite([torch.tensor([3e38, 3e38])]))  # a 1- or 2-norm would overflow here
+        True
     """
-    if len(tensors) == 0:
+    nonempty: list[Any] = [t for t in tensors if t.numel() > 0]
+    if len(nonempty) == 0:
         return torch.tensor(True)
-    return torch.isfinite(grad_norms(tensors, 1.0)[1]).all()
+    device = nonempty[0].device
+    flags = []
+    for [group], _ in _group_tensors_by_device_and_dtype([nonempty]).values():
+        maxima = torch.stack(torch._foreach_norm(group, math.inf))  # type: ignore[arg-type]
+        flags.append(torch.isfinite(maxima).all().to(device))
+    return flags[0] if len(flags) == 1 else torch.stack(flags).all()
 
 
 def group_norms(

@@ -8,6 +8,8 @@ with a ``state_dict`` of plain values. Every rule obeys the same contract:
 * A non-finite norm never enters the statistics and never makes a threshold non-finite: the rule
   returns the threshold it would apply and leaves its state untouched.
 * ``max_norm`` (optional absolute cap) always applies, during warm-up too.
+* Norms are float32 measurements: a finite value above the float32 range (only possible when a rule is
+  fed by hand) enters the statistics as the largest float32, so no statistic can overflow.
 
 Example:
     >>> rule = MeanThreshold(factor=2.0, decay=0.5)
@@ -31,6 +33,13 @@ from lightning_clip._validation import check_choice, check_int, check_number
 __all__ = ["MODES", "MeanThreshold", "PercentileThreshold", "ThresholdRule", "ZScoreThreshold", "make_rule"]
 
 MODES = ("mean", "zscore", "percentile")
+
+FLOAT32_MAX = 3.4028234663852886e38
+"""Largest finite float32: no measured norm exceeds it, and values entering the statistics are kept below."""
+
+
+def _bounded(value: float) -> float:
+    return value if value <= FLOAT32_MAX else FLOAT32_MAX
 
 
 def _cap(value: float, max_norm: float | None) -> float:
@@ -73,7 +82,9 @@ class MeanThreshold(ThresholdRule):
         self.factor = check_number("factor", factor, low=1.0, low_inclusive=False)
         self.decay = check_number("decay", decay, low=0.0, high=1.0, high_inclusive=False)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, low=1)
-        self.max_norm = None if max_norm is None else check_number("max_norm", max_norm, low=0.0, low_inclusive=False)
+        self.max_norm = (
+            None if max_norm is None else check_number("max_norm", max_norm, low=0.0, low_inclusive=False)
+        )
         self.count = 0
         self.ema = 0.0
 
@@ -88,7 +99,7 @@ class MeanThreshold(ThresholdRule):
         threshold = self.current()
         if math.isfinite(norm):
             self.count += 1
-            self.ema = self.decay * self.ema + (1.0 - self.decay) * min(norm, threshold)
+            self.ema = self.decay * self.ema + (1.0 - self.decay) * _bounded(min(norm, threshold))
         return threshold
 
     def state_dict(self) -> dict[str, Any]:
@@ -126,8 +137,10 @@ class ZScoreThreshold(ThresholdRule):
         self.z_threshold = check_number("z_threshold", z_threshold, low=0.0, low_inclusive=False)
         self.decay = check_number("decay", decay, low=0.0, high=1.0, high_inclusive=False)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, low=1)
-        self.max_norm = None if max_norm is None else check_number("max_norm", max_norm, low=0.0, low_inclusive=False)
-        self.eps = check_number("eps", eps, low=0.0)
+        self.max_norm = (
+            None if max_norm is None else check_number("max_norm", max_norm, low=0.0, low_inclusive=False)
+        )
+        self.eps = check_number("eps", eps, low=0.0, low_inclusive=False)
         self._warmup_rule = MeanThreshold(factor=factor, decay=decay, warmup_steps=1)
         self.buffer: list[float] = []
         self.mean: float | None = None
@@ -143,10 +156,10 @@ class ZScoreThreshold(ThresholdRule):
                 threshold = self._warmup_rule.step(norm)
                 entry = min(norm, threshold)
             if finite:
-                self.buffer.append(entry)
+                self.buffer.append(_bounded(entry))
                 if len(self.buffer) >= self.warmup_steps:
                     mean = sum(self.buffer) / len(self.buffer)
-                    self.var = sum((x - mean) ** 2 for x in self.buffer) / len(self.buffer)
+                    self.var = sum((x - mean) * (x - mean) for x in self.buffer) / len(self.buffer)
                     self.mean = mean
                     self.buffer = []
             return threshold
@@ -161,7 +174,7 @@ class ZScoreThreshold(ThresholdRule):
         else:
             fed, threshold = norm, boundary
         self.mean = self.decay * self.mean + (1.0 - self.decay) * fed
-        self.var = self.decay * self.var + (1.0 - self.decay) * (fed - self.mean) ** 2
+        self.var = self.decay * self.var + (1.0 - self.decay) * (fed - self.mean) * (fed - self.mean)
         return _cap(threshold, self.max_norm)
 
     def state_dict(self) -> dict[str, Any]:
@@ -201,7 +214,9 @@ class PercentileThreshold(ThresholdRule):
         self.percentile = check_number("percentile", percentile, low=0.0, high=100.0)
         self.window = check_int("window", window, low=1)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, low=1)
-        self.max_norm = None if max_norm is None else check_number("max_norm", max_norm, low=0.0, low_inclusive=False)
+        self.max_norm = (
+            None if max_norm is None else check_number("max_norm", max_norm, low=0.0, low_inclusive=False)
+        )
         self._warmup_rule = MeanThreshold(factor=factor, decay=decay, warmup_steps=1)
         self.count = 0
         self._history: deque[float] = deque()
@@ -225,6 +240,7 @@ class PercentileThreshold(ThresholdRule):
         else:
             threshold = _cap(self._quantile(), self.max_norm)
         if math.isfinite(norm):
+            norm = _bounded(norm)
             self.count += 1
             self._history.append(norm)
             bisect.insort(self._sorted, norm)
@@ -234,11 +250,18 @@ class PercentileThreshold(ThresholdRule):
         return threshold
 
     def state_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "history": list(self._history), "warmup_rule": self._warmup_rule.state_dict()}
+        return {
+            "count": self.count,
+            "history": list(self._history),
+            "warmup_rule": self._warmup_rule.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.count = int(state.get("count", 0))
-        self._history = deque(float(x) for x in state.get("history", []))
+        history = [float(x) for x in state.get("history", [])]
+        self._history = deque(
+            history[len(history) - self.window :] if len(history) > self.window else history
+        )
         self._sorted = sorted(self._history)
         self._warmup_rule.load_state_dict(state.get("warmup_rule", {}))
 
@@ -256,11 +279,33 @@ def make_rule(
 ) -> ThresholdRule:
     """Build the rule for ``mode`` from :class:`~lightning_clip.AdaptiveGradientClipping`'s arguments.
 
-    ``warmup_steps=None`` means 1, or 25 for ``zscore`` (ZClip's default).
+    ``warmup_steps=None`` means 1, or 25 for ``zscore`` (ZClip's default). Every argument is validated,
+    also those the chosen mode does not use, so a typo never passes silently.
+
+    Example:
+        >>> make_rule("zscore").warmup_steps
+        25
+        >>> make_rule("mean", window=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: `window` must be an integer >= 1, got 0.
     """
     check_choice("mode", mode, MODES)
+    check_number("factor", factor, low=1.0, low_inclusive=False)
+    check_number("decay", decay, low=0.0, high=1.0, high_inclusive=False)
+    check_number("z_threshold", z_threshold, low=0.0, low_inclusive=False)
+    check_number("percentile", percentile, low=0.0, high=100.0)
+    check_int("window", window, low=1)
+    if warmup_steps is not None:
+        check_int("warmup_steps", warmup_steps, low=1)
+    if max_norm is not None:
+        check_number("max_norm", max_norm, low=0.0, low_inclusive=False)
     if mode == "mean":
         return MeanThreshold(factor, decay, 1 if warmup_steps is None else warmup_steps, max_norm)
     if mode == "zscore":
-        return ZScoreThreshold(z_threshold, decay, 25 if warmup_steps is None else warmup_steps, max_norm, factor)
-    return PercentileThreshold(percentile, window, 1 if warmup_steps is None else warmup_steps, max_norm, factor, decay)
+        return ZScoreThreshold(
+            z_threshold, decay, 25 if warmup_steps is None else warmup_steps, max_norm, factor
+        )
+    return PercentileThreshold(
+        percentile, window, 1 if warmup_steps is None else warmup_steps, max_norm, factor, decay
+    )
