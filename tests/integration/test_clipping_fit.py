@@ -1,0 +1,172 @@
+"""AdaptiveGradientClipping in real fits: the norm the optimizer applies is ``min(pre-clip norm, threshold)``
+with the threshold recomputed independently (DESIGN.md formula, or the peer libraries) from pre-clip norms
+measured naively by another callback, and the norm applied observed with an optimizer step post-hook."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.plugins.precision import MixedPrecision
+
+from lightning_clip.callbacks.adaptive_clipping import AdaptiveGradientClipping
+from tests.integration.test_clipping_reference import (
+    LastFigures,
+    PreClipNorms,
+    assert_clipped_some,
+    autoclip_applied,
+    expected_applied,
+    mean_thresholds,
+    naive_norm,
+    zclip_applied,
+)
+from tests.models import RegressionModel, StepNormRecorder, make_trainer, regression_loader
+
+
+class RecordedModel(RegressionModel):
+    """RegressionModel whose optimizer gets a StepNormRecorder (the norm actually applied)."""
+
+    def configure_optimizers(self) -> Any:
+        config = super().configure_optimizers()
+        opt = config["optimizer"] if isinstance(config, dict) else config
+        self.recorder = StepNormRecorder(opt)
+        return config
+
+
+def _fit(
+    tmp_path: Any, clipper: AdaptiveGradientClipping, steps: int = 12, lr: float = 0.2, **trainer_kwargs: Any
+):
+    pl.seed_everything(0, verbose=False)
+    model = RecordedModel(lr=lr)
+    pre = PreClipNorms()
+    figures = LastFigures(clipper)
+    trainer = make_trainer(tmp_path, callbacks=[pre, clipper, figures], max_steps=steps, **trainer_kwargs)
+    trainer.fit(model, regression_loader())
+    return model, pre.norms[0], figures, trainer
+
+
+@pytest.mark.parametrize(
+    "precision_kwargs",
+    [
+        pytest.param({}, id="fp32"),
+        pytest.param({"precision": "bf16-mixed"}, id="bf16-mixed"),
+    ],
+)
+def test_mean_mode_applied_norm(tmp_path: Any, precision_kwargs: dict[str, Any]) -> None:
+    clipper = AdaptiveGradientClipping(factor=1.2, decay=0.9)
+    model, norms, figures, _ = _fit(tmp_path, clipper, **precision_kwargs)
+    thresholds = mean_thresholds(norms, factor=1.2, decay=0.9)
+    assert_clipped_some(norms, thresholds)
+    assert figures.thresholds() == pytest.approx(thresholds, rel=1e-5)
+    assert [f[0] for f in figures.figures[0]] == pytest.approx(norms, rel=1e-5)
+    assert model.recorder.norms == pytest.approx(expected_applied(norms, thresholds), rel=1e-5)
+
+
+def test_fp16_with_real_grad_scaler(tmp_path: Any) -> None:
+    """16-mixed with a real GradScaler: the callback sees unscaled gradients; overflow steps (the scaler's
+    calibration) are neither clipped nor counted, and the scaler skips them."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    clipper = AdaptiveGradientClipping(factor=1.2, decay=0.9)
+    model, norms, figures, trainer = _fit(
+        tmp_path, clipper, steps=20, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]
+    )
+    assert trainer.precision_plugin.scaler is scaler
+    finite = [n for n in norms if math.isfinite(n)]
+    assert len(finite) < len(norms), "no overflow step: the scaler's calibration was not exercised"
+    assert len(finite) >= 8
+    assert scaler.get_scale() > 1.0  # gradients really were scaled in backward
+    thresholds = mean_thresholds(norms, factor=1.2, decay=0.9)
+    assert figures.thresholds() == pytest.approx(thresholds, rel=1e-5)
+    first_finite = next(i for i, n in enumerate(norms) if math.isfinite(n))
+    assert all(math.isfinite(c) for c in figures.thresholds()[first_finite + 1 :])
+    kept = [(n, c) for n, c in zip(norms, thresholds, strict=True) if math.isfinite(n)]
+    assert_clipped_some([n for n, _ in kept], [c for _, c in kept])
+    # the scaler steps only finite steps: the post-hook sees exactly those, clipped
+    assert model.recorder.norms == pytest.approx(
+        expected_applied(*map(list, zip(*kept, strict=True))), rel=1e-5
+    )
+
+    # unscaled: the first applied step had the initial weights (skipped steps change nothing), so its norm
+    # is the fp32 norm of the first batch, computed independently here
+    pl.seed_everything(0, verbose=False)
+    reference = RegressionModel(lr=0.2)
+    batches = list(regression_loader())
+    x, y = batches[first_finite % len(batches)]
+    reference.training_step((x, y), 0).backward()
+    assert finite[0] == pytest.approx(naive_norm([p.grad for p in reference.parameters()]), rel=2e-2)
+
+
+class AccumulationReference(pl.Callback):
+    """Before the clipper: recomputes the accumulated gradient's norm from scratch on a copy of the module
+    (the weights have not moved since the last step), over the batches seen since the last step."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.batches: list[Any] = []
+        self.norms: list[float] = []
+        self.calls_at_batch: list[int] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.batches.append(batch)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
+        self.calls_at_batch.append(len(self.batches))
+        copy_ = copy.deepcopy(pl_module.net)
+        copy_.zero_grad(set_to_none=True)
+        for x, y in self.batches[-self.k :]:
+            (torch.nn.functional.mse_loss(copy_(x), y) / self.k).backward()
+        self.norms.append(naive_norm([p.grad for p in copy_.parameters()]))
+
+
+def test_accumulate_grad_batches(tmp_path: Any) -> None:
+    pl.seed_everything(0, verbose=False)
+    model = RecordedModel(lr=0.2)
+    ref = AccumulationReference(k=4)
+    clipper = AdaptiveGradientClipping(factor=1.1, decay=0.9)
+    figures = LastFigures(clipper)
+    trainer = make_trainer(
+        tmp_path, callbacks=[ref, clipper, figures], max_steps=8, accumulate_grad_batches=4
+    )
+    trainer.fit(model, regression_loader())
+    assert ref.calls_at_batch == [4, 8, 12, 16, 20, 24, 28, 32]  # once per 4 batches
+    measured = [f[0] for f in figures.figures[0]]
+    assert measured == pytest.approx(ref.norms, rel=1e-5)  # the norm of the accumulated gradient
+    thresholds = mean_thresholds(ref.norms, factor=1.1, decay=0.9)
+    assert_clipped_some(ref.norms, thresholds)
+    assert figures.thresholds() == pytest.approx(thresholds, rel=1e-5)
+    assert model.recorder.norms == pytest.approx(expected_applied(ref.norms, thresholds), rel=1e-5)
+
+
+def test_max_norm_caps_every_warmup_step(tmp_path: Any) -> None:
+    clipper = AdaptiveGradientClipping(factor=1.2, decay=0.9, warmup_steps=5, max_norm=1.0)
+    model, norms, figures, _ = _fit(tmp_path, clipper, steps=12)
+    thresholds = mean_thresholds(norms, factor=1.2, decay=0.9, warmup_steps=5, max_norm=1.0)
+    assert thresholds[:5] == [1.0] * 5
+    assert all(n > 1.0 for n in norms[:5]), "warm-up norms must exceed max_norm for the test to mean anything"
+    assert model.recorder.norms[:5] == pytest.approx([1.0] * 5, rel=1e-5)
+    assert figures.thresholds() == pytest.approx(thresholds, rel=1e-5)
+    assert model.recorder.norms == pytest.approx(expected_applied(norms, thresholds), rel=1e-5)
+
+
+def test_zscore_mode_matches_zclip_in_a_fit(tmp_path: Any) -> None:
+    clipper = AdaptiveGradientClipping(
+        mode="zscore", z_threshold=2.5, decay=0.9, warmup_steps=4, max_norm=30.0
+    )
+    model, norms, _, _ = _fit(tmp_path, clipper, steps=16, lr=0.15)
+    applied = zclip_applied(norms, z_threshold=2.5, decay=0.9, warmup_steps=4, max_norm=30.0)
+    assert any(a < n * (1 - 1e-4) for a, n in zip(applied[4:], norms[4:], strict=True)), "ZClip never clipped"
+    assert any(a == pytest.approx(n) for a, n in zip(applied[4:], norms[4:], strict=True))
+    assert model.recorder.norms == pytest.approx(applied, rel=1e-5)
+
+
+def test_percentile_mode_matches_autoclip_in_a_fit(tmp_path: Any) -> None:
+    clipper = AdaptiveGradientClipping(mode="percentile", percentile=50.0, window=6)
+    model, norms, _, _ = _fit(tmp_path, clipper, steps=14, lr=0.1)
+    applied = autoclip_applied(norms, percentile=50.0, window=6)
+    assert any(a < n * (1 - 1e-4) for a, n in zip(applied, norms, strict=True)), "AutoClip never clipped"
+    assert any(a == pytest.approx(n) for a, n in zip(applied[1:], norms[1:], strict=True))
+    assert model.recorder.norms == pytest.approx(applied, rel=1e-5)
