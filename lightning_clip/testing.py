@@ -1,0 +1,185 @@
+"""Tools to test a training setup's recovery policy in CI: :class:`FaultInjector`."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from lightning_clip._validation import check_choice, check_int
+
+__all__ = ["FaultInjector"]
+
+TARGETS = ("loss", "grad", "weight", "input")
+
+
+def _check_indices(name: str, value: Any) -> frozenset[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"`{name}` must be a list of integers ≥ 0, got {value!r}.")
+    items = list(value)
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in items):
+        raise ValueError(f"`{name}` must be a list of integers ≥ 0, got {value!r}.")
+    return frozenset(items)
+
+
+def _poison_(obj: Any, value: float) -> int:
+    """Fill every floating-point tensor inside ``obj`` (nested lists, tuples, dicts) with ``value``."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point():
+            obj.fill_(value)
+            return 1
+        return 0
+    if isinstance(obj, dict):
+        return sum(_poison_(v, value) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_poison_(v, value) for v in obj)
+    return 0
+
+
+class FaultInjector(pl.Callback):
+    """Inject NaN or Inf into the loss, the gradients, the weights or the input batch, on chosen steps.
+
+    Attach it next to :class:`~lightning_clip.ExplosionGuard` to check in CI that a training setup
+    survives faults. It is a plain ``Callback`` (not a lightning-clip callback): the guard never snapshots
+    or restores it, and it has no checkpointed state.
+
+    When it fires: on the batches that start while ``trainer.global_step`` is in ``steps`` (a transient
+    fault: the step counter never goes back, also after a rollback), or on the batches whose index in the
+    epoch is in ``batches`` (every time that batch is seen, every epoch: a persistent data fault). With
+    gradient accumulation a step covers several batches; all of them are hit.
+
+    What each ``target`` does (only through public hooks):
+
+    * ``"input"``: ``on_train_batch_start`` fills every floating-point tensor of the batch with ``value``,
+      in place, so the forward pass and the loss come out non-finite. (A batch that shares memory with
+      the dataset poisons the dataset too.)
+    * ``"loss"``: ``on_before_backward`` multiplies the loss tensor in place by ``value``: the loss that
+      ``training_step`` returned (the same tensor object, also in ``outputs``) becomes non-finite and so do
+      the gradients back-propagated from it. Under 16-mixed the hook sees the *scaled* loss, so only the
+      back-propagated loss and the gradients change. A loss whose value autograd saved for backward
+      (rare) makes ``backward`` fail; use ``"input"`` then.
+    * ``"grad"``: ``on_after_backward`` fills the gradients of the parameters matching ``param_pattern``
+      (all when None) with ``value``. Under DDP the gradients are already all-reduced there, so a fault on
+      one rank stays on that rank.
+    * ``"weight"``: ``on_train_batch_end`` (after the optimizer step) fills the parameters matching
+      ``param_pattern`` with ``value``; the next forward pass turns non-finite.
+
+    Args:
+        target: ``"loss"`` | ``"grad"`` | ``"weight"`` | ``"input"``.
+        value: the value injected: ``float("nan")``, ``float("inf")`` or ``float("-inf")``.
+        steps: global steps to fire at (integers ``≥ 0``). Exactly one of ``steps`` and ``batches``.
+        batches: batch indices within the epoch to fire at, every epoch (integers ``≥ 0``).
+        param_pattern: regular expression searched in the parameter names (``re.search``), for ``"grad"``
+            and ``"weight"``; None: every parameter.
+        rank: fire on this global rank only (``≥ 0``); None: on every rank.
+
+    Attributes:
+        injected: one dict per fault injected on this process: ``step``, ``batch``, ``target``, ``rank``.
+
+    Example:
+        >>> import pytorch_lightning as pl
+        >>> from lightning_clip import ExplosionGuard
+        >>> from lightning_clip.testing import FaultInjector
+        >>> faults = FaultInjector(target="grad", value=float("inf"), steps=[3], param_pattern=r"weight$")
+        >>> trainer = pl.Trainer(callbacks=[ExplosionGuard(), faults], max_steps=10, logger=False)
+    """
+
+    def __init__(
+        self,
+        target: str = "grad",
+        value: float = float("nan"),
+        steps: Iterable[int] | None = None,
+        batches: Iterable[int] | None = None,
+        param_pattern: str | None = None,
+        rank: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.target = check_choice("target", target, TARGETS)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isfinite(value):
+            raise ValueError(f"`value` must be float('nan'), float('inf') or float('-inf'), got {value!r}.")
+        self.value = float(value)
+        self.steps = _check_indices("steps", steps)
+        self.batches = _check_indices("batches", batches)
+        if self.steps is None and self.batches is None:
+            raise ValueError("`steps` must be a list of global steps when `batches` is None, got None.")
+        if self.steps is not None and self.batches is not None:
+            raise ValueError(f"`batches` must be None when `steps` is given, got {batches!r}.")
+        if param_pattern is not None:
+            if not isinstance(param_pattern, str):
+                raise TypeError(
+                    f"`param_pattern` must be a regular expression string or None, got {param_pattern!r}."
+                )
+            if target not in ("grad", "weight"):
+                raise ValueError(
+                    f"`param_pattern` must be None for target={target!r}, got {param_pattern!r}."
+                )
+            try:
+                re.compile(param_pattern)
+            except re.error:
+                raise ValueError(
+                    f"`param_pattern` must be a valid regular expression, got {param_pattern!r}."
+                ) from None
+        self.param_pattern = param_pattern
+        self.rank = None if rank is None else check_int("rank", rank, low=0)
+        self.injected: list[dict[str, Any]] = []
+        self._active = False
+        self._step = -1
+        self._batch = -1
+
+    def _fires(self, trainer: pl.Trainer, batch_idx: int) -> bool:
+        if self.rank is not None and trainer.global_rank != self.rank:
+            return False
+        if self.steps is not None:
+            return trainer.global_step in self.steps
+        return self.batches is not None and batch_idx in self.batches
+
+    def _params(self, pl_module: pl.LightningModule) -> list[tuple[str, torch.nn.Parameter]]:
+        pattern = None if self.param_pattern is None else re.compile(self.param_pattern)
+        return [(n, p) for n, p in pl_module.named_parameters() if pattern is None or pattern.search(n)]
+
+    def _note(self, trainer: pl.Trainer) -> None:
+        self.injected.append(
+            {"step": self._step, "batch": self._batch, "target": self.target, "rank": trainer.global_rank}
+        )
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step, self._batch = trainer.global_step, batch_idx
+        self._active = self._fires(trainer, batch_idx)
+        if self._active and self.target == "input" and _poison_(batch, self.value):
+            self._note(trainer)
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        if self._active and self.target == "loss":
+            loss.mul_(self.value)
+            self._note(trainer)
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not (self._active and self.target == "grad"):
+            return
+        hit = False
+        for _, p in self._params(pl_module):
+            if p.grad is not None:
+                p.grad.fill_(self.value)
+                hit = True
+        if hit:
+            self._note(trainer)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._active and self.target == "weight":
+            with torch.no_grad():
+                for _, p in self._params(pl_module):
+                    p.fill_(self.value)
+            self._note(trainer)
+        self._active = False
