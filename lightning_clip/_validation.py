@@ -65,8 +65,12 @@ def check_number(
     return number
 
 
-def check_int(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
+def check_int(
+    name: str, value: Any, *, low: int | None = None, high: int | None = None, optional: bool = False
+) -> int:
     """Check that ``value`` is an integer (not ``bool``) in ``[low, high]`` and return it as ``int``.
+
+    ``optional=True`` only adds "or None" to the message: the caller handles ``None`` itself.
 
     Example:
         >>> check_int("window", 0, low=1)
@@ -78,6 +82,8 @@ def check_int(name: str, value: Any, *, low: int | None = None, high: int | None
         constraint = f">= {low}"
     else:
         constraint = f"in [{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+    if optional:
+        constraint += " or None"
     if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise TypeError(f"`{name}` must be an integer {constraint}, got {value!r}.")
     number = int(value)

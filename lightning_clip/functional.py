@@ -15,9 +15,12 @@ Usable from a plain PyTorch loop::
     >>> round(float(F.grad_norms(grads)[0]), 4) == round(min(float(total), 0.5), 4)
     True
 
-Conventions: norms are accumulated in float32 whatever the gradients' dtype (bf16 / fp16 gradients are
-not up-cast in memory; ``torch._foreach_norm`` accumulates in the requested dtype); ``None`` gradients
-are skipped; in-place functions end in ``_``; nothing here calls ``.item()``.
+Conventions: norms are returned in float32 whatever the gradients' dtype; bf16 / fp16 / fp32 gradients
+are accumulated in float32 without an up-cast copy (``torch._foreach_norm`` accumulates in the requested
+dtype), float64 gradients in float64. As in ``torch.nn.utils.get_total_norm``, the total is the float32
+p-norm of the per-tensor norms, so it overflows to ``inf`` once a per-tensor 2-norm passes ~1.8e19. A
+0-size tensor has norm 0 for every p (torch refuses its inf-norm). ``None`` gradients are skipped;
+in-place functions end in ``_``; nothing here calls ``.item()``.
 """
 
 from __future__ import annotations

@@ -297,7 +297,7 @@ def make_rule(
     check_number("percentile", percentile, low=0.0, high=100.0)
     check_int("window", window, low=1)
     if warmup_steps is not None:
-        check_int("warmup_steps", warmup_steps, low=1)
+        check_int("warmup_steps", warmup_steps, low=1, optional=True)
     if max_norm is not None:
         check_number("max_norm", max_norm, low=0.0, low_inclusive=False)
     if mode == "mean":
