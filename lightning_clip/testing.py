@@ -126,7 +126,7 @@ class FaultInjector(pl.Callback):
                     f"`param_pattern` must be a valid regular expression, got {param_pattern!r}."
                 ) from None
         self.param_pattern = param_pattern
-        self.rank = None if rank is None else check_int("rank", rank, low=0)
+        self.rank = None if rank is None else check_int("rank", rank, low=0, optional=True)
         self.injected: list[dict[str, Any]] = []
         self._active = False
         self._step = -1

@@ -164,6 +164,8 @@ class ExplosionGuard(LightningClipCallback):
         super().__init__()
         self.action = check_choice("action", action, ACTIONS)
         if spike_factor is not None:
+            if isinstance(spike_factor, bool) or not isinstance(spike_factor, (int, float)):
+                raise TypeError(f"`spike_factor` must be a real number > 1 or None, got {spike_factor!r}.")
             spike_factor = check_number("spike_factor", spike_factor, low=1.0, low_inclusive=False)
         self.spike_factor = spike_factor
         self.snapshot_every_n_steps = check_int("snapshot_every_n_steps", snapshot_every_n_steps, low=0)
