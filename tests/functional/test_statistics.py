@@ -1,0 +1,427 @@
+"""Threshold rules (lightning_clip.statistics) against the libraries they reproduce and hand computations.
+
+* ``zscore`` against zclip 1.0.0 ``ZClip.step`` and ``percentile`` against autoclip 0.2.1
+  ``QuantileClip.step``, both driven for real on a tiny model whose gradients are set to a chosen total
+  norm; the clipped norm each library leaves behind is compared with ``min(n, threshold)``.
+* ``mean`` against an independent transcription of the DESIGN.md formula.
+* NaN / Inf robustness (including a hypothesis property over arbitrary float sequences), state round
+  trips through ``torch.save`` / ``torch.load(weights_only=True)``, and ``make_rule`` defaults.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+
+import pytest
+import torch
+from autoclip.torch import QuantileClip
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from zclip import ZClip
+
+from lightning_clip.statistics import (
+    MeanThreshold,
+    PercentileThreshold,
+    ThresholdRule,
+    ZScoreThreshold,
+    make_rule,
+)
+
+SEEDS = [0, 1, 2]
+STEPS = 320
+
+
+def norm_sequence(seed: int, steps: int = STEPS, base: float = 20.0, float32: bool = False) -> list[float]:
+    """Lognormal noise around ``base`` with injected spikes (×5 to ×60 on ~4% of the steps)."""
+    rng = random.Random(seed)
+    norms = []
+    for _ in range(steps):
+        n = base * math.exp(rng.gauss(0.0, 0.25))
+        if rng.random() < 0.04:
+            n *= rng.uniform(5.0, 60.0)
+        if float32:  # exactly representable in float32 (autoclip keeps a float32 history)
+            n = float(torch.tensor(n, dtype=torch.float32))
+        norms.append(n)
+    return norms
+
+
+def effective(norms: list[float], rule: ThresholdRule) -> list[float]:
+    """Our clipped norm per step: ``min(n, threshold)``."""
+    return [min(n, rule.step(n)) for n in norms]
+
+
+def set_grads_to_norm(model: torch.nn.Module, norm: float, gen: torch.Generator) -> None:
+    """Give every parameter a random gradient, scaled so that the total 2-norm is exactly ``norm``."""
+    params = list(model.parameters())
+    directions = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+    scale = norm / math.sqrt(sum(float((d * d).sum()) for d in directions))
+    for p, d in zip(params, directions, strict=True):
+        p.grad = (d * scale).to(p.dtype)
+
+
+def grad_norm_f64(model: torch.nn.Module) -> float:
+    return math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in model.parameters()))
+
+
+# ------------------------------------------------------------------------------------------ ZClip parity
+ZCLIP_CONFIGS = [
+    # (z_thresh, decay, warmup_steps, max_grad_norm): a cap that never binds, and one that often does
+    (2.5, 0.97, 25, 1e6),
+    (2.0, 0.9, 10, 30.0),
+    (3.0, 0.99, 1, 1e6),
+]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("config", ZCLIP_CONFIGS, ids=lambda c: "z{}-d{}-w{}-max{:g}".format(*c))
+def test_zscore_matches_zclip_step(config, seed):
+    z_thresh, decay, warmup, max_norm = config
+    norms = norm_sequence(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).double()  # exact float64 norms
+    gen = torch.Generator().manual_seed(seed)
+    zclip = ZClip(
+        mode="zscore",
+        clip_option="adaptive_scaling",
+        clip_factor=1.0,
+        alpha=decay,
+        z_thresh=z_thresh,
+        max_grad_norm=max_norm,
+        warmup_steps=warmup,
+    )
+    theirs = []
+    for n in norms:
+        set_grads_to_norm(model, n, gen)
+        assert zclip.step(model) == pytest.approx(n, rel=1e-12)  # ZClip measured the norm we set
+        theirs.append(grad_norm_f64(model))
+
+    ours = effective(
+        norms, make_rule("zscore", z_threshold=z_thresh, decay=decay, warmup_steps=warmup, max_norm=max_norm)
+    )
+
+    clipped = [i for i, (n, c) in enumerate(zip(norms, theirs, strict=True)) if c < n * (1 - 1e-5)]
+    assert len(clipped) >= 5  # the comparison covers real clipping, not only pass-through steps
+    for step, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        # ZClip scales by c / (n + 1e-6): its clipped norm is c·n/(n + 1e-6), within 1e-7 of c for n ≥ 10
+        assert a == pytest.approx(b, rel=1e-6), f"step {step}: ours {a}, ZClip {b}"
+
+
+# ------------------------------------------------------------------------------------------ AutoClip parity
+AUTOCLIP_CASES = [
+    # autoclip's default float32 history: percentiles whose interpolation weight q·(k−1) is exact in float32
+    (25.0, 50, torch.float32),
+    (50.0, 1000, torch.float32),
+    (0.0, 20, torch.float32),
+    (100.0, 64, torch.float32),
+    # any percentile: torch.quantile's float32 weight would be off by ~1e-7·k, i.e. 1e-6 of a spike's height,
+    # so the model (and with it autoclip's history) is float64
+    (10.0, 50, torch.float64),
+    (90.0, 37, torch.float64),
+    (10.0, 1000, torch.float64),
+]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize(
+    ("percentile", "window", "dtype"),
+    AUTOCLIP_CASES,
+    ids=[f"p{p:g}-w{w}-{str(d)[6:]}" for p, w, d in AUTOCLIP_CASES],
+)
+def test_percentile_matches_autoclip_quantile_clip(percentile, window, dtype, seed):
+    norms = norm_sequence(seed, float32=True)
+    model = torch.nn.Linear(3, 2).to(dtype)
+    clipper = QuantileClip(
+        model.parameters(), quantile=percentile / 100, history_length=window, global_threshold=True
+    )
+    rule = make_rule("percentile", percentile=percentile, window=window, warmup_steps=1)
+
+    clipped_steps = 0
+    for step, n in enumerate(norms):
+        # one non-zero gradient entry: the float32 norm is exactly n for autoclip and for us
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        model.weight.grad[0, 0] = n
+        history = clipper.state["global_history"]
+        assert len(history) == 0 or history.dtype == dtype
+        their_threshold = float(torch.quantile(history, percentile / 100)) if len(history) else math.inf
+        clipper.step()
+        their_clipped = float(model.weight.grad[0, 0])
+
+        threshold = rule.step(n)
+        assert threshold == pytest.approx(their_threshold, rel=1e-6), f"step {step}"
+        assert min(n, threshold) == pytest.approx(their_clipped, rel=1e-6), f"step {step}"
+        clipped_steps += their_clipped < n * (1 - 1e-5)
+    assert len(clipper.state["global_history"]) == min(window, STEPS)
+    if percentile < 100.0:
+        assert clipped_steps >= 5
+
+
+# ------------------------------------------------------------------------------------------ NaN / Inf
+def test_zclip_ema_is_poisoned_by_one_nan_while_ours_is_not():
+    norms = norm_sequence(7, steps=80)
+    nan_step = 40
+    model = torch.nn.Linear(4, 3).double()
+    gen = torch.Generator().manual_seed(0)
+    zclip = ZClip(mode="zscore", alpha=0.97, z_thresh=2.5, max_grad_norm=1e6, warmup_steps=10)
+    rule = make_rule("zscore", decay=0.97, z_threshold=2.5, max_norm=1e6, warmup_steps=10)
+    clean = make_rule("zscore", decay=0.97, z_threshold=2.5, max_norm=1e6, warmup_steps=10)
+
+    for step, n in enumerate(norms):
+        if step == nan_step:
+            set_grads_to_norm(model, 1.0, gen)
+            model.weight.grad[0, 0] = math.nan
+            assert math.isnan(zclip.step(model))
+            assert math.isfinite(rule.step(math.nan))
+            continue
+        set_grads_to_norm(model, n, gen)
+        zclip.step(model)
+        assert rule.step(n) == clean.step(n)  # identical to the run that never saw the NaN
+        if step > nan_step:
+            assert math.isnan(zclip.mean) and math.isnan(zclip.var)  # NaN for good
+            assert math.isfinite(rule.mean) and math.isfinite(rule.var)
+    # after the NaN, ZClip never clips again: a 100x spike passes through untouched
+    set_grads_to_norm(model, 2000.0, gen)
+    zclip.step(model)
+    assert grad_norm_f64(model) == pytest.approx(2000.0)
+    assert rule.step(2000.0) < 100.0
+
+
+RULE_FACTORIES = {
+    "mean": lambda: make_rule("mean"),
+    "mean_warmup5_max": lambda: make_rule("mean", warmup_steps=5, max_norm=50.0),
+    "zscore": lambda: make_rule("zscore", warmup_steps=10),
+    "zscore_max": lambda: make_rule("zscore", warmup_steps=10, max_norm=40.0),
+    "percentile": lambda: make_rule("percentile", window=30),
+    "percentile_warmup5": lambda: make_rule("percentile", window=30, warmup_steps=5),
+    "percentile_warmup5_max": lambda: make_rule("percentile", window=30, warmup_steps=5, max_norm=35.0),
+}
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("factory", RULE_FACTORIES.values(), ids=RULE_FACTORIES.keys())
+def test_non_finite_norms_are_ignored_by_every_rule(factory, bad):
+    norms = norm_sequence(3, steps=120)
+    bad_steps = {0, 3, 11, 12, 50, 51, 52, 90}  # in and after every warm-up
+    with_bad, without_bad = factory(), factory()
+    seen_finite = False
+    for step, n in enumerate(norms):
+        if step in bad_steps:
+            threshold = with_bad.step(bad)
+            assert not math.isnan(threshold)
+            assert math.isfinite(threshold) or not seen_finite
+        else:
+            threshold = with_bad.step(n)
+            assert threshold == without_bad.step(n)
+            seen_finite = seen_finite or math.isfinite(threshold)
+    assert with_bad.state_dict() == without_bad.state_dict()
+    assert seen_finite
+
+
+FLOATS = st.one_of(
+    st.floats(min_value=0.0, allow_nan=False, allow_infinity=False),
+    st.floats(min_value=0.0, max_value=1e3, allow_nan=False),
+    st.sampled_from(
+        [math.nan, math.inf, -math.inf, 0.0, 5e-324, 1.7976931348623157e308, 3.4e38, 1e154, 1e200]
+    ),
+)
+RULES = st.one_of(
+    st.builds(
+        MeanThreshold,
+        factor=st.floats(1.0001, 10.0),
+        decay=st.floats(0.0, 0.999),
+        warmup_steps=st.integers(1, 5),
+        max_norm=st.none() | st.floats(1e-3, 1e3),
+    ),
+    st.builds(
+        ZScoreThreshold,
+        z_threshold=st.floats(0.1, 5.0),
+        decay=st.floats(0.0, 0.999),
+        warmup_steps=st.integers(1, 5),
+        max_norm=st.none() | st.floats(1e-3, 1e3),
+    ),
+    st.builds(
+        PercentileThreshold,
+        percentile=st.floats(0.0, 100.0),
+        window=st.integers(1, 8),
+        warmup_steps=st.integers(1, 5),
+        max_norm=st.none() | st.floats(1e-3, 1e3),
+        decay=st.floats(0.0, 0.999),
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(rule=RULES, norms=st.lists(FLOATS, max_size=40))
+def test_threshold_is_never_nan_and_stays_finite_once_finite(rule, norms):
+    seen_finite = False
+    for n in norms:
+        threshold = rule.step(n)
+        assert not math.isnan(threshold), (n, threshold)
+        assert threshold >= 0.0
+        if seen_finite:
+            assert math.isfinite(threshold), (n, threshold)
+        if not math.isfinite(threshold):
+            # the only documented inf: a warm-up step without max_norm
+            assert threshold == math.inf and rule.max_norm is None
+        seen_finite = seen_finite or math.isfinite(threshold)
+    if rule.max_norm is not None:
+        assert all(math.isfinite(v) for v in _flatten(rule.state_dict()))
+
+
+def _flatten(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _flatten(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _flatten(v)
+    elif value is not None:
+        yield float(value)
+
+
+# ------------------------------------------------------------------------------------------ mean rule
+def reference_mean_thresholds(
+    norms: list[float], factor: float, decay: float, warmup_steps: int, max_norm: float | None
+) -> list[float]:
+    """DESIGN.md, transcribed: t counts finite norms; thresholds during warm-up are max_norm (or inf);
+    afterwards threshold_t = min(factor · m_{t-1} / (1 - decay^{t-1}), max_norm);
+    m_t = decay·m_{t-1} + (1 - decay)·min(n_t, threshold_t)."""
+    cap = math.inf if max_norm is None else max_norm
+    m, t, out = 0.0, 0, []
+    for n in norms:
+        threshold = cap if t < warmup_steps else min(factor * m / (1.0 - decay**t), cap)
+        out.append(threshold)
+        if math.isfinite(n):
+            t += 1
+            m = decay * m + (1.0 - decay) * min(n, threshold)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("factor", "decay", "warmup", "max_norm"),
+    [
+        (1.5, 0.97, 1, None),
+        (2.0, 0.9, 1, 30.0),
+        (1.2, 0.5, 7, None),
+        (3.0, 0.0, 3, 100.0),
+        (1.5, 0.999, 2, None),
+    ],
+)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_mean_rule_matches_the_design_formula(factor, decay, warmup, max_norm, seed):
+    norms = norm_sequence(seed)
+    norms[17] = math.nan
+    norms[18] = math.inf
+    rule = MeanThreshold(factor=factor, decay=decay, warmup_steps=warmup, max_norm=max_norm)
+    got = [rule.step(n) for n in norms]
+    expected = reference_mean_thresholds(norms, factor, decay, warmup, max_norm)
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert (
+        make_rule("mean", factor=factor, decay=decay, warmup_steps=warmup, max_norm=max_norm).step(norms[0])
+        == (expected[0])
+    )
+
+
+def test_mean_rule_hand_example():
+    # factor 2, decay 0.5, warm-up 1: m1 = 0.5·4 = 2, μ̂1 = 2/0.5 = 4, threshold2 = 8
+    # the spike enters clipped to 8: m2 = 0.5·2 + 0.5·8 = 5, μ̂2 = 5/0.75, threshold3 = 40/3
+    rule = MeanThreshold(factor=2.0, decay=0.5)
+    assert rule.step(4.0) == math.inf
+    assert rule.step(100.0) == 8.0
+    assert rule.step(1.0) == pytest.approx(40.0 / 3.0, rel=1e-15)
+
+
+def test_mean_rule_follows_a_steadily_growing_norm():
+    rng = random.Random(0)
+    norms = [1.01**t * math.exp(rng.gauss(0.0, 0.02)) for t in range(600)]  # +1% a step for 600 steps
+    rule = make_rule("mean")  # factor 1.5, decay 0.97
+    thresholds = [rule.step(n) for n in norms]
+    clipped = sum(n > c for n, c in zip(norms, thresholds, strict=True))
+    assert clipped / len(norms) < 0.02
+    assert thresholds[-1] > norms[-1]  # the threshold grew ~390x along with the norm
+    # a spike on top of that trend is still clipped
+    assert rule.step(10 * norms[-1]) < 2 * norms[-1]
+
+
+# ------------------------------------------------------------------------------------------ state round trip
+STATE_CASES = {
+    "mean": dict(mode="mean"),
+    "mean_warmup": dict(mode="mean", warmup_steps=20, max_norm=60.0),
+    "zscore_in_warmup": dict(mode="zscore"),  # k=15 < 25: the buffer and the warm-up mean rule travel
+    "zscore": dict(mode="zscore", warmup_steps=5),
+    "zscore_max": dict(mode="zscore", warmup_steps=5, max_norm=30.0),
+    "percentile_evicting": dict(mode="percentile", window=8),
+    "percentile_warmup": dict(mode="percentile", warmup_steps=30, window=50),
+}
+
+
+@pytest.mark.parametrize("k", [15, 60])
+@pytest.mark.parametrize("kwargs", STATE_CASES.values(), ids=STATE_CASES.keys())
+def test_state_dict_round_trip_continues_exactly(kwargs, k):
+    norms = norm_sequence(11, steps=150)
+    norms[5] = math.nan
+    uninterrupted = make_rule(**kwargs)
+    expected = [uninterrupted.step(n) for n in norms]
+
+    first = make_rule(**kwargs)
+    head = [first.step(n) for n in norms[:k]]
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert state == first.state_dict()
+
+    resumed = make_rule(**kwargs)
+    resumed.load_state_dict(state)
+    tail = [resumed.step(n) for n in norms[k:]]
+    assert head + tail == expected  # bit-identical, not approximately
+    assert resumed.state_dict() == uninterrupted.state_dict()
+    # the state was not a no-op: a fresh rule diverges from the uninterrupted one
+    fresh = make_rule(**kwargs)
+    assert [fresh.step(n) for n in norms[k:]] != expected[k:]
+
+
+def test_percentile_load_state_dict_keeps_only_the_window():
+    long = make_rule("percentile", window=100)
+    for n in range(1, 101):
+        long.step(float(n))
+    short = make_rule("percentile", window=10, percentile=0.0)
+    short.load_state_dict(long.state_dict())
+    assert short.state_dict()["history"] == [float(n) for n in range(91, 101)]
+    assert short.step(1.0) == 91.0  # the minimum of the last 10 norms
+
+
+# ------------------------------------------------------------------------------------------ make_rule
+@pytest.mark.parametrize(
+    ("mode", "cls", "default_warmup"),
+    [("mean", MeanThreshold, 1), ("zscore", ZScoreThreshold, 25), ("percentile", PercentileThreshold, 1)],
+)
+def test_make_rule_defaults(mode, cls, default_warmup):
+    rule = make_rule(mode)
+    assert type(rule) is cls
+    assert rule.warmup_steps == default_warmup
+    assert rule.max_norm is None
+    assert make_rule(mode, warmup_steps=3).warmup_steps == 3
+    # warm-up length observed, not only stored: max_norm holds for exactly that many steps
+    capped = make_rule(mode, max_norm=1e9)
+    thresholds = [capped.step(10.0 + 0.1 * i) for i in range(default_warmup + 1)]
+    assert thresholds[:default_warmup] == [1e9] * default_warmup
+    assert thresholds[default_warmup] < 1e9
+
+
+def test_make_rule_passes_every_argument():
+    mean = make_rule("mean", factor=3.0, decay=0.5, max_norm=7.0)
+    assert (mean.factor, mean.decay, mean.max_norm) == (3.0, 0.5, 7.0)
+    z = make_rule("zscore", z_threshold=1.5, decay=0.8)
+    assert (z.z_threshold, z.decay) == (1.5, 0.8)
+    p = make_rule("percentile", percentile=25.0, window=9)
+    assert (p.percentile, p.window) == (25.0, 9)
+
+
+def test_warmup_without_max_norm_is_protected_by_the_mean_rule():
+    # zscore / percentile warm-up without max_norm: step 1 is free, then the mean rule (factor 1.5) caps
+    for mode in ("zscore", "percentile"):
+        rule = make_rule(mode, warmup_steps=10)
+        assert rule.step(10.0) == math.inf
+        assert rule.step(1000.0) == pytest.approx(15.0)
