@@ -123,6 +123,7 @@ class ZScoreThreshold(ThresholdRule):
     Differences from ZClip, on purpose: a non-finite norm is ignored (ZClip's EMA turns NaN for good), and
     without ``max_norm`` the warm-up steps are protected by the ``mean`` rule (from the second step on)
     and fill the buffer with the norms as applied, so that a warm-up spike cannot inflate the start.
+    ``eps`` (ZClip's, default 1e-6) must be ``> 0``: with constant norms ``σ = 0`` and ``z`` divides by it.
     """
 
     def __init__(

@@ -425,3 +425,23 @@ def test_warmup_without_max_norm_is_protected_by_the_mean_rule():
         rule = make_rule(mode, warmup_steps=10)
         assert rule.step(10.0) == math.inf
         assert rule.step(1000.0) == pytest.approx(15.0)
+
+
+@pytest.mark.parametrize("factory", RULE_FACTORIES.values(), ids=RULE_FACTORIES.keys())
+def test_norms_beyond_float32_range_cannot_overflow_the_statistics(factory):
+    # a float32 measurement never exceeds 3.4e38, but a rule fed by hand may see more: squaring 1e200 in
+    # the z-score variance raised OverflowError before, and decay=0 turned an infinite variance into NaN
+    rule = factory()
+    thresholds = [rule.step(n) for n in [1e200, 1.7976931348623157e308, *norm_sequence(5, steps=40), 1e300]]
+    assert all(not math.isnan(t) for t in thresholds)
+    assert all(math.isfinite(t) for t in thresholds[12:])
+    assert all(math.isfinite(v) for v in _flatten(rule.state_dict()))
+    zero_decay = ZScoreThreshold(decay=0.0, warmup_steps=2, max_norm=10.0)
+    assert all(math.isfinite(zero_decay.step(n)) for n in [1e200, 1e250, 1e300, 3.0, 1e300])
+
+
+def test_zscore_eps_must_be_positive():
+    with pytest.raises(ValueError, match=r"^`eps` must be a number > 0, got 0\.0\.$"):
+        ZScoreThreshold(eps=0.0)
+    rule = ZScoreThreshold(warmup_steps=3)  # constant norms: std 0, z divides by eps alone
+    assert [rule.step(2.0) for _ in range(5)][3:] == [pytest.approx(2.0 + 2.5e-6)] * 2
