@@ -346,6 +346,7 @@ class ExplosionGuard(LightningClipCallback):
             self._stepped
             and self.snapshot_every_n_steps > 0
             and trainer.global_step >= self._next_snapshot_step
+            and self._overflow_streak == 0  # never snapshot in the middle of a run of fp16 overflows
         ):
             if self._weights_bad(trainer, pl_module):
                 record = self._record(trainer, [NONFINITE_WEIGHTS], None, None, [])
