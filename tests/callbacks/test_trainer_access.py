@@ -1,0 +1,82 @@
+"""lightning_clip._trainer (the only private Trainer access) against the installed Lightning."""
+
+from __future__ import annotations
+
+import csv
+import os
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.plugins.precision import MixedPrecision
+
+from lightning_clip import _trainer
+from tests.integration.test_clipping_manual import TwoOptimizerModel
+from tests.models import RegressionModel, make_trainer, regression_loader
+
+
+class Probe(pl.Callback):
+    """Calls every accessor from inside the optimizer-step hook, where the callbacks use them."""
+
+    def __init__(self) -> None:
+        self.should_log: list[bool] = []
+        self.indices: list[int] = []
+        self.scalers: list[Any] = []
+        self.log_dirs: list[str] = []
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        self.should_log.append(_trainer.should_update_logs(trainer))
+        self.indices.append(_trainer.optimizer_index(trainer, optimizer))
+        self.scalers.append(_trainer.gradient_scaler(trainer))
+        self.log_dirs.append(_trainer.log_dir(trainer))
+        if self.should_log[-1]:
+            pl_module.log("probe", float(trainer.global_step))
+
+
+def test_should_update_logs_matches_the_rows_lightning_writes(tmp_path: Any) -> None:
+    probe = Probe()
+    logger = CSVLogger(str(tmp_path), name="run", version="v")
+    trainer = make_trainer(tmp_path, callbacks=[probe], max_steps=10, logger=logger, log_every_n_steps=4)
+    trainer.fit(RegressionModel(), regression_loader())
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as fh:
+        written = sorted(int(r["step"]) for r in csv.DictReader(fh) if r.get("probe"))
+    # independent reference: Lightning's documented rule, every 4th step
+    assert written == [3, 7]
+    assert [s for s, flag in enumerate(probe.should_log) if flag] == written
+    assert set(probe.log_dirs) == {logger.log_dir}
+    assert probe.indices == [0] * 10 and probe.scalers == [None] * 10
+
+
+def test_log_dir_without_logger_is_default_root_dir(tmp_path: Any) -> None:
+    probe = Probe()
+    trainer = make_trainer(tmp_path / "root", callbacks=[probe], max_steps=1, logger=False)
+    trainer.fit(RegressionModel(), regression_loader())
+    assert probe.log_dirs == [str(tmp_path / "root")]
+
+
+def test_optimizer_index_with_two_optimizers(tmp_path: Any) -> None:
+    probe = Probe()
+    trainer = make_trainer(tmp_path, callbacks=[probe], max_steps=6)
+    trainer.fit(TwoOptimizerModel(), regression_loader())
+    assert probe.indices == [0, 1, 0, 1, 0, 1]
+    raw = trainer.optimizers[1]
+    assert _trainer.optimizer_index(trainer, raw) == 1
+    assert _trainer.optimizer_index(trainer, trainer.strategy._lightning_optimizers[1]) == 1
+
+
+def test_gradient_scaler_under_16_mixed(tmp_path: Any) -> None:
+    scaler = torch.amp.GradScaler("cpu")
+    probe = Probe()
+    trainer = make_trainer(
+        tmp_path, callbacks=[probe], max_steps=2, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]
+    )
+    trainer.fit(RegressionModel(), regression_loader())
+    assert probe.scalers == [scaler, scaler]
+
+    probe = Probe()
+    trainer = make_trainer(tmp_path, callbacks=[probe], max_steps=1, precision="bf16-mixed")
+    trainer.fit(RegressionModel(), regression_loader())
+    assert probe.scalers == [None]
