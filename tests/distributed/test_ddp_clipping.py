@@ -1,0 +1,75 @@
+"""AdaptiveGradientClipping under 2-process DDP on CPU (gloo): both ranks use the same thresholds and apply
+``min(pre-clip norm, threshold)``. The children write their figures to files (the parent's objects are
+not updated under ``ddp_fork``)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+
+from lightning_clip.callbacks.adaptive_clipping import AdaptiveGradientClipping
+from tests.integration.test_clipping_reference import (
+    LastFigures,
+    PreClipNorms,
+    assert_clipped_some,
+    expected_applied,
+    mean_thresholds,
+)
+from tests.models import RegressionModel, StepNormRecorder, make_trainer, regression_loader
+
+STEPS = 8
+
+
+class RecordedModel(RegressionModel):
+    def configure_optimizers(self) -> Any:
+        opt = super().configure_optimizers()
+        self.recorder = StepNormRecorder(opt)
+        return opt
+
+
+class WriteFigures(pl.Callback):
+    def __init__(self, path: Any, pre: PreClipNorms, figures: LastFigures) -> None:
+        self.path = path
+        self.pre = pre
+        self.figures = figures
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        out = {
+            "pre": self.pre.norms[0],
+            "figures": self.figures.figures[0],
+            "applied": pl_module.recorder.norms,
+            "world_size": trainer.world_size,
+        }
+        (self.path / f"rank{trainer.global_rank}.json").write_text(json.dumps(out))
+
+
+@pytest.mark.distributed
+def test_same_thresholds_on_both_ranks(tmp_path: Any) -> None:
+    pl.seed_everything(0, verbose=False)
+    pre = PreClipNorms()
+    clipper = AdaptiveGradientClipping(factor=1.1, decay=0.8)
+    figures = LastFigures(clipper)
+    trainer = make_trainer(
+        tmp_path,
+        callbacks=[pre, clipper, figures, WriteFigures(tmp_path, pre, figures)],
+        max_steps=STEPS,
+        devices=2,
+        strategy="ddp_fork",
+        deterministic=False,
+    )
+    trainer.fit(RecordedModel(lr=0.2), regression_loader(n=64, batch_size=4))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    # every figure, threshold included, is the same on both ranks (the gradients were all-reduced first)
+    assert ranks[0]["figures"] == ranks[1]["figures"]
+    assert ranks[0]["pre"] == pytest.approx(ranks[1]["pre"], rel=1e-12)
+    for r in ranks:
+        norms = r["pre"]
+        assert len(norms) == STEPS
+        thresholds = mean_thresholds(norms, factor=1.1, decay=0.8)
+        assert_clipped_some(norms, thresholds)
+        assert [f[1] for f in r["figures"]] == pytest.approx(thresholds, rel=1e-5)
+        assert r["applied"] == pytest.approx(expected_applied(norms, thresholds), rel=1e-5)
