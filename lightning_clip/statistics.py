@@ -66,8 +66,9 @@ class MeanThreshold(ThresholdRule):
     """``threshold_t = min(factor · μ̂_{t−1}, max_norm)``, μ̂ the bias-corrected EMA of the norms as applied.
 
     ``m_t = decay·m_{t−1} + (1−decay)·min(n_t, threshold_t)``, ``m_0 = 0``, ``μ̂_t = m_t / (1 − decay^t)``,
-    counting finite norms only. During the first ``warmup_steps`` finite steps the threshold is
-    ``max_norm`` (∞ when None). A spike never inflates its own statistics (it enters clipped), and
+    counting finite, non-zero norms only (a zero norm, e.g. a batch with no valid target, carries no
+    scale and would pin the threshold at 0 for good). During the first ``warmup_steps`` counted steps
+    the threshold is ``max_norm`` (∞ when None). A spike never inflates its own statistics (it enters clipped), and
     because ``factor > 1`` the mean can still follow norms that grow steadily.
 
     Example:
@@ -97,7 +98,7 @@ class MeanThreshold(ThresholdRule):
 
     def step(self, norm: float) -> float:
         threshold = self.current()
-        if math.isfinite(norm):
+        if math.isfinite(norm) and norm > 0.0:  # a zero norm carries no scale: it would pin the mean at 0
             self.count += 1
             self.ema = self.decay * self.ema + (1.0 - self.decay) * _bounded(min(norm, threshold))
         return threshold

@@ -445,3 +445,13 @@ def test_zscore_eps_must_be_positive():
         ZScoreThreshold(eps=0.0)
     rule = ZScoreThreshold(warmup_steps=3)  # constant norms: std 0, z divides by eps alone
     assert [rule.step(2.0) for _ in range(5)][3:] == [pytest.approx(2.0 + 2.5e-6)] * 2
+
+
+def test_mean_rule_ignores_zero_norms_instead_of_pinning_the_threshold_at_zero() -> None:
+    """A first norm of exactly 0 (e.g. a batch without valid targets) must not freeze the threshold at 0:
+    the rule ends up where the same sequence without the zero takes it."""
+    with_zero, without = MeanThreshold(factor=1.5, decay=0.9), MeanThreshold(factor=1.5, decay=0.9)
+    with_zero.step(0.0)
+    seq = [1.0, 2.0, 1.5, 1.0]
+    assert [with_zero.step(n) for n in seq] == [without.step(n) for n in seq]
+    assert with_zero.current() > 0
