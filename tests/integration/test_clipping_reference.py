@@ -142,7 +142,7 @@ def test_mean_thresholds_by_hand() -> None:
 
 
 def test_peer_references_by_hand() -> None:
-    # autoclip: first step unclipped; then the 50th percentile of [1, 3] is 2 → 10 is cut to 2.
+    # autoclip: first step unclipped; 3 is cut to the median of [1]; 10 to the median of [1, 3] (pre-clip).
     assert autoclip_applied([1.0, 3.0, 10.0], percentile=50.0, window=10) == pytest.approx(
         [1.0, 3.0, 2.0], rel=1e-5
     )
