@@ -59,11 +59,12 @@ class FaultInjector(pl.Callback):
     * ``"input"``: ``on_train_batch_start`` fills every floating-point tensor of the batch with ``value``,
       in place, so the forward pass and the loss come out non-finite. (A batch that shares memory with
       the dataset poisons the dataset too.)
-    * ``"loss"``: ``on_before_backward`` multiplies the loss tensor in place by ``value``: the loss that
-      ``training_step`` returned (the same tensor object, also in ``outputs``) becomes non-finite and so do
-      the gradients back-propagated from it. Under 16-mixed the hook sees the *scaled* loss, so only the
-      back-propagated loss and the gradients change. A loss whose value autograd saved for backward
-      (rare) makes ``backward`` fail; use ``"input"`` then.
+    * ``"loss"``: automatic optimization: for that batch, ``training_step`` is wrapped (an instance
+      attribute set in ``on_train_batch_start``, removed in ``on_train_batch_end``) so that the loss it
+      returns is multiplied by ``value``: the loss Lightning back-propagates, logs and hands to
+      ``on_train_batch_end`` is non-finite, and so are the gradients. Manual optimization: the loss given
+      to ``manual_backward`` is multiplied in place in ``on_before_backward`` (under 16-mixed that is the
+      scaled loss).
     * ``"grad"``: ``on_after_backward`` fills the gradients of the parameters matching ``param_pattern``
       (all when None) with ``value``. Under DDP the gradients are already all-reduced there, so a fault on
       one rank stays on that rank.
@@ -131,6 +132,7 @@ class FaultInjector(pl.Callback):
         self._active = False
         self._step = -1
         self._batch = -1
+        self._wrapped: pl.LightningModule | None = None
 
     def _fires(self, trainer: pl.Trainer, batch_idx: int) -> bool:
         if self.rank is not None and trainer.global_rank != self.rank:
@@ -155,13 +157,41 @@ class FaultInjector(pl.Callback):
         self._active = self._fires(trainer, batch_idx)
         if self._active and self.target == "input" and _poison_(batch, self.value):
             self._note(trainer)
+        if self._active and self.target == "loss" and pl_module.automatic_optimization:
+            self._wrap_training_step(pl_module)
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
         if self._active and self.target == "loss":
-            loss.mul_(self.value)
+            if self._wrapped is None:  # manual optimization
+                loss.mul_(self.value)
             self._note(trainer)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._unwrap()
+
+    def _wrap_training_step(self, pl_module: pl.LightningModule) -> None:
+        original = pl_module.training_step
+        value = self.value
+
+        def poisoned(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            if isinstance(out, torch.Tensor):
+                return out * value
+            if isinstance(out, dict) and isinstance(out.get("loss"), torch.Tensor):
+                return {**out, "loss": out["loss"] * value}
+            return out
+
+        pl_module.training_step = poisoned  # type: ignore[method-assign]
+        self._wrapped = pl_module
+
+    def _unwrap(self) -> None:
+        if self._wrapped is not None:
+            self._wrapped.__dict__.pop("training_step", None)
+            self._wrapped = None
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not (self._active and self.target == "grad"):
@@ -182,4 +212,5 @@ class FaultInjector(pl.Callback):
                 for _, p in self._params(pl_module):
                     p.fill_(self.value)
             self._note(trainer)
+        self._unwrap()
         self._active = False
