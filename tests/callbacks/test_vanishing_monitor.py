@@ -88,7 +88,9 @@ class TinyRNN(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        self.seen[self.global_step] = {"batch": (x.clone(), y.clone())}
+        rec = self.seen.setdefault(self.global_step, {"batches": []})
+        rec["batches"].append((x.clone(), y.clone()))
+        rec["batch"] = rec["batches"][-1]
         return nn.functional.mse_loss(self(x), y)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -104,11 +106,11 @@ class TinyRNN(pl.LightningModule):
         )
         rec["weights"] = {k: v.detach().clone() for k, v in self.state_dict().items()}
 
-    def input_grad(self, step: int) -> torch.Tensor:
+    def input_grad(self, step: int, micro_batch: int = -1) -> torch.Tensor:
         """Reference ∂L/∂x of step ``step``: a fresh copy of the model (no hooks) with that step's weights."""
-        copy = TinyRNN()
+        copy = type(self)()
         copy.load_state_dict(self.seen[step]["weights"])
-        x, y = self.seen[step]["batch"]
+        x, y = self.seen[step]["batches"][micro_batch]
         x = x.double().requires_grad_(True)
         copy.double()
         (gx,) = torch.autograd.grad(nn.functional.mse_loss(copy(x), y.double()), x)
@@ -323,3 +325,36 @@ def test_several_optimizers_are_checked_separately(tmp_path: Any) -> None:
     make_trainer(tmp_path, max_steps=8, callbacks=[monitor]).fit(TwoOptimizers(), regression_loader())
     assert monitor.steps == {0: 4, 1: 4}  # 4 batches, each optimizer stepped once per batch
     assert checked == [(0, ["a"]), (1, ["b"]), (4, ["a"]), (5, ["b"])]
+
+
+class PackedRNN(TinyRNN):
+    """The same RNN fed a PackedSequence of variable lengths."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lengths = torch.tensor([20 - (i % 3) for i in range(x.shape[0])])
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        _, h = self.rnn(packed)
+        return self.head(h[-1])
+
+
+def test_gradient_accumulation_and_packed_sequences(tmp_path: Any) -> None:
+    model = PackedRNN()
+    tapped: list[tuple[int, bool]] = []
+    model.rnn.register_forward_hook(
+        lambda m, args, out: tapped.append((model.global_step, args[0].data.requires_grad))
+    )
+    monitor = VanishingGradientMonitor(
+        check_every_n_steps=2, patience=5, log_layer_metrics=True, save_figure=False
+    )
+    make_trainer(tmp_path, max_steps=3, accumulate_grad_batches=2, callbacks=[monitor]).fit(
+        model, seq_loader()
+    )
+    # 3 optimizer steps of 2 micro-batches each; checks at optimizer steps 0 and 2, both micro-batches tapped
+    assert tapped == [(0, True), (0, True), (1, False), (1, False), (2, True), (2, True)]
+    assert [h["step"] for h in monitor.history] == [0, 2]
+    # reference: ‖∂L/∂x_t‖² summed over both micro-batches (padding gets no gradient), then 10% at each end
+    sq = sum(model.input_grad(2, i).pow(2).sum(dim=(0, 2)) for i in range(2))
+    per_t = sq.sqrt().tolist()
+    decay, k, steps = monitor.last["time_decay"]["rnn"]
+    assert (k, steps) == (2, 20)
+    assert decay == pytest.approx((per_t[0] + per_t[1]) / (per_t[-2] + per_t[-1]), rel=1e-4)
