@@ -1,0 +1,75 @@
+"""ExplosionGuard under 2-process DDP (CPU, gloo): faults on rank 1 only make both ranks act identically,
+and after the rollbacks the weights are identical on both ranks."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from lightning_clip._events import EVENTS_FILENAME, read_events
+from lightning_clip.callbacks.explosion_guard import ExplosionGuard
+from lightning_clip.testing import FaultInjector
+from tests.models import RegressionModel, make_trainer, regression_loader
+
+
+class SaveResult(pl.Callback):
+    """Each rank writes its final weights and the guard's counters to a file (children do not share objects)."""
+
+    def __init__(self, out: str, guard: ExplosionGuard) -> None:
+        self.out, self.guard = out, guard
+        self.after_rollback: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
+        if self.guard.records and self.guard.records[-1]["step"] + 1 == trainer.global_step:
+            self.after_rollback[trainer.global_step] = {
+                k: v.clone() for k, v in pl_module.state_dict().items()
+            }
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        g = self.guard
+        torch.save(
+            {
+                "weights": pl_module.state_dict(),
+                "after_rollback": self.after_rollback,
+                "counters": (g.events, g.rollbacks, g.skipped_steps),
+                "kinds": [(r["step"], r["kind"], r["restored"]["step"]) for r in g.records],
+            },
+            os.path.join(self.out, f"rank{trainer.global_rank}.pt"),
+        )
+
+
+@pytest.mark.distributed
+def test_fault_on_rank_one_only(tmp_path: Any) -> None:
+    guard = ExplosionGuard(snapshot_every_n_steps=2)
+    # a NaN gradient on rank 1 after DDP's all-reduce (rank 0's gradients stay finite), then NaN weights
+    grad_fault = FaultInjector(target="grad", steps=[3], rank=1)
+    weight_fault = FaultInjector(target="weight", steps=[6], rank=1)
+    callbacks = [guard, grad_fault, weight_fault, SaveResult(str(tmp_path), guard)]
+    torch.manual_seed(0)
+    trainer = make_trainer(
+        tmp_path,
+        callbacks=callbacks,
+        max_steps=10,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_fork",
+        deterministic=False,
+    )
+    trainer.fit(RegressionModel(optimizer="adam", scheduler=True), regression_loader(n=64))
+    r0 = torch.load(tmp_path / "rank0.pt")
+    r1 = torch.load(tmp_path / "rank1.pt")
+    expected = [(3, "nonfinite_grad", 2), (7, "nonfinite_weights", 6)]
+    assert r0["kinds"] == r1["kinds"] == expected
+    assert r0["counters"] == r1["counters"] == (2, 2, 2)
+    for step in (4, 8):  # right after each rollback
+        for name, w in r0["after_rollback"][step].items():
+            assert torch.equal(w, r1["after_rollback"][step][name]), (step, name)
+    for name, w in r0["weights"].items():
+        assert torch.isfinite(w).all() and torch.equal(w, r1["weights"][name]), name
+    # rank zero alone wrote the event log
+    events = read_events(os.path.join(tmp_path, EVENTS_FILENAME))
+    assert [(e["step"], e["kind"]) for e in events] == [(3, "nonfinite_grad"), (7, "nonfinite_weights")]
