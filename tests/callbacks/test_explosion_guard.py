@@ -379,3 +379,50 @@ def test_guard_state_is_not_restored_by_its_own_rollback(tmp_path: Any) -> None:
     assert (guard.events, guard.rollbacks, guard.skipped_steps) == (2, 2, 2)
     assert [r["restored"]["step"] for r in guard.records] == [0, 0]
     assert copy.deepcopy(guard.state_dict())["rollbacks"] == 2
+
+
+# ------------------------------------------------------------------------------------ manual optimization
+class ManualTwoOptimizers(RegressionModel):
+    """Manual optimization: two Adam optimizers (one per layer), each stepped every batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self(x), y)
+        opts = self.optimizers()
+        for opt in opts:
+            opt.zero_grad()
+        self.manual_backward(loss)
+        for opt in opts:
+            opt.step()
+        return loss.detach()
+
+    def configure_optimizers(self) -> Any:
+        return [
+            torch.optim.Adam(self.net[0].parameters(), lr=0.01),
+            torch.optim.Adam(self.net[2].parameters(), lr=0.01),
+        ]
+
+
+def test_manual_optimization_nan_loss_rolls_back_both_optimizers(tmp_path: Any) -> None:
+    # global_step grows by 2 per batch; a NaN loss on the batch starting at global_step 4 (batch 2)
+    guard = ExplosionGuard(snapshot_every_n_steps=2)
+    faults = FaultInjector(target="loss", steps=[4])
+    model = ManualTwoOptimizers()
+    torch.manual_seed(0)
+    trainer = make_trainer(tmp_path, callbacks=[guard, faults], max_steps=12)
+    trainer.fit(model, regression_loader())
+    assert weights_finite(model)
+    assert [(r["step"], r["kind"], r["optimizer"], r["restored"]["step"]) for r in guard.records] == [
+        (4, "nonfinite_loss", 0, 4)
+    ]
+    assert guard.skipped_steps == 2  # both optimizers' updates of that batch
+    assert all(
+        math.isfinite(v)
+        for opt in trainer.optimizers
+        for s in opt.state.values()
+        for v in s["exp_avg"].flatten().tolist()
+    )
