@@ -123,9 +123,8 @@ class AdaptiveGradientClipping(LightningClipCallback):
         #: figures of the last step, per optimizer index: (norm, threshold, coef)
         self.last: dict[int, tuple[float, float, float]] = {}
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(
+    def _state_key_args(self) -> dict[str, Any]:
+        return dict(
             mode=self.mode,
             factor=self.factor,
             decay=self.decay,

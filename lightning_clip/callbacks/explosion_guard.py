@@ -202,9 +202,8 @@ class ExplosionGuard(LightningClipCallback):
             factor=self.spike_factor, decay=self.spike_decay, warmup_steps=self.spike_warmup_steps
         )
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(action=self.action, spike_factor=self.spike_factor)
+    def _state_key_args(self) -> dict[str, Any]:
+        return dict(action=self.action, spike_factor=self.spike_factor)
 
     @property
     def events_path(self) -> str | None:

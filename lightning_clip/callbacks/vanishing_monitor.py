@@ -165,9 +165,8 @@ class VanishingGradientMonitor(LightningClipCallback):
         self._stepped = False
         self._profiles: dict[str, torch.Tensor] = {}
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(
+    def _state_key_args(self) -> dict[str, Any]:
+        return dict(
             check_every_n_steps=self.check_every_n_steps,
             patience=self.patience,
             depth_threshold=self.depth_threshold,
