@@ -50,15 +50,15 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from torchmetrics import MeanSquaredError
 
-from lightning_clip import AdaptiveGradientClipping, report
+from lightning_clip import (
+    AdaptiveGradientClipping,
+    ExplosionGuard,
+    GradientExplosionError,
+    VanishingGradientMonitor,
+    VanishingGradientWarning,
+    report,
+)
 from lightning_clip import functional as F
-from lightning_clip.exceptions import GradientExplosionError, VanishingGradientWarning
-
-try:
-    from lightning_clip import ExplosionGuard, VanishingGradientMonitor
-except ImportError:  # until the package root exports them
-    from lightning_clip.callbacks.explosion_guard import ExplosionGuard
-    from lightning_clip.callbacks.vanishing_monitor import VanishingGradientMonitor
 from lightning_clip.testing import FaultInjector
 
 TRIVIAL_MSE = 1.0 / 6.0

@@ -17,8 +17,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-from lightning_clip import AdaptiveGradientClipping, report
-from lightning_clip.callbacks.explosion_guard import ExplosionGuard
+from lightning_clip import AdaptiveGradientClipping, ExplosionGuard, report
 from lightning_clip.cli import main
 from lightning_clip.report import ReportError
 from lightning_clip.testing import FaultInjector
@@ -41,7 +40,9 @@ class Recorder(pl.Callback):
         self.rows.append((trainer.global_step, norm, threshold, coef))
 
 
-def _fit(root: Path, logger: Any, faults: bool = True) -> tuple[Recorder, FaultInjector | None, ExplosionGuard]:
+def _fit(
+    root: Path, logger: Any, faults: bool = True
+) -> tuple[Recorder, FaultInjector | None, ExplosionGuard]:
     torch.manual_seed(0)
     clipper = AdaptiveGradientClipping(factor=1.2)
     recorder = Recorder(clipper)
@@ -156,7 +157,9 @@ def test_csv_and_tensorboard_together(tmp_path: Path) -> None:
     run = report.load_run(csv_logger.log_dir)
     assert run.sources[0].endswith("metrics.csv")
     assert any("tfevents" in s for s in run.sources)
-    np.testing.assert_allclose([v for _, v in run.series["grad/norm"]], [r[1] for r in recorder.rows], rtol=1e-6)
+    np.testing.assert_allclose(
+        [v for _, v in run.series["grad/norm"]], [r[1] for r in recorder.rows], rtol=1e-6
+    )
 
 
 # -------------------------------------------------------------------------------------- figures
@@ -288,6 +291,8 @@ def test_console_script(csv_run: dict[str, Any]) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "grad/norm: 24 logged steps" in done.stdout
-    bad = subprocess.run([str(script), "report", "/nonexistent/run"], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [str(script), "report", "/nonexistent/run"], capture_output=True, text=True, timeout=120
+    )
     assert bad.returncode == 2
     assert "/nonexistent/run: no such directory." in bad.stderr
