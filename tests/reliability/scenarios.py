@@ -130,14 +130,15 @@ class ResumableLoader:
     ``load_state_dict`` on stateful train loaders), so a run resumed mid-epoch sees the same batches as an
     uninterrupted one. The order is a fixed permutation per epoch (seeded by the epoch number).
 
-    Lightning pre-fetches one batch: when it saves a checkpoint after batch ``i`` (0-based), batch ``i + 1``
-    has been drawn already. ``_served`` counts what was drawn; the state saves the batches *trained on*,
-    which is ``_served - 1`` while the epoch has batches left.
+    The state is the number of batches drawn in the current epoch: Lightning asks for it when it saves a
+    checkpoint after a batch, and (for a sized loader) has not drawn the next batch yet. After the epoch's
+    last batch the state points at the start of the next epoch.
     """
 
     def __init__(self, dataset: TensorDataset, batch_size: int = 8, seed: int = 0) -> None:
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.epoch = 0
+        self.epoch = 0  # the epoch the next ``iter()`` starts (Lightning calls it once per epoch)
+        self._current = 0
         self._served = 0
         self._start = 0
 
@@ -145,21 +146,21 @@ class ResumableLoader:
         return math.ceil(len(self.dataset) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        order = torch.randperm(
-            len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch)
-        )
+        # Lightning stops after ``len(self)`` batches without exhausting the iterator: count epochs here
+        self._current, self.epoch = self.epoch, self.epoch + 1
         start, self._start = self._start, 0
         self._served = start
+        g = torch.Generator().manual_seed(self.seed + self._current)
+        order = torch.randperm(len(self.dataset), generator=g)
         for b in range(start, len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             self._served = b + 1
             yield tuple(t[idx].clone() for t in self.dataset.tensors)
-        self.epoch += 1
-        self._served = 0
 
     def state_dict(self) -> dict[str, int]:
-        trained = self._served - 1 if self._served > 0 else 0
-        return {"epoch": self.epoch, "batch": trained}
+        if self._served >= len(self):  # saved after the epoch's last batch: resume with the next epoch
+            return {"epoch": self._current + 1, "batch": 0}
+        return {"epoch": self._current, "batch": self._served}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self._start = int(state["epoch"]), int(state["batch"])
