@@ -576,12 +576,40 @@ def write_figures(results: Sequence[Result], out_dir: str) -> list[str]:
     return paths
 
 
+DOCS_FIGURES = {
+    "rnn_guard_grad_norm.png": "adding_guard_grad_norm.png",
+    "rnn_adaptive_nocap_grad_norm.png": "adding_adaptive_nocap_grad_norm.png",
+    "validation_mse.png": "adding_validation_mse.png",
+    "gradient_through_time.png": "adding_gradient_through_time.png",
+}
+"""The figures the README shows: demo figure -> file name under ``docs/images``."""
+
+
+def save_docs_copies(fig_dir: str, target_dir: str, colors: int = 64) -> list[str]:
+    """Small copies (a ``colors``-colour palette, a few tens of KB) of :data:`DOCS_FIGURES`."""
+    from PIL import Image  # a matplotlib dependency
+
+    os.makedirs(target_dir, exist_ok=True)
+    written = []
+    for source, name in DOCS_FIGURES.items():
+        src = os.path.join(fig_dir, source)
+        if os.path.exists(src):
+            dst = os.path.join(target_dir, name)
+            with Image.open(src) as image:
+                image.convert("RGB").quantize(colors=colors).save(dst, optimize=True)
+            written.append(dst)
+    return written
+
+
 def main(argv: Sequence[str] | None = None, settings: Settings | None = None) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--full", action="store_true", help="longer sequences and more steps")
     parser.add_argument("--out", default=os.path.join("runs", "adding_problem"), help="output directory")
     parser.add_argument("--only", nargs="*", default=None, help="run only these variants")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument(
+        "--docs-images", metavar="DIR", default=None, help="also write small copies of the key figures"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric"):
@@ -602,8 +630,12 @@ def main(argv: Sequence[str] | None = None, settings: Settings | None = None) ->
     print()
     print(format_table(results))
     print(f"\ntrivial predictor: {TRIVIAL_MSE:.3f}; total fit time {time.perf_counter() - start:.0f} s")
-    for path in write_figures(results, args.out):
+    figures = write_figures(results, args.out)
+    for path in figures:
         print(f"figure: {path}")
+    if args.docs_images and figures:
+        for path in save_docs_copies(os.path.join(args.out, "figures"), args.docs_images):
+            print(f"small copy: {path}")
     print(f"run directories: {args.out}/<variant>  (try: lightning-clip report {results[-1].run_dir})")
     return results
 

@@ -514,6 +514,7 @@ def plot_norms(run: RunData, path: str | None = None, title: str | None = None) 
             [v for _, v in pts if math.isfinite(v)],
             color=f"C{i}",
             linewidth=0.8,
+            alpha=0.8,
             label=f"gradient norm{suffix}",
         )
         bad = [s for s, v in pts if not math.isfinite(v)]
@@ -527,8 +528,9 @@ def plot_norms(run: RunData, path: str | None = None, title: str | None = None) 
                 [s for s, _ in thr],
                 [v for _, v in thr],
                 color="black",
-                linewidth=1.0,
+                linewidth=1.2,
                 linestyle="--",
+                zorder=6,
                 label=f"clip threshold{suffix}",
             )
         coefs = dict(run.series.get(f"grad/clip_coef{suffix}", []))
@@ -538,8 +540,8 @@ def plot_norms(run: RunData, path: str | None = None, title: str | None = None) 
                 [s for s, _ in clipped],
                 [v for _, v in clipped],
                 s=4,
-                color=f"C{i}",
-                alpha=0.6,
+                color="tab:green",
+                alpha=0.7,
                 zorder=4,
                 label=f"clipped step ({len(clipped)})",
             )
@@ -576,6 +578,8 @@ def plot_norms(run: RunData, path: str | None = None, title: str | None = None) 
                     label=key,
                     marker="." if key.startswith("val") else None,
                     markersize=4,
+                    color=None if key.startswith("val") else "grey",
+                    alpha=1.0 if key.startswith("val") else 0.6,
                 )
         bx.set_yscale("log")
         bx.set_ylabel("metric")

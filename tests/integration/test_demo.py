@@ -151,3 +151,15 @@ def test_table_and_figures(tiny_run: dict[str, Any]) -> None:
     assert {"validation_mse.png", "gradient_through_time.png", "rnn_vanishing_gradient_flow.png"} <= names
     for p in figures.glob("*.png"):
         assert p.read_bytes()[:4] == b"\x89PNG", p
+
+
+def test_docs_copies_are_small_palette_pngs(tiny_run: dict[str, Any], tmp_path: Path) -> None:
+    from PIL import Image
+
+    figures = Path(tiny_run["out"]) / "figures"
+    written = demo.save_docs_copies(str(figures), str(tmp_path))
+    assert sorted(Path(p).name for p in written) == sorted(demo.DOCS_FIGURES.values())
+    for source, name in demo.DOCS_FIGURES.items():
+        with Image.open(tmp_path / name) as small, Image.open(figures / source) as big:
+            assert small.mode == "P" and small.size == big.size
+        assert (tmp_path / name).stat().st_size < (figures / source).stat().st_size

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import yaml
 
 from lightning_clip import AdaptiveGradientClipping, ExplosionGuard, VanishingGradientMonitor, report
@@ -25,7 +26,8 @@ def _load() -> ModuleType:
     return module
 
 
-def test_config_attaches_the_three_callbacks(tmp_path: Path) -> None:
+def test_config_attaches_the_three_callbacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["train.py"])  # LightningCLI warns when it sees pytest's arguments
     config = EXAMPLE / "config.yaml"
     expected = {
         c["class_path"]: c["init_args"] for c in yaml.safe_load(config.read_text())["trainer"]["callbacks"]
