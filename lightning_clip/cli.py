@@ -12,6 +12,7 @@ and the problem), or when figures are asked for and matplotlib is missing.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -52,6 +53,9 @@ def _report(args: argparse.Namespace) -> int:
             print(f"figure: {path}")
         if not written:
             print("figures: none (no gradient norm or event logged)")
+        flow = os.path.join(args.run_dir, "gradient_flow.png")
+        if os.path.exists(flow):
+            print(f"figure: {flow} (saved by VanishingGradientMonitor)")
     return 0
 
 

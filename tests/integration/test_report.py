@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-from lightning_clip import AdaptiveGradientClipping, ExplosionGuard, report
+from lightning_clip import AdaptiveGradientClipping, ExplosionGuard, VanishingGradientMonitor, report
 from lightning_clip.cli import main
 from lightning_clip.report import ReportError
 from lightning_clip.testing import FaultInjector
@@ -47,7 +47,8 @@ def _fit(
     clipper = AdaptiveGradientClipping(factor=1.2)
     recorder = Recorder(clipper)
     guard = ExplosionGuard(snapshot_every_n_steps=5)
-    callbacks: list[pl.Callback] = [clipper, recorder, guard]
+    monitor = VanishingGradientMonitor(check_every_n_steps=5)  # saves gradient_flow.png in the log dir
+    callbacks: list[pl.Callback] = [clipper, recorder, guard, monitor]
     injector = None
     if faults:
         injector = FaultInjector(target="grad", value=float("nan"), steps=list(FAULT_STEPS))
@@ -255,6 +256,8 @@ def test_cli_report(csv_run: dict[str, Any], tmp_path: Path, capsys: pytest.Capt
     assert f"run: {csv_run['dir']}" in printed
     assert "rollbacks: 2" in printed
     assert f"figure: {out / 'grad_norm.png'}" in printed
+    flow = os.path.join(csv_run["dir"], "gradient_flow.png")
+    assert f"figure: {flow} (saved by VanishingGradientMonitor)" in printed
     assert (out / "grad_norm.png").read_bytes()[:4] == b"\x89PNG"
 
 
