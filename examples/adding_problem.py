@@ -24,7 +24,7 @@ Variants, each a real Lightning fit writing a ``CSVLogger`` run directory under 
 * ``lstm``: an LSTM on the same long sequences (Adam): its additive cell state carries the error back, it
   learns the long dependency; the monitor stays silent.
 
-Run ``python examples/adding_problem.py`` (about 1.5 to 3 minutes on 2 CPU cores), ``--full`` for longer
+Run ``python examples/adding_problem.py`` (about 75 s on a busy 2-core CPU), ``--full`` for longer
 sequences and more steps, ``--out DIR`` for the outputs (default ``./runs/adding_problem``). Afterwards,
 ``lightning-clip report runs/adding_problem/rnn_guard`` summarises any of the run directories.
 """
