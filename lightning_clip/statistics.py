@@ -47,13 +47,28 @@ def _cap(value: float, max_norm: float | None) -> float:
 
 
 class ThresholdRule:
-    """Base class: a threshold rule fed one norm per step."""
+    """Base class: a threshold rule fed one norm per step.
+
+    :meth:`step` is :meth:`threshold` (pure) followed by :meth:`update`; a caller that learns only later
+    whether the step's update was applied (the callback, when another callback may skip the step) calls
+    the two apart and leaves out :meth:`update` for a step that was not applied.
+    """
 
     max_norm: float | None
 
-    def step(self, norm: float) -> float:  # pragma: no cover - abstract
-        """Return the threshold for this step's pre-clip ``norm`` and update the statistics."""
+    def threshold(self, norm: float) -> float:  # pragma: no cover - abstract
+        """The threshold that applies to this step's pre-clip ``norm`` (no state change)."""
         raise NotImplementedError
+
+    def update(self, norm: float, threshold: float) -> None:  # pragma: no cover - abstract
+        """Feed the step's ``norm`` (and the ``threshold`` it met) into the statistics."""
+        raise NotImplementedError
+
+    def step(self, norm: float) -> float:
+        """Return the threshold for this step's pre-clip ``norm`` and update the statistics."""
+        threshold = self.threshold(norm)
+        self.update(norm, threshold)
+        return threshold
 
     def state_dict(self) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -96,12 +111,13 @@ class MeanThreshold(ThresholdRule):
         mean = self.ema / (1.0 - self.decay**self.count)
         return _cap(self.factor * mean, self.max_norm)
 
-    def step(self, norm: float) -> float:
-        threshold = self.current()
+    def threshold(self, norm: float) -> float:
+        return self.current()
+
+    def update(self, norm: float, threshold: float) -> None:
         if math.isfinite(norm) and norm > 0.0:  # a zero norm carries no scale: it would pin the mean at 0
             self.count += 1
             self.ema = self.decay * self.ema + (1.0 - self.decay) * _bounded(min(norm, threshold))
-        return threshold
 
     def state_dict(self) -> dict[str, Any]:
         return {"count": self.count, "ema": self.ema}
@@ -148,36 +164,42 @@ class ZScoreThreshold(ThresholdRule):
         self.mean: float | None = None
         self.var: float | None = None
 
-    def step(self, norm: float) -> float:
-        finite = math.isfinite(norm)
+    def _decide(self, norm: float, mean: float, var: float) -> tuple[float, float]:
+        """After warm-up: ``(threshold before the max_norm cap, value fed to the EMA)`` for ``norm``."""
+        std = var**0.5
+        boundary = mean + self.z_threshold * (std + self.eps)
+        if not math.isfinite(norm):
+            return boundary, math.nan
+        z = (norm - mean) / (std + self.eps)
+        if z > self.z_threshold:
+            adaptive = mean + (self.z_threshold * std) / (z / self.z_threshold)
+            return adaptive, adaptive
+        return boundary, norm
+
+    def threshold(self, norm: float) -> float:
+        if self.mean is None or self.var is None:
+            return self.max_norm if self.max_norm is not None else self._warmup_rule.threshold(norm)
+        return _cap(self._decide(norm, self.mean, self.var)[0], self.max_norm)
+
+    def update(self, norm: float, threshold: float) -> None:
+        if not math.isfinite(norm):
+            return
         if self.mean is None or self.var is None:
             if self.max_norm is not None:
-                threshold = self.max_norm
                 entry = norm
             else:
-                threshold = self._warmup_rule.step(norm)
+                self._warmup_rule.update(norm, threshold)
                 entry = min(norm, threshold)
-            if finite:
-                self.buffer.append(_bounded(entry))
-                if len(self.buffer) >= self.warmup_steps:
-                    mean = sum(self.buffer) / len(self.buffer)
-                    self.var = sum((x - mean) * (x - mean) for x in self.buffer) / len(self.buffer)
-                    self.mean = mean
-                    self.buffer = []
-            return threshold
-        std = self.var**0.5
-        boundary = self.mean + self.z_threshold * (std + self.eps)
-        if not finite:
-            return _cap(boundary, self.max_norm)
-        z = (norm - self.mean) / (std + self.eps)
-        if z > self.z_threshold:
-            adaptive = self.mean + (self.z_threshold * std) / (z / self.z_threshold)
-            fed, threshold = adaptive, adaptive
-        else:
-            fed, threshold = norm, boundary
+            self.buffer.append(_bounded(entry))
+            if len(self.buffer) >= self.warmup_steps:
+                mean = sum(self.buffer) / len(self.buffer)
+                self.var = sum((x - mean) * (x - mean) for x in self.buffer) / len(self.buffer)
+                self.mean = mean
+                self.buffer = []
+            return
+        _, fed = self._decide(norm, self.mean, self.var)
         self.mean = self.decay * self.mean + (1.0 - self.decay) * fed
         self.var = self.decay * self.var + (1.0 - self.decay) * (fed - self.mean) * (fed - self.mean)
-        return _cap(threshold, self.max_norm)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -231,16 +253,21 @@ class PercentileThreshold(ThresholdRule):
         hi = min(lo + 1, len(values) - 1)
         return values[lo] + (values[hi] - values[lo]) * (pos - lo)
 
-    def step(self, norm: float) -> float:
+    def _warmup_uses_mean_rule(self) -> bool:
+        return self.count < self.warmup_steps and self.max_norm is None and self.warmup_steps > 1
+
+    def threshold(self, norm: float) -> float:
         if self.count < self.warmup_steps:
             if self.max_norm is not None:
-                threshold = self.max_norm
-            elif self.warmup_steps == 1:
-                threshold = math.inf
-            else:
-                threshold = self._warmup_rule.step(norm)
-        else:
-            threshold = _cap(self._quantile(), self.max_norm)
+                return self.max_norm
+            if self.warmup_steps == 1:
+                return math.inf
+            return self._warmup_rule.threshold(norm)
+        return _cap(self._quantile(), self.max_norm)
+
+    def update(self, norm: float, threshold: float) -> None:
+        if self._warmup_uses_mean_rule():
+            self._warmup_rule.update(norm, threshold)
         if math.isfinite(norm):
             norm = _bounded(norm)
             self.count += 1
@@ -249,7 +276,6 @@ class PercentileThreshold(ThresholdRule):
             if len(self._history) > self.window:
                 old = self._history.popleft()
                 del self._sorted[bisect.bisect_left(self._sorted, old)]
-        return threshold
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -120,6 +120,8 @@ class AdaptiveGradientClipping(LightningClipCallback):
         self._rules: dict[int, ThresholdRule] = {}
         self._pending: dict[int, dict[str, Any]] = {}
         self._multi = False
+        # optimizer index -> (the step's measurement, its threshold), until the step's fate is known
+        self._uncommitted: dict[int, tuple[StepMeasurement, float]] = {}
         #: figures of the last step, per optimizer index: (norm, threshold, coef)
         self.last: dict[int, tuple[float, float, float]] = {}
 
@@ -148,11 +150,13 @@ class AdaptiveGradientClipping(LightningClipCallback):
         return found
 
     def state_dict(self) -> dict[str, Any]:
+        self._commit()
         rules = {str(i): r.state_dict() for i, r in self._rules.items()}
         rules.update({str(i): s for i, s in self._pending.items() if str(i) not in rules})
         return {"version": 1, "rules": rules}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._uncommitted = {}
         self._rules = {}
         self._pending = {int(i): s for i, s in state_dict.get("rules", {}).items()}
 
@@ -198,18 +202,33 @@ class AdaptiveGradientClipping(LightningClipCallback):
                 on_epoch=False,
             )
 
+    def on_train_batch_end(self, *args: Any) -> None:
+        self._commit()
+
     def clip(self, measurement: StepMeasurement, index: int = 0) -> tuple[float, float, float]:
-        """Update optimizer ``index``'s statistics with the measured pre-clip norm and clip in place.
+        """Clip in place to optimizer ``index``'s threshold for the measured pre-clip norm.
 
         Returns ``(norm, threshold, coef)``, also kept in :attr:`last`. A non-finite norm is not clipped
-        (the step is left to :class:`~lightning_clip.ExplosionGuard` or the GradScaler) and leaves the
-        statistics unchanged; a ``skipped`` step (the update will not be applied) is not clipped but still
-        updates the statistics, so the result does not depend on the order of the callbacks. Another
-        clipping callback sharing the measurement may already have clipped: the gradients then end at the
-        smaller of the two bounds (see :meth:`StepMeasurement.clip_`).
+        (the step is left to :class:`~lightning_clip.ExplosionGuard` or the GradScaler). Another clipping
+        callback sharing the measurement may already have clipped: the gradients then end at the smaller of
+        the two bounds (see :meth:`StepMeasurement.clip_`).
+
+        The norm enters the statistics once the step's fate is known (at ``on_train_batch_end``, the next
+        step, or ``state_dict``), and only if the update was applied: a step another callback skipped
+        (``ExplosionGuard``: a spike, or a NaN on another DDP rank) never counts. So the statistics do not
+        depend on the order of the callbacks, and stay identical on every rank.
         """
+        self._commit(index)
         norm = measurement.total_norm
-        threshold = self.rule(index).step(norm)
+        threshold = self.rule(index).threshold(norm)
         coef = measurement.clip_(threshold)
+        self._uncommitted[index] = (measurement, threshold)
         self.last[index] = (norm, threshold, coef)
         return norm, threshold, coef
+
+    def _commit(self, index: int | None = None) -> None:
+        """Feed the measured norms of finished steps whose update was applied into the statistics."""
+        for i in [index] if index is not None else list(self._uncommitted):
+            pending = self._uncommitted.pop(i, None)
+            if pending is not None and not pending[0].skipped:
+                self.rule(i).update(pending[0].total_norm, pending[1])

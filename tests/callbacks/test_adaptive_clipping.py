@@ -333,3 +333,48 @@ def test_nonfinite_gradient_is_not_clipped_and_not_counted(tmp_path: Any) -> Non
     )
     assert_clipped_some([n for n, _ in finite], [c for _, c in finite])
     assert re.search(r"'count': 11", around.states[-1]) or clipper.rule(0).count == 11  # type: ignore[attr-defined]
+
+
+# ----------------------------------------------------------------------------------------------- skipped steps
+class SpikeAt(RegressionModel):
+    """Loss × 1000 at one step: a gradient-norm spike."""
+
+    def __init__(self, spike_step: int) -> None:
+        super().__init__(optimizer="adam", lr=0.01)
+        self.spike_step = spike_step
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * 1000.0 if self.global_step == self.spike_step else loss
+
+
+class NormsSeen(pl.Callback):
+    def __init__(self, clipper: AdaptiveGradientClipping) -> None:
+        self.clipper = clipper
+        self.norms: list[tuple[float, float]] = []
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.norms.append(self.clipper.last[0][:2])
+
+
+@pytest.mark.parametrize("clipper_first", [True, False])
+def test_a_step_the_guard_skipped_never_enters_the_statistics(tmp_path: Any, clipper_first: bool) -> None:
+    """ExplosionGuard skips a spike; whatever the callbacks' order, the clipping statistics are those of a
+    rule fed, by hand, only the norms of the steps that were applied."""
+    from lightning_clip.callbacks.explosion_guard import ExplosionGuard
+    from lightning_clip.statistics import MeanThreshold
+
+    clipper = AdaptiveGradientClipping()
+    guard = ExplosionGuard(action="skip", spike_factor=5.0)
+    seen = NormsSeen(clipper)
+    callbacks = [clipper, guard] if clipper_first else [guard, clipper]
+    trainer = make_trainer(tmp_path, callbacks=[*callbacks, seen], max_steps=16)
+    trainer.fit(SpikeAt(spike_step=13), regression_loader(n=128))
+    assert guard.skipped_steps == 1
+    reference = MeanThreshold()
+    for step, (norm, _) in enumerate(seen.norms):
+        threshold = reference.threshold(norm)
+        if step != 13:
+            reference.update(norm, threshold)
+    assert clipper.state_dict()["rules"]["0"] == reference.state_dict()
+    assert reference.count == 15
