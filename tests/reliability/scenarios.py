@@ -40,6 +40,7 @@ from pytorch_lightning.plugins import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_clip._events import read_events
 from lightning_clip.callbacks.adaptive_clipping import AdaptiveGradientClipping
 from lightning_clip.callbacks.explosion_guard import ExplosionGuard
 from lightning_clip.callbacks.vanishing_monitor import VanishingGradientMonitor
@@ -218,7 +219,7 @@ def generate(seed: int, ddp: bool = False) -> Scenario:
     arch = rng.choice(ARCHS)
     optimizer = rng.choice(OPTIMIZERS)
     lr = {"sgd": 0.02, "adam": 0.01, "adamw": 0.01}[optimizer]
-    precision = rng.choice(PRECISIONS[:2] if ddp else PRECISIONS)
+    precision = rng.choice(PRECISIONS)
     accumulate = rng.choice((1, 1, 2, 3))
     max_steps = rng.randint(8, 12) if ddp else rng.randint(10, 16)
     ckpt_every = rng.choice((None, 2, 3, 4, 5))
@@ -536,6 +537,13 @@ def run_scenario(sc: Scenario, root: Path) -> dict[str, Any]:
         check_error(sc, classify(str(error)), str(error), guard.rollbacks)
     if detectable(sc, injected):
         assert guard.events >= 1, "an injected fault went unnoticed"
+    # every event is one line of the JSONL log, with the action taken
+    logged = read_events(guard.events_path) if guard.records else []
+    assert [(e["step"], e["kind"], e["action"]) for e in logged] == [
+        (r["step"], r["kind"], r["action"]) for r in guard.records
+    ]
+    assert guard.events == len(guard.records)
+    assert guard.rollbacks == sum(r["action"] == "rollback" for r in guard.records)
     if not injected and sc.spike_factor is None:
         assert guard.events == 0, f"events without any fault: {guard.records}"
     scanned = scan_checkpoints(root, truncated)
