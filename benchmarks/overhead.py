@@ -1,12 +1,21 @@
 """Per-step training time in a real ``Trainer``: what each clipping set-up adds to a step.
 
-Variants are alternated inside one process: every round runs one short fit per variant (rotating the
-order), and a timing callback records the wall time between consecutive ``on_train_batch_start`` calls
-(the whole step: forward, backward, every callback, the optimizer). Each fit's median step time is paired
-with the bare fit of the same round; the table shows the median of the paired relative differences and a
-95% bootstrap confidence interval.
+All variants run inside ONE fit, alternated step by step: the steps are cut into blocks of one step per
+variant, in a seeded random order inside each block, and an ``Alternator`` callback forwards the per-batch
+hooks (``on_train_batch_start`` … ``on_train_batch_end``) to the callbacks of the variant that owns the
+step, and the lifecycle hooks (setup, fit/train start and end, checkpoints) to every variant. The wall
+time between consecutive ``on_train_batch_start`` calls (the whole step: data, forward, backward, every
+callback, the optimizer) is charged to the step's variant. Per block, each variant is paired with the bare
+step of the same block; the table shows the median of the paired differences relative to the median bare
+step, with a 95% bootstrap confidence interval. Slow drifts of the machine hit every variant alike.
 
-Run: ``python benchmarks/overhead.py [--rounds N] [--steps S] [--models lstm,mlp,many,transformer]``.
+Variants: ``bare``; ``gradient_clip_val=1.0`` (Lightning's own code path: the precision plugin's
+``clip_gradients``, as ``configure_gradient_clipping`` calls it); ``AdaptiveGradientClipping``; all three
+lightning-clip callbacks at their defaults (``ExplosionGuard`` snapshots every 50 *of its own* steps:
+its cadence follows ``global_step``, so it is given ``snapshot_every_n_steps=50 × variants`` here to keep
+one snapshot per 50 of the steps it sees); ZClip 1.0.0 through a minimal ``pytorch_lightning`` callback.
+
+Run: ``python benchmarks/overhead.py [--blocks N] [--threads T] [--models lstm,transformer,mlp,many]``.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.enums import GradClipAlgorithmType
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -32,19 +42,87 @@ warnings.filterwarnings("ignore")
 logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
 
 
-class StepTimer(pl.Callback):
-    def __init__(self) -> None:
-        self.stamps: list[float] = []
+_EVERY_VARIANT = (
+    "setup",
+    "teardown",
+    "on_fit_start",
+    "on_fit_end",
+    "on_train_start",
+    "on_train_end",
+    "on_train_epoch_start",
+    "on_train_epoch_end",
+    "on_save_checkpoint",
+    "on_load_checkpoint",
+)
+_ACTIVE_VARIANT = (
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_before_zero_grad",
+    "on_train_batch_end",
+)
+
+
+class Alternator(pl.Callback):
+    """Runs several callback sets in one fit, one set per step, and times every step."""
+
+    def __init__(self, variants: dict[str, list[pl.Callback]], seed: int = 0) -> None:
+        self.variants = variants
+        self.names = list(variants)
+        self.rng = random.Random(seed)
+        self.order: list[str] = []
+        self.active = self.names[0]
+        self.block = -1
+        self.stamp: float | None = None
+        #: variant -> {block: step time in seconds}
+        self.times: dict[str, dict[int, float]] = {n: {} for n in self.names}
+        for hook in _EVERY_VARIANT:
+            setattr(self, hook, self._to_all(hook))
+        for hook in _ACTIVE_VARIANT:
+            setattr(self, hook, self._to_active(hook))
+
+    def _to_all(self, hook: str) -> Callable[..., None]:
+        def forward(*args: Any, **kwargs: Any) -> None:
+            for callbacks in self.variants.values():
+                for cb in callbacks:
+                    getattr(cb, hook)(*args, **kwargs)
+
+        return forward
+
+    def _to_active(self, hook: str) -> Callable[..., None]:
+        def forward(*args: Any, **kwargs: Any) -> None:
+            for cb in self.variants[self.active]:
+                getattr(cb, hook)(*args, **kwargs)
+
+        return forward
+
+    def _close_step(self) -> None:
+        now = time.perf_counter()
+        if self.stamp is not None:
+            self.times[self.active][self.block] = now - self.stamp
+        self.stamp = now
 
     def on_train_batch_start(self, *args: Any) -> None:
-        self.stamps.append(time.perf_counter())
+        self._close_step()
+        if not self.order:
+            self.block += 1
+            self.order = self.rng.sample(self.names, len(self.names))
+        self.active = self.order.pop()
+        for cb in self.variants[self.active]:
+            cb.on_train_batch_start(*args)
 
     def on_train_end(self, *args: Any) -> None:
-        self.stamps.append(time.perf_counter())
+        self._close_step()
+        for callbacks in self.variants.values():
+            for cb in callbacks:
+                cb.on_train_end(*args)
 
-    def median_step(self, skip: int = 3) -> float:
-        gaps = [b - a for a, b in zip(self.stamps, self.stamps[1:], strict=False)][skip:]
-        return statistics.median(gaps)
+
+class LightningGradientClipVal(pl.Callback):
+    """What ``Trainer(gradient_clip_val=1.0)`` runs each step (``configure_gradient_clipping``)."""
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, opt: Any) -> None:
+        trainer.precision_plugin.clip_gradients(opt, 1.0, GradClipAlgorithmType.NORM)
 
 
 class ZClipCallback(pl.Callback):
@@ -135,40 +213,37 @@ def build(name: str) -> tuple[Model, DataLoader]:
     raise ValueError(f"`model` must be one of 'lstm' | 'transformer' | 'mlp' | 'many', got {name!r}.")
 
 
-def variants() -> dict[str, Callable[[], tuple[list[pl.Callback], dict[str, Any]]]]:
-    def all_three() -> tuple[list[pl.Callback], dict[str, Any]]:
-        from lightning_clip import ExplosionGuard, VanishingGradientMonitor  # type: ignore[attr-defined]
-
-        return [AdaptiveGradientClipping(), ExplosionGuard(), VanishingGradientMonitor()], {}
+def variants(n_variants: int = 5) -> dict[str, list[pl.Callback]]:
+    from lightning_clip import ExplosionGuard, VanishingGradientMonitor
 
     return {
-        "bare": lambda: ([], {}),
-        "gradient_clip_val=1.0": lambda: ([], {"gradient_clip_val": 1.0}),
-        "AdaptiveGradientClipping": lambda: ([AdaptiveGradientClipping()], {}),
-        "all three callbacks": all_three,
-        "ZClip callback": lambda: ([ZClipCallback()], {}),
+        "bare": [],
+        "gradient_clip_val=1.0": [LightningGradientClipVal()],
+        "AdaptiveGradientClipping": [AdaptiveGradientClipping()],
+        "all three callbacks": [
+            AdaptiveGradientClipping(),
+            ExplosionGuard(snapshot_every_n_steps=50 * n_variants),
+            VanishingGradientMonitor(save_figure=False),
+        ],
+        "ZClip callback": [ZClipCallback()],
     }
 
 
-def run_fit(
-    model_name: str, make: Callable[[], tuple[list[pl.Callback], dict[str, Any]]], steps: int
-) -> float:
+def run_model(model_name: str, blocks: int) -> dict[str, dict[int, float]]:
     torch.manual_seed(0)
     module, loader = build(model_name)
-    callbacks, extra = make()
-    timer = StepTimer()
+    alternator = Alternator(variants())
     trainer = pl.Trainer(
         accelerator="cpu",
-        max_steps=steps,
+        max_steps=blocks * len(alternator.names),
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer, *callbacks],
-        **extra,
+        callbacks=[alternator],
     )
     trainer.fit(module, loader)
-    return timer.median_step()
+    return alternator.times
 
 
 def bootstrap_ci(values: list[float], n: int = 2000) -> tuple[float, float]:
@@ -179,38 +254,29 @@ def bootstrap_ci(values: list[float], n: int = 2000) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--blocks", type=int, default=100, help="steps per variant")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", default="lstm,transformer,mlp,many")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
         f"# overhead: torch {torch.__version__}, pytorch-lightning {pl.__version__}, {platform.machine()}, "
-        f"{args.threads} thread(s), {args.rounds} rounds × {args.steps} steps per variant, alternated"
+        f"{args.threads} thread(s); variants alternated step by step in one fit, {args.blocks} steps each"
     )
     names = list(variants())
     print("| model | bare step | " + " | ".join(n for n in names if n != "bare") + " |")
     print("|" + "---|" * (1 + len(names)))
     for model_name in args.models.split(","):
-        per: dict[str, list[float]] = {n: [] for n in names}
-        makers = variants()
-        for r in range(args.rounds):
-            order = names[r % len(names) :] + names[: r % len(names)]
-            for name in order:
-                try:
-                    per[name].append(run_fit(model_name, makers[name], args.steps))
-                except ImportError:
-                    per[name].append(float("nan"))
+        times = run_model(model_name, args.blocks)
+        bare = times["bare"]
+        blocks = sorted(b for b in bare if b >= 2 and all(b in times[n] for n in names))  # 2 warm-up blocks
+        base = statistics.median(bare[b] for b in blocks)
         cells = []
         for name in names[1:]:
-            rel = [(v - b) / b * 100 for v, b in zip(per[name], per["bare"], strict=True)]
-            if any(v != v for v in rel):
-                cells.append("n/a")
-                continue
+            rel = [(times[name][b] - bare[b]) / base * 100 for b in blocks]
             lo, hi = bootstrap_ci(rel)
             cells.append(f"{statistics.median(rel):+.1f}% [{lo:+.1f}, {hi:+.1f}]")
-        print(f"| {model_name} | {statistics.median(per['bare']) * 1e3:.2f} ms | " + " | ".join(cells) + " |")
+        print(f"| {model_name} | {base * 1e3:.2f} ms | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
