@@ -26,7 +26,7 @@ test: lint
 	$(BIN)/python -m pytest -n 2 -q
 
 campaign: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow --run-slow tests/reliability
+	$(BIN)/python -m pytest -q -n 2 -m slow --run-slow -p no:cacheprovider tests/reliability
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/clip_step.py
