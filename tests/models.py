@@ -91,3 +91,33 @@ class StepNormRecorder:
             return
         per = torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])
         self.norms.append(float(torch.linalg.vector_norm(per)))
+
+
+class DropUpdate(pl.Callback):
+    """Reference without lightning-clip: the update of the given global steps is simply not applied
+    (the gradients are set to None, which leaves weights and optimizer state untouched)."""
+
+    def __init__(self, steps: list[int]) -> None:
+        self.steps = set(steps)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
+        if trainer.global_step in self.steps:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+
+
+def assert_same(a: Any, b: Any, path: str = "") -> None:
+    """Bit-for-bit equality of nested states (tensors: same dtype and values), naming the first mismatch."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path

@@ -18,23 +18,10 @@ from lightning_clip._events import EVENTS_FILENAME, read_events
 from lightning_clip.callbacks.explosion_guard import ExplosionGuard
 from lightning_clip.exceptions import GradientExplosionError
 from lightning_clip.testing import FaultInjector
-from tests.models import RegressionModel, StepNormRecorder, make_trainer, regression_loader
+from tests.models import DropUpdate, RegressionModel, StepNormRecorder, make_trainer, regression_loader
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-class DropStep(pl.Callback):
-    """Reference: the update of the given global steps is simply not applied (grads set to None)."""
-
-    def __init__(self, steps: list[int]) -> None:
-        self.steps = set(steps)
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
-        if trainer.global_step in self.steps:
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    p.grad = None
-
-
 class NormsOnStart(pl.Callback):
     """Attaches a StepNormRecorder (naive float64 norms of the applied gradients) at train start."""
 
@@ -124,7 +111,7 @@ def test_action_fault_matrix(tmp_path: Any, action: str, target: str, when: str)
         return
     # skip: the same weights as a run where that batch's update was simply not applied
     assert guard.rollbacks == 0 and guard.skipped_steps == 1
-    _, reference, ref_err = fit(tmp_path / "ref", [DropStep([s]), ckpt_callback(tmp_path / "ref")])
+    _, reference, ref_err = fit(tmp_path / "ref", [DropUpdate([s]), ckpt_callback(tmp_path / "ref")])
     assert ref_err is None
     for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items(), strict=True):
         assert torch.equal(a, b), name

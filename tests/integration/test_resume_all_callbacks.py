@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_clip.callbacks.adaptive_clipping import AdaptiveGradientClipping
 from lightning_clip.callbacks.explosion_guard import ExplosionGuard
 from lightning_clip.callbacks.vanishing_monitor import VanishingGradientMonitor
 from lightning_clip.testing import FaultInjector
+from tests.models import assert_same
 from tests.reliability.scenarios import ResumableLoader, ScenarioModel, make_data
 
 TOTAL = 20  # 12 batches per epoch: the runs cross an epoch boundary
@@ -67,21 +67,6 @@ def run(
     loader = ResumableLoader(make_data(arch, n=48), batch_size=4)
     trainer.fit(model, loader, ckpt_path=ckpt_path)
     return trainer, lc
-
-
-def assert_same(a: Any, b: Any, path: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert set(a) == set(b), path
-        for k in a:
-            assert_same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
 
 
 @pytest.mark.parametrize(("arch", "every", "crash_at"), [("mlp", 5, 7), ("gru", 4, 13), ("mlp", 7, 8)])

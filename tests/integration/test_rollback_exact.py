@@ -18,7 +18,7 @@ from lightning_clip.callbacks.adaptive_clipping import AdaptiveGradientClipping
 from lightning_clip.callbacks.explosion_guard import ExplosionGuard
 from lightning_clip.exceptions import LightningClipWarning
 from lightning_clip.testing import FaultInjector
-from tests.models import RegressionModel, make_trainer, regression_loader
+from tests.models import RegressionModel, assert_same, make_trainer, regression_loader
 
 
 def full_state(trainer: pl.Trainer) -> dict[str, Any]:
@@ -45,21 +45,6 @@ class StateAt(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if trainer.global_step in self.steps:
             self.states[trainer.global_step] = full_state(trainer)
-
-
-def assert_same(a: Any, b: Any, path: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert set(a) == set(b), path
-        for k in a:
-            assert_same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
 
 
 def fp16() -> dict[str, Any]:

@@ -21,20 +21,8 @@ from torch.utils.data import DataLoader
 
 from lightning_clip.callbacks.explosion_guard import ExplosionGuard
 from lightning_clip.testing import FaultInjector
+from tests.models import DropUpdate
 from tests.reliability.scenarios import FIRST_LAYER, ScenarioModel, make_data
-
-
-class DropUpdate(pl.Callback):
-    """Reference: the update of the given global steps is not applied (gradients set to None)."""
-
-    def __init__(self, steps: list[int]) -> None:
-        self.steps = set(steps)
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
-        if trainer.global_step in self.steps:
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    p.grad = None
 
 
 def fit(tmp_path: Any, arch: str, optimizer: str, callbacks: list[Any], **kwargs: Any) -> pl.Trainer:
