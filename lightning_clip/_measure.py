@@ -3,12 +3,16 @@
 Whichever callback asks first reads the gradients (one fused ``_foreach_norm`` pass); the others get the
 same object, so the gradients are measured once per step whatever the number of callbacks, and every
 callback sees the pre-clip figures whatever their order in the Trainer's list. No Lightning import.
+
+The step's single device-to-host transfer carries the total norm and every scalar a callback asked to
+bring along (:func:`ride_along`, e.g. ``ExplosionGuard``'s loss), whichever callback reads first.
 """
 
 from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,12 +20,20 @@ import torch
 
 from lightning_clip import functional as F
 
-__all__ = ["StepMeasurement", "mark_skipped", "measure_step", "optimizer_params"]
+__all__ = ["StepMeasurement", "mark_skipped", "measure_step", "optimizer_params", "ride_along"]
 
 
 def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """Every parameter of ``optimizer``, in param-group order."""
     return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+@dataclass
+class _Riders:
+    """Scalars fetched with the step's norm (shared by every measurement of a step)."""
+
+    providers: dict[str, Callable[[], torch.Tensor | None]] = field(default_factory=dict)
+    values: dict[str, float] | None = None
 
 
 @dataclass
@@ -56,13 +68,37 @@ class StepMeasurement:
     skipped: bool = False
     _host_total: float | None = field(default=None, repr=False)
     _scale: _StepScale = field(default_factory=_StepScale, repr=False)
+    _riders: _Riders = field(default_factory=_Riders, repr=False)
 
     @property
     def total_norm(self) -> float:
-        """The total norm as a Python float: the step's single device-to-host transfer, cached."""
+        """The total norm as a Python float: the step's single device-to-host transfer, cached.
+
+        The scalars registered with :func:`ride_along` come to the host in the same transfer.
+        """
         if self._host_total is None:
-            self._host_total = float(self.total.item())
+            riders = self._riders
+            if riders.values is None and riders.providers:
+                keys, tensors = [], [self.total.float().reshape(())]
+                for key, provider in riders.providers.items():
+                    t = provider()
+                    if t is not None:
+                        keys.append(key)
+                        tensors.append(t.detach().float().reshape(()).to(self.total.device))
+                values = torch.stack(tensors).tolist()
+                riders.values = dict(zip(keys, values[1:], strict=True))
+                self._host_total = float(values[0])
+            else:
+                self._host_total = float(self.total.item())
         return self._host_total
+
+    def rider(self, key: str) -> float | None:
+        """The host value of the scalar registered under ``key`` with :func:`ride_along`, or None when
+        it was not registered before this step was measured (or its provider gave None)."""
+        if self._host_total is None:
+            _ = self.total_norm
+        values = self._riders.values
+        return None if values is None else values.get(key)
 
     @property
     def finite(self) -> bool:
@@ -101,13 +137,15 @@ class StepMeasurement:
         return torch.nonzero(~torch.isfinite(self.per_param)).flatten().tolist()
 
 
-def _measure(optimizer: torch.optim.Optimizer, norm_type: float, scale: _StepScale) -> StepMeasurement:
+def _measure(
+    optimizer: torch.optim.Optimizer, norm_type: float, scale: _StepScale, riders: _Riders
+) -> StepMeasurement:
     params = [p for p in optimizer_params(optimizer) if p.grad is not None]
     grads = [p.grad for p in params if p.grad is not None]
     total, per_param = F.grad_norms(grads, norm_type)
     if scale.value != 1.0:  # measured after a clip at this step: report the pre-clip figures
         total, per_param = total / scale.value, per_param / scale.value
-    return StepMeasurement(params, grads, total, per_param, norm_type, _scale=scale)
+    return StepMeasurement(params, grads, total, per_param, norm_type, _scale=scale, _riders=riders)
 
 
 # owner (the Trainer) -> (step key, {norm_type: measurement}); weak so a finished Trainer frees it.
@@ -136,11 +174,30 @@ def measure_step(
     found = by_p.get(norm_type)
     if found is None:
         siblings = list(by_p.values())
-        found = _measure(optimizer, norm_type, siblings[0]._scale if siblings else _StepScale())
+        if siblings:
+            scale, riders = siblings[0]._scale, siblings[0]._riders
+        else:
+            scale, riders = _StepScale(), _Riders(_RIDERS.pop(owner, {}))
+        found = _measure(optimizer, norm_type, scale, riders)
         if siblings:  # a measurement with another p exists: keep its skip decision
             found.skipped = any(m.skipped for m in siblings)
         by_p[norm_type] = found
     return found
+
+
+# owner (the Trainer) -> {key: provider} waiting for the next measurement
+_RIDERS: weakref.WeakKeyDictionary[Any, dict[str, Callable[[], torch.Tensor | None]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def ride_along(owner: Any, key: str, provider: Callable[[], torch.Tensor | None]) -> None:
+    """Ask for a scalar to come to the host with the next measurement's norm (one transfer for both).
+
+    ``provider`` is called when the transfer happens (so it sees in-place changes made until then) and
+    returns a 0-d tensor, or None for nothing. Read the value with :meth:`StepMeasurement.rider`.
+    """
+    _RIDERS.setdefault(owner, {})[key] = provider
 
 
 def mark_skipped(owner: Any, optimizer: torch.optim.Optimizer, step: int) -> None:

@@ -13,7 +13,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_clip import _trainer
 from lightning_clip._events import EVENTS_FILENAME, EventLog, json_number
-from lightning_clip._measure import mark_skipped, measure_step, optimizer_params
+from lightning_clip._measure import mark_skipped, measure_step, optimizer_params, ride_along
 from lightning_clip._snapshot import (
     TrainingState,
     all_finite,
@@ -33,6 +33,7 @@ __all__ = ["ExplosionGuard"]
 log = logging.getLogger(__name__)
 
 ACTIONS = ("rollback", "skip", "raise")
+_LOSS_RIDER = "ExplosionGuard.loss"
 
 # Event kinds, in the order of precedence used when several happen in one step.
 NONFINITE_WEIGHTS = "nonfinite_weights"
@@ -280,6 +281,7 @@ class ExplosionGuard(LightningClipCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
         self._losses.append(loss.detach())  # shares storage: sees in-place changes made after this hook
+        ride_along(trainer, _LOSS_RIDER, self._loss_mean)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -407,18 +409,21 @@ class ExplosionGuard(LightningClipCallback):
                     checkpoint["callbacks"][cb.state_key] = cb.state_dict()
 
     # ----------------------------------------------------------------------------------------- logic
-    def _take_loss(self, m: Any) -> float | None:
-        """Mean of the losses back-propagated since the last step, fetched with the norm in one transfer."""
-        losses, self._losses = self._losses, []
-        if not losses:
+    def _loss_mean(self) -> torch.Tensor | None:
+        """Mean of the losses back-propagated since the last step (a 0-d tensor; no host transfer)."""
+        if not self._losses:
             return None
-        device = m.total.device
-        mean = torch.stack([t.float().mean().to(device) for t in losses]).mean()
-        if m._host_total is None:
-            norm, loss = torch.stack([m.total.float(), mean]).tolist()
-            m._host_total = norm
-            return float(loss)
-        return float(mean.item())
+        device = self._losses[0].device
+        return torch.stack([t.float().mean().to(device) for t in self._losses]).mean()
+
+    def _take_loss(self, m: Any) -> float | None:
+        """The mean loss since the last step, brought to the host with the norm in one transfer."""
+        value = m.rider(_LOSS_RIDER)
+        if value is None and self._losses:  # measured before the loss was registered: fetch it apart
+            mean = self._loss_mean()
+            value = None if mean is None else float(mean.item())
+        self._losses = []
+        return value
 
     def _reduce(self, trainer: pl.Trainer, flags: list[int]) -> list[int]:
         """Sum ``flags`` over the ranks (one all-reduce; nothing on a single process)."""
