@@ -35,3 +35,12 @@ def optimizer_index(trainer: pl.Trainer, optimizer: Any) -> int:
 def gradient_scaler(trainer: pl.Trainer) -> Any:
     """The precision plugin's ``GradScaler`` (16-mixed), or None."""
     return getattr(trainer.precision_plugin, "scaler", None)
+
+
+def force_scaler_skip(scaler: Any, optimizer: Any) -> None:
+    """Make ``scaler`` treat this step of ``optimizer`` as an overflow: ``scaler.step`` skips it and
+    ``scaler.update`` lowers the scale, exactly as on a rank whose gradients overflowed (DDP: keeps the
+    ranks' GradScalers identical when only another rank saw the overflow). Call after ``unscale_``."""
+    state = scaler._per_optimizer_states[id(optimizer)]
+    for found_inf in state["found_inf_per_device"].values():
+        found_inf.fill_(1.0)

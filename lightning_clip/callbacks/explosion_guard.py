@@ -295,24 +295,29 @@ class ExplosionGuard(LightningClipCallback):
         flags = dict.fromkeys(_STEP_KINDS, 0)
         if loss is not None and not math.isfinite(loss):
             flags[NONFINITE_LOSS] = 1
-        if not m.finite:
-            if scaler is None:
-                flags[NONFINITE_GRAD] = 1
-            else:  # loss-scale calibration: the GradScaler skips this step and halves its scale
+        if not m.finite and scaler is None:
+            flags[NONFINITE_GRAD] = 1
+        if m.finite and self._spike is not None and norm > self._spike.current():
+            flags[SPIKE] = 1
+        local_overflow = int(scaler is not None and not m.finite)
+        # one all-reduce: the kinds seen on any rank, and whether any rank's GradScaler overflowed
+        *reduced, overflows = self._reduce(trainer, [*(flags[k] for k in _STEP_KINDS), local_overflow])
+        kinds = [k for k, v in zip(_STEP_KINDS, reduced, strict=True) if v > 0]
+        if scaler is not None:
+            if overflows:  # loss-scale calibration: every rank's GradScaler skips the step, halves its scale
+                if not local_overflow:  # an overflow on another rank only: skip here the same way
+                    _trainer.force_scaler_skip(scaler, optimizer)
+                mark_skipped(trainer, optimizer, step)
                 self._overflow_streak += 1
                 if self._overflow_streak >= self.overflow_patience:
-                    flags[PERSISTENT_OVERFLOW] = 1
+                    kinds.append(PERSISTENT_OVERFLOW)
                 if float(scaler.get_scale()) < self.min_loss_scale:
-                    flags[SCALE_COLLAPSE] = 1
-        else:
-            self._overflow_streak = 0
-            if self._spike is not None:
-                if norm > self._spike.current():
-                    flags[SPIKE] = 1
-                else:
-                    self._spike.step(norm)
-        reduced = self._reduce(trainer, [flags[k] for k in _STEP_KINDS])
-        kinds = [k for k, v in zip(_STEP_KINDS, reduced, strict=True) if v > 0]
+                    kinds.append(SCALE_COLLAPSE)
+            else:
+                self._overflow_streak = 0
+        kinds.sort(key=_STEP_KINDS.index)
+        if not kinds and not overflows and self._spike is not None:
+            self._spike.step(norm)  # the same finite norm on every rank (all-reduced gradients)
         if not kinds and not self._tainted and self._pending is None:
             return
         # the update of this step is not applied

@@ -80,3 +80,30 @@ def test_gradient_scaler_under_16_mixed(tmp_path: Any) -> None:
     trainer = make_trainer(tmp_path, callbacks=[probe], max_steps=1, precision="bf16-mixed")
     trainer.fit(RegressionModel(), regression_loader())
     assert probe.scalers == [None]
+
+
+def test_force_scaler_skip_makes_the_scaler_skip_and_back_off_like_an_overflow() -> None:
+    """Reference: a GradScaler whose gradients really overflowed. Forced, finite gradients behave alike:
+    the optimizer step is skipped (weights unchanged) and the scale backs off by the same factor."""
+    from lightning_clip._trainer import force_scaler_skip
+
+    def run(overflow: bool, force: bool) -> tuple[torch.Tensor, float]:
+        w = torch.nn.Parameter(torch.ones(3))
+        opt = torch.optim.SGD([w], lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        scaler.scale(w.sum()).backward()  # the scaler is live; gradients 1024 each
+        if overflow:
+            w.grad.fill_(float("inf"))  # type: ignore[union-attr]
+        scaler.unscale_(opt)
+        if force:
+            force_scaler_skip(scaler, opt)
+        scaler.step(opt)
+        scaler.update()
+        return w.detach().clone(), float(scaler.get_scale())
+
+    real_w, real_scale = run(overflow=True, force=False)
+    forced_w, forced_scale = run(overflow=False, force=True)
+    plain_w, plain_scale = run(overflow=False, force=False)
+    assert torch.equal(forced_w, torch.ones(3)) and torch.equal(real_w, torch.ones(3))
+    assert forced_scale == real_scale == 512.0
+    assert not torch.equal(plain_w, torch.ones(3)) and plain_scale == 1024.0

@@ -245,10 +245,6 @@ def generate(seed: int, ddp: bool = False) -> Scenario:
     faults = []
     for _ in range(rng.choice((1, 1, 2, 3))):
         target = rng.choice(TARGETS)
-        if ddp and precision == "16-mixed" and target == "grad":
-            # known limitation (tests/reliability/test_ddp_rank_local_fault.py): an fp16 overflow on one rank
-            # only, after the all-reduce, is left to that rank's GradScaler and the ranks diverge
-            target = rng.choice(("loss", "weight", "input"))
         when = rng.choice(("step0", "warmup", "consecutive", "after_ckpt", "mid"))
         pattern = FIRST_LAYER[arch] if target in ("grad", "weight") and rng.random() < 0.3 else None
         faults.append(
@@ -601,7 +597,9 @@ def run_ddp_scenario(sc: Scenario, root: Path) -> dict[str, Any]:
     # the guard's decisions are reduced over the ranks: both saw the same events and took the same actions
     assert reports[0]["records"] == reports[1]["records"], reports
     injected = sum(r["injected"] for r in reports)
-    if injected and sc.spike_factor is None:
+    # under 16-mixed a gradient overflow is the GradScalers' calibration (every rank skips it), not an event
+    calibration_only = sc.precision == "16-mixed" and all(f.target == "grad" for f in sc.faults)
+    if injected and sc.spike_factor is None and not calibration_only:
         assert reports[0]["events"] >= 1
     if not injected and sc.spike_factor is None:
         assert reports[0]["events"] == 0
