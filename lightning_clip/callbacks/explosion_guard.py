@@ -137,7 +137,9 @@ class ExplosionGuard(LightningClipCallback):
         consecutive overflow steps. Under bf16-mixed and fp32 a non-finite norm is an event.
         DDP: the kinds seen on each rank are summed in one small all-reduce per optimizer step, so every
         rank takes the same decision (a fault on one rank makes all of them skip or roll back) and after a
-        rollback every rank holds the same weights. Sharded strategies (FSDP, DeepSpeed) are not supported.
+        rollback every rank holds the same weights. Under 16-mixed the same all-reduce says whether any
+        rank's GradScaler overflowed; if so every rank's scaler skips the step and lowers its scale alike.
+        Sharded strategies (FSDP, DeepSpeed) are not supported.
         Memory: a snapshot is a CPU copy of the model and optimizer states.
 
     Example:
