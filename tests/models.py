@@ -93,6 +93,16 @@ class StepNormRecorder:
         self.norms.append(float(torch.linalg.vector_norm(per)))
 
 
+class RecordedModel(RegressionModel):
+    """RegressionModel whose optimizer gets a StepNormRecorder (the norm actually applied)."""
+
+    def configure_optimizers(self) -> Any:
+        config = super().configure_optimizers()
+        opt = config["optimizer"] if isinstance(config, dict) else config
+        self.recorder = StepNormRecorder(opt)
+        return config
+
+
 class DropUpdate(pl.Callback):
     """Reference without lightning-clip: the update of the given global steps is simply not applied
     (the gradients are set to None, which leaves weights and optimizer state untouched)."""

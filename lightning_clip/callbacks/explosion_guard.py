@@ -355,16 +355,14 @@ class ExplosionGuard(LightningClipCallback):
             and self.snapshot_every_n_steps > 0
             and trainer.global_step >= self._next_snapshot_step
         ):
-            # one all-reduce joined by every rank: the overflow streak is rank-local (a fault on one rank
-            # after the gradient all-reduce), so it must not decide whether a rank joins the collective
-            local_bad = not all_finite([p.detach() for p in pl_module.parameters()])
-            weights_bad, overflowing = self._reduce(trainer, [int(local_bad), int(self._overflow_streak > 0)])
-            if weights_bad:
+            # every rank joins this all-reduce: the branch depends only on values identical on all ranks
+            # (the overflow streak too: it counts overflows seen on any rank, from the step's reduced decision)
+            if self._weights_bad(trainer, pl_module):
                 record = self._record(trainer, [NONFINITE_WEIGHTS], None, None, [])
                 record["params"] = nonfinite_names(pl_module.named_parameters(), self.max_param_names)
                 self._act(trainer, record, deferred=False)
-            elif overflowing:
-                pass  # never snapshot in the middle of a run of fp16 overflows (on any rank): retry next step
+            elif self._overflow_streak > 0:
+                pass  # never snapshot in the middle of a run of fp16 overflows: retry next step
             elif self._snapshots_on:
                 self._take_snapshot(trainer)
             else:

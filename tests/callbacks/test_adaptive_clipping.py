@@ -27,14 +27,7 @@ from tests.integration.test_clipping_reference import (
     expected_applied,
     mean_thresholds,
 )
-from tests.models import RegressionModel, StepNormRecorder, make_trainer, regression_loader
-
-
-class RecordedModel(RegressionModel):
-    def configure_optimizers(self) -> Any:
-        opt = super().configure_optimizers()
-        self.recorder = StepNormRecorder(opt)
-        return opt
+from tests.models import RecordedModel, RegressionModel, make_trainer, regression_loader
 
 
 # ----------------------------------------------------------------------------------------------- arguments

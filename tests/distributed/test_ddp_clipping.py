@@ -18,16 +18,9 @@ from tests.integration.test_clipping_reference import (
     expected_applied,
     mean_thresholds,
 )
-from tests.models import RegressionModel, StepNormRecorder, make_trainer, regression_loader
+from tests.models import RecordedModel, make_trainer, regression_loader
 
 STEPS = 8
-
-
-class RecordedModel(RegressionModel):
-    def configure_optimizers(self) -> Any:
-        opt = super().configure_optimizers()
-        self.recorder = StepNormRecorder(opt)
-        return opt
 
 
 class WriteFigures(pl.Callback):

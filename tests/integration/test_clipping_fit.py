@@ -24,17 +24,7 @@ from tests.integration.test_clipping_reference import (
     naive_norm,
     zclip_applied,
 )
-from tests.models import RegressionModel, StepNormRecorder, make_trainer, regression_loader
-
-
-class RecordedModel(RegressionModel):
-    """RegressionModel whose optimizer gets a StepNormRecorder (the norm actually applied)."""
-
-    def configure_optimizers(self) -> Any:
-        config = super().configure_optimizers()
-        opt = config["optimizer"] if isinstance(config, dict) else config
-        self.recorder = StepNormRecorder(opt)
-        return config
+from tests.models import RecordedModel, RegressionModel, make_trainer, regression_loader
 
 
 def _fit(
