@@ -25,8 +25,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lightning_clip import functional as F
-from lightning_clip.statistics import MeanThreshold
+from lightning_clip import functional
+from lightning_clip.functional.thresholds import MeanThreshold
 
 SHAPES = {"8 x 1.25M": (8, 1_250_000), "400 x 25k": (400, 25_000), "2000 x 500": (2000, 500)}
 
@@ -57,9 +57,9 @@ def variants(params: list[nn.Parameter], clip: bool) -> dict[str, Callable[[], o
     grads = [p.grad for p in params]
 
     def ours() -> object:
-        total, _ = F.grad_norms(grads)  # type: ignore[arg-type]
+        total, _ = functional.grad_norms(grads)  # type: ignore[arg-type]
         norm = float(total.item())
-        return F.clip_grads_(grads, rule.step(norm), norm)  # type: ignore[arg-type]
+        return functional.clip_grads_(grads, rule.step(norm), norm)  # type: ignore[arg-type]
 
     def torch_clip() -> object:
         return torch.nn.utils.clip_grad_norm_(params, cap)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from lightning_clip import functional as F
+from lightning_clip import functional
 
 SIZES = [  # (total parameters, number of tensors)
     (1_000_000, 10),
@@ -38,7 +38,7 @@ def _floor(flat: torch.Tensor) -> float:
 
 
 def _ours(grads: list[torch.Tensor]) -> float:
-    return F.grad_norms(grads)[0].item()
+    return functional.grad_norms(grads)[0].item()
 
 
 def _torch_total(grads: list[torch.Tensor]) -> float:

@@ -56,9 +56,9 @@ from lightning_clip import (
     GradientExplosionError,
     VanishingGradientMonitor,
     VanishingGradientWarning,
+    functional,
     report,
 )
-from lightning_clip import functional as F
 from lightning_clip.testing import FaultInjector
 
 TRIVIAL_MSE = 1.0 / 6.0
@@ -189,12 +189,12 @@ class SequenceRegressor(pl.LightningModule):
         # Runs after the callbacks' hook and before Lightning's own `gradient_clip_val` clipping.
         if not self.hparams.log_grad_norm:
             return
-        total, _ = F.grad_norms(F.collect_grads(self.parameters()))
+        total, _ = functional.grad_norms(functional.collect_grads(self.parameters()))
         metrics = {"grad/norm": total}
         clip = self.hparams.reference_clip
         if clip is not None:
             metrics["grad/clip_threshold"] = torch.tensor(float(clip))
-            metrics["grad/clip_coef"] = F.clip_coef(total, clip)
+            metrics["grad/clip_coef"] = functional.clip_coef(total, clip)
         self.log_dict(metrics, on_step=True, on_epoch=False)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_clip._events import EVENTS_FILENAME
+from lightning_clip.guard.events import EVENTS_FILENAME
 
 __all__ = [
     "NormSummary",

@@ -9,6 +9,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
+from typing_extensions import override
 
 from lightning_clip._validation import check_choice, check_int
 
@@ -29,17 +31,17 @@ def _check_indices(name: str, value: Any) -> frozenset[int] | None:
 
 
 def _poison_(obj: Any, value: float) -> int:
-    """Fill every floating-point tensor inside ``obj`` (nested lists, tuples, dicts) with ``value``."""
-    if isinstance(obj, torch.Tensor):
-        if obj.is_floating_point():
-            obj.fill_(value)
-            return 1
-        return 0
-    if isinstance(obj, dict):
-        return sum(_poison_(v, value) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_poison_(v, value) for v in obj)
-    return 0
+    """Fill every floating-point tensor inside ``obj`` (nested collections) with ``value``; returns how many."""
+    filled: list[int] = []
+
+    def fill(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point():
+            t.fill_(value)
+            filled.append(1)
+        return t
+
+    apply_to_collection(obj, torch.Tensor, fill)
+    return len(filled)
 
 
 class FaultInjector(pl.Callback):
@@ -150,6 +152,7 @@ class FaultInjector(pl.Callback):
             {"step": self._step, "batch": self._batch, "target": self.target, "rank": trainer.global_rank}
         )
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -160,6 +163,7 @@ class FaultInjector(pl.Callback):
         if self._active and self.target == "loss" and pl_module.automatic_optimization:
             self._wrap_training_step(pl_module)
 
+    @override
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
@@ -168,6 +172,7 @@ class FaultInjector(pl.Callback):
                 loss.mul_(self.value)
             self._note(trainer)
 
+    @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
@@ -193,6 +198,7 @@ class FaultInjector(pl.Callback):
             self._wrapped.__dict__.pop("training_step", None)
             self._wrapped = None
 
+    @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not (self._active and self.target == "grad"):
             return
@@ -204,6 +210,7 @@ class FaultInjector(pl.Callback):
         if hit:
             self._note(trainer)
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from tests.reference import naive_norm
+
 
 def regression_loader(n: int = 64, features: int = 8, batch_size: int = 8, seed: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
@@ -131,3 +133,32 @@ def assert_same(a: Any, b: Any, path: str = "") -> None:
             assert_same(x, y, f"{path}[{i}]")
     else:
         assert a == b, path
+
+
+class TwoOptimizerModel(pl.LightningModule):
+    """An encoder and a head, each with its own SGD, stepped by hand; the pre-clip norms are measured
+    naively right before each ``opt.step()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.encoder = nn.Sequential(nn.Linear(8, 16), nn.Tanh())
+        self.head = nn.Linear(16, 1)
+        self.pre: dict[int, list[float]] = {0: [], 1: []}
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt0, opt1 = self.optimizers()
+        x, y = batch
+        loss = nn.functional.mse_loss(self.head(self.encoder(x)), y)
+        opt0.zero_grad()
+        opt1.zero_grad()
+        self.manual_backward(loss)
+        for i, (opt, module) in enumerate(((opt0, self.encoder), (opt1, self.head))):
+            self.pre[i].append(naive_norm([p.grad for p in module.parameters()]))
+            opt.step()
+
+    def configure_optimizers(self) -> Any:
+        opt0 = torch.optim.SGD(self.encoder.parameters(), lr=0.3, momentum=0.9)
+        opt1 = torch.optim.SGD(self.head.parameters(), lr=0.05, momentum=0.9)
+        self.recorders = [StepNormRecorder(opt0), StepNormRecorder(opt1)]
+        return [opt0, opt1]

@@ -1,29 +1,76 @@
-"""Shared base of lightning-clip's callbacks."""
+"""Shared base of lightning-clip's callbacks: the cached ``state_key`` and the shared step tracker."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
+from typing_extensions import override
+
+from lightning_clip.step import StepState, StepTracker
 
 
 class LightningClipCallback(pl.Callback):
-    """Marker base: :class:`~lightning_clip.ExplosionGuard` snapshots and restores the ``state_dict`` of
-    every other callback of this type, so a rollback also rewinds e.g. the clipping statistics.
+    """Base of every lightning-clip callback.
 
-    ``state_key`` is built once from :meth:`_state_key_args` and cached: Lightning reads it on every hook
-    call (it names the profiler action), and the arguments that define behaviour do not change after
-    construction.
+    * :class:`~lightning_clip.ExplosionGuard` snapshots and restores the ``state_dict`` of every other
+      callback of this type, so a rollback also rewinds e.g. the clipping statistics.
+    * At ``setup`` the lightning-clip callbacks of a Trainer are handed one
+      :class:`~lightning_clip.step.StepTracker` (:attr:`step_tracker`), so each optimizer step is measured once
+      and every callback sees the same :class:`~lightning_clip.step.StepState`. Subclasses that override
+      ``setup`` call ``super().setup(...)`` first.
+    * ``state_key`` is built once from :meth:`_state_key_args` and cached: Lightning reads it on every
+      hook call (it names the profiler action), and the arguments that define behaviour do not change
+      after construction.
     """
 
     _lc_state_key: str | None = None
+    #: the tracker shared with the other lightning-clip callbacks of the Trainer (set at ``setup``)
+    step_tracker: StepTracker | None = None
+    _tracker_of: int | None = None  # id() of the Trainer the tracker was attached for
 
     def _state_key_args(self) -> dict[str, Any]:
         """The arguments that define this callback's behaviour (they name its saved state)."""
         return {}
 
     @property
+    @override
     def state_key(self) -> str:
         if self._lc_state_key is None:
             self._lc_state_key = self._generate_state_key(**self._state_key_args())
         return self._lc_state_key
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        siblings = [cb for cb in trainer.callbacks if isinstance(cb, LightningClipCallback)]  # type: ignore[attr-defined]
+        if self not in siblings:
+            siblings.append(self)
+        shared = next(
+            (
+                cb.step_tracker
+                for cb in siblings
+                if cb.step_tracker is not None and cb._tracker_of == id(trainer)
+            ),
+            None,
+        )
+        if shared is None:
+            shared = StepTracker()
+        for cb in siblings:
+            cb.step_tracker, cb._tracker_of = shared, id(trainer)
+
+    def step_state(self, optimizer: Any, step: int) -> StepState:
+        """The shared :class:`~lightning_clip.step.StepState` of ``optimizer`` (a torch optimizer) at ``step``."""
+        if self.step_tracker is None:  # hooks driven without `setup` (e.g. a test calling a hook directly)
+            self.step_tracker = StepTracker()
+        return self.step_tracker.begin(optimizer, step)
+
+    @staticmethod
+    def _sum_over_ranks(trainer: pl.Trainer, flags: list[int]) -> list[int]:
+        """Sum integer ``flags`` over the ranks (one small all-reduce; nothing on a single process), so a
+        decision taken from them is the same on every rank."""
+        if trainer.world_size <= 1:
+            return flags
+        t = torch.tensor(flags, dtype=torch.int32, device=trainer.strategy.root_device)
+        t = trainer.strategy.reduce(t, reduce_op="sum")
+        return [int(v) for v in t.tolist()]

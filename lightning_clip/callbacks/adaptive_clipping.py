@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
+from typing_extensions import override
 
-from lightning_clip import _trainer
-from lightning_clip._measure import StepMeasurement, measure_step
+from lightning_clip import _compat
 from lightning_clip._validation import check_norm_type, check_number
 from lightning_clip.callbacks._base import LightningClipCallback
 from lightning_clip.exceptions import LightningClipWarning
-from lightning_clip.statistics import ThresholdRule, make_rule
+from lightning_clip.functional.thresholds import ThresholdRule, make_rule
+from lightning_clip.step import GradMeasurement
+
+RULE_ARGS = tuple(inspect.signature(make_rule).parameters)
+"""The arguments of the threshold rule, read from :func:`~lightning_clip.functional.thresholds.make_rule`."""
 
 __all__ = ["AdaptiveGradientClipping"]
 
@@ -96,18 +101,6 @@ class AdaptiveGradientClipping(LightningClipCallback):
         norm_type: float = 2.0,
     ) -> None:
         super().__init__()
-        if max_norm is not None:
-            max_norm = check_number("max_norm", max_norm, low=0.0, low_inclusive=False)
-        self._rule_kwargs: dict[str, Any] = dict(
-            factor=factor,
-            decay=decay,
-            z_threshold=z_threshold,
-            percentile=percentile,
-            window=window,
-            warmup_steps=warmup_steps,
-            max_norm=max_norm,
-        )
-        make_rule(mode, **self._rule_kwargs)  # validates every argument
         self.mode = mode
         self.factor = factor
         self.decay = decay
@@ -115,53 +108,53 @@ class AdaptiveGradientClipping(LightningClipCallback):
         self.percentile = percentile
         self.window = window
         self.warmup_steps = warmup_steps
-        self.max_norm = max_norm
+        self.max_norm = (
+            None if max_norm is None else check_number("max_norm", max_norm, low=0.0, low_inclusive=False)
+        )
         self.norm_type = check_norm_type("norm_type", norm_type)
+        self._new_rule()  # validates every argument of the rule
         self._rules: dict[int, ThresholdRule] = {}
-        self._pending: dict[int, dict[str, Any]] = {}
+        self._saved: dict[int, dict[str, Any]] = {}  # loaded states of rules not created yet
         self._multi = False
         # optimizer index -> (the step's measurement, its threshold), until the step's fate is known
-        self._uncommitted: dict[int, tuple[StepMeasurement, float]] = {}
+        self._uncommitted: dict[int, tuple[GradMeasurement, float]] = {}
         #: figures of the last step, per optimizer index: (norm, threshold, coef)
         self.last: dict[int, tuple[float, float, float]] = {}
 
+    def _new_rule(self) -> ThresholdRule:
+        return make_rule(**{name: getattr(self, name) for name in RULE_ARGS})
+
     def _state_key_args(self) -> dict[str, Any]:
-        return dict(
-            mode=self.mode,
-            factor=self.factor,
-            decay=self.decay,
-            z_threshold=self.z_threshold,
-            percentile=self.percentile,
-            window=self.window,
-            warmup_steps=self.warmup_steps,
-            max_norm=self.max_norm,
-            norm_type=self.norm_type,
-        )
+        return {name: getattr(self, name) for name in (*RULE_ARGS, "norm_type")}
 
     # ----------------------------------------------------------------------------------------- state
     def rule(self, index: int = 0) -> ThresholdRule:
         """The threshold statistics of optimizer ``index`` (created on first use)."""
         found = self._rules.get(index)
         if found is None:
-            found = make_rule(self.mode, **self._rule_kwargs)
-            if index in self._pending:
-                found.load_state_dict(self._pending.pop(index))
+            found = self._new_rule()
+            if index in self._saved:
+                found.load_state_dict(self._saved.pop(index))
             self._rules[index] = found
         return found
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         self._commit()
         rules = {str(i): r.state_dict() for i, r in self._rules.items()}
-        rules.update({str(i): s for i, s in self._pending.items() if str(i) not in rules})
+        rules.update({str(i): s for i, s in self._saved.items() if str(i) not in rules})
         return {"version": 1, "rules": rules}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._uncommitted = {}
         self._rules = {}
-        self._pending = {int(i): s for i, s in state_dict.get("rules", {}).items()}
+        self._saved = {int(i): s for i, s in state_dict.get("rules", {}).items()}
 
     # ----------------------------------------------------------------------------------------- hooks
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage == "fit" and trainer.gradient_clip_val:
             rank_zero_warn(
                 "AdaptiveGradientClipping is attached and"
@@ -171,11 +164,12 @@ class AdaptiveGradientClipping(LightningClipCallback):
                 category=LightningClipWarning,
             )
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The optimizers exist only from here on (`setup` runs before `configure_optimizers`).
-        if _trainer.gradient_scaler(trainer) is not None:
+        if _compat.gradient_scaler(trainer) is not None:
             for opt in trainer.optimizers:
-                if getattr(opt, "_step_supports_amp_scaling", False):
+                if _compat.steps_inside_amp_scaling(opt):
                     raise ValueError(
                         f"AdaptiveGradientClipping cannot clip {type(opt).__name__} under a GradScaler"
                         " (precision='16-mixed'): this optimizer unscales its gradients inside `step()`"
@@ -184,13 +178,14 @@ class AdaptiveGradientClipping(LightningClipCallback):
                     )
         self._multi = len(trainer.optimizers) > 1
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        index = _trainer.optimizer_index(trainer, optimizer)
-        measurement = measure_step(trainer, optimizer, trainer.global_step, self.norm_type)
-        norm, threshold, coef = self.clip(measurement, index)
-        if _trainer.should_update_logs(trainer):
+        index = _compat.optimizer_index(trainer, optimizer)
+        state = self.step_state(_compat.unwrap_optimizer(optimizer), trainer.global_step)
+        norm, threshold, coef = self.clip(state.measure(self.norm_type), index)
+        if _compat.should_update_logs(trainer):
             suffix = f"_opt{index}" if self._multi else ""
             pl_module.log_dict(
                 {
@@ -202,16 +197,17 @@ class AdaptiveGradientClipping(LightningClipCallback):
                 on_epoch=False,
             )
 
+    @override
     def on_train_batch_end(self, *args: Any) -> None:
         self._commit()
 
-    def clip(self, measurement: StepMeasurement, index: int = 0) -> tuple[float, float, float]:
+    def clip(self, measurement: GradMeasurement, index: int = 0) -> tuple[float, float, float]:
         """Clip in place to optimizer ``index``'s threshold for the measured pre-clip norm.
 
         Returns ``(norm, threshold, coef)``, also kept in :attr:`last`. A non-finite norm is not clipped
         (the step is left to :class:`~lightning_clip.ExplosionGuard` or the GradScaler). Another clipping
         callback sharing the measurement may already have clipped: the gradients then end at the smaller of
-        the two bounds (see :meth:`StepMeasurement.clip_`).
+        the two bounds (see :meth:`~lightning_clip.step.GradMeasurement.clip_`).
 
         The norm enters the statistics once the step's fate is known (at ``on_train_batch_end``, the next
         step, or ``state_dict``), and only if the update was applied: a step another callback skipped

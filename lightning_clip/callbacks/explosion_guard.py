@@ -1,4 +1,9 @@
-"""ExplosionGuard: detect NaN/Inf (and optional spikes) and roll back to the last known-good state."""
+"""ExplosionGuard: detect NaN/Inf (and optional spikes) and roll back to the last known-good state.
+
+The hooks only gather and route. What a step's observations mean is decided by the pure
+:func:`lightning_clip.guard.decision.decide`; known-good states, checkpoint files and the event log live in
+:mod:`lightning_clip.guard`.
+"""
 
 from __future__ import annotations
 
@@ -9,24 +14,25 @@ from typing import Any, NoReturn
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
+from typing_extensions import override
 
-from lightning_clip import _trainer
-from lightning_clip._events import EVENTS_FILENAME, EventLog, json_number
-from lightning_clip._measure import mark_skipped, measure_step, optimizer_params, ride_along
-from lightning_clip._snapshot import (
+from lightning_clip import _compat
+from lightning_clip._validation import check_choice, check_int, check_number
+from lightning_clip.callbacks._base import LightningClipCallback
+from lightning_clip.exceptions import GradientExplosionError
+from lightning_clip.functional.thresholds import MeanThreshold
+from lightning_clip.guard import decision as D
+from lightning_clip.guard.checkpoints import CheckpointFiles, write_state
+from lightning_clip.guard.events import EVENTS_FILENAME, EventLog, EventRecord, failure_message
+from lightning_clip.guard.snapshot import (
     TrainingState,
     all_finite,
     capture,
-    checkpoint_candidates,
-    from_checkpoint,
     nonfinite_names,
     restore,
+    scale_learning_rates,
 )
-from lightning_clip._validation import check_choice, check_int, check_number
-from lightning_clip.callbacks._base import LightningClipCallback
-from lightning_clip.exceptions import GradientExplosionError, LightningClipWarning
-from lightning_clip.statistics import MeanThreshold
+from lightning_clip.step import GradMeasurement, LossWindow, StepState
 
 __all__ = ["ExplosionGuard"]
 
@@ -34,27 +40,6 @@ log = logging.getLogger(__name__)
 
 ACTIONS = ("rollback", "skip", "raise")
 _LOSS_RIDER = "ExplosionGuard.loss"
-
-# Event kinds, in the order of precedence used when several happen in one step.
-NONFINITE_WEIGHTS = "nonfinite_weights"
-NONFINITE_LOSS = "nonfinite_loss"
-NONFINITE_GRAD = "nonfinite_grad"
-SCALE_COLLAPSE = "scale_collapse"
-PERSISTENT_OVERFLOW = "persistent_overflow"
-SPIKE = "spike"
-KINDS = (NONFINITE_WEIGHTS, NONFINITE_LOSS, NONFINITE_GRAD, SCALE_COLLAPSE, PERSISTENT_OVERFLOW, SPIKE)
-_STEP_KINDS = (NONFINITE_LOSS, NONFINITE_GRAD, SCALE_COLLAPSE, PERSISTENT_OVERFLOW, SPIKE)
-# a skip cannot repair these: the state itself is bad
-_NEEDS_STATE = (NONFINITE_WEIGHTS, SCALE_COLLAPSE, PERSISTENT_OVERFLOW)
-
-_KIND_TEXT = {
-    NONFINITE_WEIGHTS: "non-finite weights",
-    NONFINITE_LOSS: "non-finite training loss",
-    NONFINITE_GRAD: "non-finite gradient norm",
-    SCALE_COLLAPSE: "GradScaler loss scale collapsed",
-    PERSISTENT_OVERFLOW: "persistent fp16 gradient overflow",
-    SPIKE: "gradient-norm spike",
-}
 
 
 class ExplosionGuard(LightningClipCallback):
@@ -140,6 +125,8 @@ class ExplosionGuard(LightningClipCallback):
         rollback every rank holds the same weights. Under 16-mixed the same all-reduce says whether any
         rank's GradScaler overflowed; if so every rank's scaler skips the step and lowers its scale alike.
         Sharded strategies (FSDP, DeepSpeed) are not supported.
+        Structure: the hooks only gather and route; :meth:`decide` turns a step's observation into a
+        :class:`~lightning_clip.guard.decision.Decision` (pure, testable on its own).
         Memory: a snapshot is a CPU copy of the model and optimizer states.
 
     Example:
@@ -187,15 +174,15 @@ class ExplosionGuard(LightningClipCallback):
         self._snapshot: TrainingState | None = None
         self._next_snapshot_step = 0
         self._last_ckpt_step = -1
-        self._bad_files: set[tuple[str, int]] = set()
-        self._losses: list[torch.Tensor] = []
-        self._pending: dict[str, Any] | None = None
+        self._files = CheckpointFiles()
+        self._losses = LossWindow()
+        self._pending: EventRecord | None = None  # a rollback due at the end of the batch
         self._stepped = False
         self._tainted = False
         self._batch_idx = -1
         self._names: dict[int, str] = {}
         self._events_path: str | None = None
-        #: every record written this run (also on ranks that do not write the file)
+        #: every event of this run as written to the event log (also on ranks that do not write the file)
         self.records: list[dict[str, Any]] = []
 
     def _make_spike_rule(self) -> MeanThreshold | None:
@@ -214,6 +201,7 @@ class ExplosionGuard(LightningClipCallback):
         return self._events_path
 
     # ----------------------------------------------------------------------------------------- state
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": 1,
@@ -226,6 +214,7 @@ class ExplosionGuard(LightningClipCallback):
             "spike": None if self._spike is None else self._spike.state_dict(),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.events = int(state_dict.get("events", 0))
         self.rollbacks = int(state_dict.get("rollbacks", 0))
@@ -238,8 +227,10 @@ class ExplosionGuard(LightningClipCallback):
         if self._spike is not None and spike:
             self._spike.load_state_dict(spike)
 
-    # ----------------------------------------------------------------------------------------- setup
+    # ----------------------------------------------------------------------------------------- hooks
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
         if (
@@ -252,24 +243,19 @@ class ExplosionGuard(LightningClipCallback):
                 " has no ModelCheckpoint. Add `ModelCheckpoint(every_n_train_steps=...)` to `callbacks`, or set"
                 " `snapshot_every_n_steps` > 0 to keep an in-memory snapshot."
             )
-        self._events_path = os.path.join(_trainer.log_dir(trainer), EVENTS_FILENAME)
+        self._events_path = os.path.join(_compat.log_dir(trainer), EVENTS_FILENAME)
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._names = {id(p): name for name, p in pl_module.named_parameters()}
-        self._snapshot = None
-        self._pending = None
-        self._losses = []
-        self._tainted = False
-        self._bad_files = set()
+        self._snapshot, self._pending, self._tainted = None, None, False
+        self._losses.clear()
+        self._files.reset()
         self._last_ckpt_step = -1
         if self._snapshots_on:
             self._take_snapshot(trainer)
 
-    @property
-    def _snapshots_on(self) -> bool:
-        return self.action == "rollback" and self.snapshot_every_n_steps > 0
-
-    # ----------------------------------------------------------------------------------------- hooks
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -279,71 +265,42 @@ class ExplosionGuard(LightningClipCallback):
             self._tainted = True
             self._skip_remaining -= 1
 
+    @override
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
-        self._losses.append(loss.detach())  # shares storage: sees in-place changes made after this hook
-        ride_along(trainer, _LOSS_RIDER, self._loss_mean)
+        self._losses.add(loss)
+        if self.step_tracker is not None:
+            self.step_tracker.ride_along(_LOSS_RIDER, self._losses.mean)
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         self._stepped = True
-        step = trainer.global_step
-        m = measure_step(trainer, optimizer, step, 2.0)
-        loss = self._take_loss(m)
-        norm = m.total_norm
-        scaler = _trainer.gradient_scaler(trainer)
-        flags = dict.fromkeys(_STEP_KINDS, 0)
-        if loss is not None and not math.isfinite(loss):
-            flags[NONFINITE_LOSS] = 1
-        if not m.finite and scaler is None:
-            flags[NONFINITE_GRAD] = 1
-        if m.finite and self._spike is not None and norm > self._spike.current():
-            flags[SPIKE] = 1
-        local_overflow = int(scaler is not None and not m.finite)
-        # one all-reduce: the kinds seen on any rank, and whether any rank's GradScaler overflowed
-        *reduced, overflows = self._reduce(trainer, [*(flags[k] for k in _STEP_KINDS), local_overflow])
-        kinds = [k for k, v in zip(_STEP_KINDS, reduced, strict=True) if v > 0]
-        if scaler is not None:
-            if overflows:  # loss-scale calibration: every rank's GradScaler skips the step, halves its scale
-                if not local_overflow:  # an overflow on another rank only: skip here the same way
-                    _trainer.force_scaler_skip(scaler, optimizer)
-                mark_skipped(trainer, optimizer, step)
-                self._overflow_streak += 1
-                if self._overflow_streak >= self.overflow_patience:
-                    kinds.append(PERSISTENT_OVERFLOW)
-                if float(scaler.get_scale()) < self.min_loss_scale:
-                    kinds.append(SCALE_COLLAPSE)
-            else:
-                self._overflow_streak = 0
-        kinds.sort(key=_STEP_KINDS.index)
-        if not kinds and not overflows and self._spike is not None:
-            self._spike.step(norm)  # the same finite norm on every rank (all-reduced gradients)
-        if not kinds and not self._tainted and self._pending is None:
-            return
-        # the update of this step is not applied
-        for p in optimizer_params(optimizer):
-            p.grad = None
-        mark_skipped(trainer, optimizer, step)
-        self.skipped_steps += 1
-        if not kinds or self._pending is not None:
-            return
-        if PERSISTENT_OVERFLOW in kinds or SCALE_COLLAPSE in kinds:
-            self._overflow_streak = 0
-        loss_value = (
-            None if loss is None else (loss / float(scaler.get_scale()) if scaler is not None else loss)
+        state = self.step_state(_compat.unwrap_optimizer(optimizer), trainer.global_step)
+        measurement = state.measure(2.0)
+        loss = self._losses.take(state, _LOSS_RIDER)
+        scaler = _compat.gradient_scaler(trainer)
+        local = D.LocalSignals(
+            nonfinite_loss=loss is not None and not math.isfinite(loss),
+            nonfinite_norm=not measurement.finite,
+            spike=self._is_spike(measurement),
+            has_scaler=scaler is not None,
         )
-        params = self._grad_param_names(m, kinds)
-        record = self._record(
-            trainer, kinds, norm, loss_value, params, _trainer.optimizer_index(trainer, optimizer)
+        reduced = self._sum_over_ranks(trainer, local.flags())  # the step's one all-reduce
+        any_overflow = scaler is not None and reduced[-1] > 0
+        obs = D.Observation.from_flags(
+            reduced,
+            local,
+            loss_scale=float(scaler.get_scale()) if any_overflow else math.inf,
+            overflow_streak=self._overflow_streak,
+            tainted=self._tainted,
+            rollback_pending=self._pending is not None,
         )
-        if self._weights_bad(trainer, pl_module):
-            record["kinds"].insert(0, NONFINITE_WEIGHTS)
-            record["kind"] = NONFINITE_WEIGHTS
-            record["params"] = nonfinite_names(pl_module.named_parameters(), self.max_param_names)
-        self._act(trainer, record, deferred=True)
+        self._act_on_step(trainer, pl_module, state, self.decide(obs), loss, scaler)
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -355,21 +312,10 @@ class ExplosionGuard(LightningClipCallback):
             and self.snapshot_every_n_steps > 0
             and trainer.global_step >= self._next_snapshot_step
         ):
-            # every rank joins this all-reduce: the branch depends only on values identical on all ranks
-            # (the overflow streak too: it counts overflows seen on any rank, from the step's reduced decision)
-            if self._weights_bad(trainer, pl_module):
-                record = self._record(trainer, [NONFINITE_WEIGHTS], None, None, [])
-                record["params"] = nonfinite_names(pl_module.named_parameters(), self.max_param_names)
-                self._act(trainer, record, deferred=False)
-            elif self._overflow_streak > 0:
-                pass  # never snapshot in the middle of a run of fp16 overflows: retry next step
-            elif self._snapshots_on:
-                self._take_snapshot(trainer)
-            else:
-                self._next_snapshot_step = trainer.global_step + self.snapshot_every_n_steps
+            self._snapshot_step(trainer, pl_module)
         if self._stepped:
             self._tainted = False
-        if _trainer.should_update_logs(trainer):
+        if _compat.should_update_logs(trainer):
             pl_module.log_dict(
                 {
                     "explosion/events": float(self.events),
@@ -380,12 +326,12 @@ class ExplosionGuard(LightningClipCallback):
                 on_epoch=False,
             )
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._weights_bad(trainer, pl_module):
-            record = self._record(trainer, [NONFINITE_WEIGHTS], None, None, [])
-            record["params"] = nonfinite_names(pl_module.named_parameters(), self.max_param_names)
-            self._act(trainer, record, deferred=False)
+            self._act(trainer, self._weights_record(trainer, pl_module.named_parameters()), deferred=False)
 
+    @override
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
@@ -394,119 +340,96 @@ class ExplosionGuard(LightningClipCallback):
             all_finite(checkpoint.get("state_dict", {}))
             and all_finite(checkpoint.get("optimizer_states", []))
         )
-        if not self._reduce(trainer, [int(local_bad)])[0]:
+        if not self._sum_over_ranks(trainer, [int(local_bad)])[0]:
             return
-        record = self._record(trainer, [NONFINITE_WEIGHTS], None, None, [])
-        record["params"] = nonfinite_names(checkpoint.get("state_dict", {}).items(), self.max_param_names)
-        record["checkpoint_refused"] = True
+        record = self._weights_record(trainer, checkpoint.get("state_dict", {}).items())
+        record.checkpoint_refused = True
         self._act(trainer, record, deferred=False)  # raises unless rolled back
-        # rolled back: write the restored state instead of the bad one
-        checkpoint["state_dict"] = trainer.strategy.lightning_module_state_dict()
-        if "optimizer_states" in checkpoint:
-            checkpoint["optimizer_states"] = [trainer.strategy.optimizer_state(o) for o in trainer.optimizers]
-            checkpoint["lr_schedulers"] = [cfg.scheduler.state_dict() for cfg in trainer.lr_scheduler_configs]
-            precision = trainer.precision_plugin.state_dict()
-            if precision:
-                checkpoint[type(trainer.precision_plugin).__qualname__] = precision
-        if "callbacks" in checkpoint:
-            for cb in trainer.callbacks:  # type: ignore[attr-defined]
-                if isinstance(cb, LightningClipCallback):
-                    checkpoint["callbacks"][cb.state_key] = cb.state_dict()
+        write_state(
+            checkpoint, trainer, [self, *self._siblings(trainer)]
+        )  # the restored state, not the bad one
 
-    # ----------------------------------------------------------------------------------------- logic
-    def _loss_mean(self) -> torch.Tensor | None:
-        """Mean of the losses back-propagated since the last step (a 0-d tensor; no host transfer)."""
-        if not self._losses:
-            return None
-        device = self._losses[0].device
-        return torch.stack([t.float().mean().to(device) for t in self._losses]).mean()
+    # -------------------------------------------------------------------------------- decision
+    def decide(self, obs: D.Observation) -> D.Decision:
+        """What to do with a step, from its all-reduced :class:`~lightning_clip.guard.decision.Observation`
+        (pure: see :func:`lightning_clip.guard.decision.decide`)."""
+        rules = D.GuardRules(overflow_patience=self.overflow_patience, min_loss_scale=self.min_loss_scale)
+        return D.decide(obs, rules, self.action)
 
-    def _take_loss(self, m: Any) -> float | None:
-        """The mean loss since the last step, brought to the host with the norm in one transfer."""
-        value = m.rider(_LOSS_RIDER)
-        if value is None and self._losses:  # measured before the loss was registered: fetch it apart
-            mean = self._loss_mean()
-            value = None if mean is None else float(mean.item())
-        self._losses = []
-        return value
-
-    def _reduce(self, trainer: pl.Trainer, flags: list[int]) -> list[int]:
-        """Sum ``flags`` over the ranks (one all-reduce; nothing on a single process)."""
-        if trainer.world_size <= 1:
-            return flags
-        t = torch.tensor(flags, dtype=torch.int32, device=trainer.strategy.root_device)
-        t = trainer.strategy.reduce(t, reduce_op="sum")
-        return [int(v) for v in t.tolist()]
-
-    def _weights_bad(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
-        local = not all_finite([p.detach() for p in pl_module.parameters()])
-        return bool(self._reduce(trainer, [int(local)])[0])
-
-    def _grad_param_names(self, m: Any, kinds: list[str]) -> list[str]:
-        if not m.finite:
-            idx = m.nonfinite_indices()
-        elif SPIKE in kinds and len(m.params):
-            k = min(self.max_param_names, len(m.params))
-            idx = torch.topk(m.per_param, k).indices.tolist()
-        else:
-            return []
-        return [self._names.get(id(m.params[i]), f"param[{i}]") for i in idx[: self.max_param_names]]
-
-    def _record(
+    def _act_on_step(
         self,
         trainer: pl.Trainer,
-        kinds: list[str],
-        norm: float | None,
+        pl_module: pl.LightningModule,
+        state: StepState,
+        decision: D.Decision,
         loss: float | None,
-        params: list[str],
-        optimizer: int = 0,
-    ) -> dict[str, Any]:
-        kinds = sorted(kinds, key=KINDS.index)
-        self.events += 1
-        return {
-            "step": trainer.global_step,
-            "epoch": trainer.current_epoch,
-            "batch": self._batch_idx,
-            "optimizer": optimizer,
-            "kind": kinds[0],
-            "kinds": kinds,
-            "norm": json_number(norm),
-            "loss": json_number(loss),
-            "params": params,
-            "action": self.action,
-            "restored": None,
-        }
+        scaler: Any,
+    ) -> None:
+        """Carry out the step's decision: the GradScaler, the spike statistics, the skip, the event."""
+        measurement = state.measure(2.0)
+        if decision.force_scaler_skip:
+            _compat.force_scaler_skip(scaler, state.optimizer)
+        if decision.scaler_skips:
+            state.skipped = True
+        self._overflow_streak = decision.overflow_streak
+        if decision.feed_spike_rule and self._spike is not None:
+            self._spike.step(measurement.total_norm)  # the same finite norm on every rank
+        if not decision.skip:
+            return
+        state.skip()
+        self.skipped_steps += 1
+        if not decision.kinds:
+            return
+        loss_value = (
+            None if loss is None else (loss / float(scaler.get_scale()) if scaler is not None else loss)
+        )
+        record = self._record(trainer, list(decision.kinds), measurement.total_norm, loss_value)
+        record.params = self._grad_param_names(measurement, decision.kinds)
+        record.optimizer = _compat.optimizer_index(trainer, state.optimizer)
+        if self._weights_bad(trainer, pl_module):
+            record.kinds = list(decision.with_kind(D.NONFINITE_WEIGHTS, self.action).kinds)
+            record.params = nonfinite_names(pl_module.named_parameters(), self.max_param_names)
+        self._act(trainer, record, deferred=True)
 
-    def _write(self, trainer: pl.Trainer, record: dict[str, Any]) -> None:
-        record = dict(record, rollbacks=self.rollbacks, lr_scale=self.lr_scale)
-        self.records.append(record)
-        log.info("ExplosionGuard event: %s", record)
-        if trainer.is_global_zero and self._events_path is not None:
-            EventLog(self._events_path).write(record)
+    def _is_spike(self, m: GradMeasurement) -> bool:
+        return m.finite and self._spike is not None and m.total_norm > self._spike.current()
 
-    def _act(self, trainer: pl.Trainer, record: dict[str, Any], deferred: bool) -> None:
-        """Apply the action to an event: raise, skip (already done by the caller) or roll back.
+    def _snapshot_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A snapshot step: check the weights (every rank joins this all-reduce: the branch depends only on
+        values identical on all ranks), then snapshot, unless in the middle of a run of fp16 overflows."""
+        if self._weights_bad(trainer, pl_module):
+            self._act(trainer, self._weights_record(trainer, pl_module.named_parameters()), deferred=False)
+        elif self._overflow_streak > 0:
+            pass  # retry next step
+        elif self._snapshots_on:
+            self._take_snapshot(trainer)
+        else:
+            self._next_snapshot_step = trainer.global_step + self.snapshot_every_n_steps
+
+    # --------------------------------------------------------------------------------- actions
+    def _act(self, trainer: pl.Trainer, record: EventRecord, deferred: bool) -> None:
+        """Apply the action to an event: raise, skip (the update is already dropped) or roll back.
 
         ``deferred``: called from ``on_before_optimizer_step``, the rollback waits for ``on_train_batch_end``.
         """
-        if self.action == "raise":
+        action = D.action_for(tuple(record.kinds), self.action)
+        if action == "raise":
             self._fail(trainer, record, "`action='raise'` stops training at the first event.")
-        if self.action == "skip":
-            if record["kind"] in _NEEDS_STATE:
-                self._fail(
-                    trainer,
-                    record,
-                    "`action='skip'` cannot repair this: skipping an update does not fix a state that is already"
-                    " bad. Use `action='rollback'` to go back to the last good state.",
-                )
+        if action == "error":
+            self._fail(
+                trainer,
+                record,
+                "`action='skip'` cannot repair this: skipping an update does not fix a state that is already"
+                " bad. Use `action='rollback'` to go back to the last good state.",
+            )
+        if action == "skip":
             self._write(trainer, record)
-            return
-        if deferred:
+        elif deferred:
             self._pending = record
         else:
             self._rollback(trainer, record)
 
-    def _rollback(self, trainer: pl.Trainer, record: dict[str, Any]) -> None:
+    def _rollback(self, trainer: pl.Trainer, record: EventRecord) -> None:
         if self.rollbacks >= self.max_rollbacks:
             self._fail(
                 trainer,
@@ -522,13 +445,13 @@ class ExplosionGuard(LightningClipCallback):
                 "There is no known-good state to go back to: no finite in-memory snapshot and no readable,"
                 " finite checkpoint file at or before this step.",
             )
-        restore(trainer, state, exclude=self)
+        restore(trainer, state, self._siblings(trainer))
         self.rollbacks += 1
         self.lr_scale *= self.lr_factor
-        self._scale_lrs(trainer, self.lr_scale / state.lr_scale)
+        scale_learning_rates(trainer, self.lr_scale / state.lr_scale)
         self._skip_remaining = self.skip_batches
         self._overflow_streak = 0
-        record["restored"] = {"source": state.source, "step": state.step, "path": state.path}
+        record.restored = {"source": state.source, "step": state.step, "path": state.path}
         self._write(trainer, record)
         if (
             self._snapshots_on
@@ -536,81 +459,72 @@ class ExplosionGuard(LightningClipCallback):
             self._take_snapshot(trainer, label=state.step)
 
     def _newest_good_state(self, trainer: pl.Trainer) -> TrainingState | None:
+        """The in-memory snapshot or the newest good checkpoint file, whichever is newer."""
         snap = self._snapshot
         best = snap.step if snap is not None else -1
         if snap is not None and self._last_ckpt_step <= best:
             return snap  # no file newer than the snapshot was written by this run
-        for path in checkpoint_candidates(trainer):
-            try:
-                key = (path, os.stat(path).st_mtime_ns)
-            except OSError:
-                continue
-            if key in self._bad_files:
-                continue
-            try:
-                state = from_checkpoint(trainer, path, self.state_key)
-            except Exception as err:  # unreadable, truncated, incomplete: fall back to an older state
-                self._bad_files.add(key)
-                rank_zero_warn(
-                    f"ExplosionGuard: checkpoint {path!r} is unreadable ({type(err).__name__}: {err}); falling back"
-                    " to an older good state.",
-                    category=LightningClipWarning,
-                )
-                continue
-            if state.step > trainer.global_step:
-                continue  # written by another run into the same folder
-            if state.step <= best:
-                break
-            if not state.finite():
-                self._bad_files.add(key)
-                rank_zero_warn(
-                    f"ExplosionGuard: checkpoint {path!r} holds non-finite values; falling back to an older good state.",
-                    category=LightningClipWarning,
-                )
-                continue
-            return state
-        return snap
+        return self._files.newest_good(trainer, best, self.state_key) or snap
+
+    @property
+    def _snapshots_on(self) -> bool:
+        return self.action == "rollback" and self.snapshot_every_n_steps > 0
 
     def _take_snapshot(self, trainer: pl.Trainer, label: int | None = None) -> None:
-        state = capture(trainer, exclude=self, lr_scale=self.lr_scale)
+        state = capture(trainer, self._siblings(trainer), lr_scale=self.lr_scale)
         if label is not None:
             state.step = label
         if state.finite():
             self._snapshot = state
         self._next_snapshot_step = trainer.global_step + self.snapshot_every_n_steps
 
-    @staticmethod
-    def _scale_lrs(trainer: pl.Trainer, factor: float) -> None:
-        if factor == 1.0:
-            return
-        for opt in trainer.optimizers:
-            for group in opt.param_groups:
-                for key in ("lr", "initial_lr", "max_lr", "min_lr"):
-                    if key in group:
-                        value = group[key]
-                        group[key] = value.mul_(factor) if isinstance(value, torch.Tensor) else value * factor
-        for cfg in trainer.lr_scheduler_configs:
-            sched = cfg.scheduler
-            if hasattr(sched, "base_lrs"):
-                sched.base_lrs = [b * factor for b in sched.base_lrs]
-            if hasattr(sched, "_last_lr"):
-                sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+    def _siblings(self, trainer: pl.Trainer) -> list[LightningClipCallback]:
+        """The other lightning-clip callbacks: their state is snapshotted and restored with the model's."""
+        return [cb for cb in trainer.callbacks if isinstance(cb, LightningClipCallback) and cb is not self]  # type: ignore[attr-defined]
 
-    def _fail(self, trainer: pl.Trainer, record: dict[str, Any], reason: str) -> NoReturn:
-        record = dict(record, action="error" if self.action != "raise" else "raise")
-        self._write(trainer, record)
-        raise GradientExplosionError(self._message(record, reason))
+    # ------------------------------------------------------------------------------- gathering
+    def _weights_bad(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        local = not all_finite([p.detach() for p in pl_module.parameters()])
+        return bool(self._sum_over_ranks(trainer, [int(local)])[0])
 
-    def _message(self, record: dict[str, Any], reason: str) -> str:
-        params = ", ".join(record["params"]) if record["params"] else "none identified"
-        where = "weights" if record["kind"] == NONFINITE_WEIGHTS else "gradients"
-        return (
-            f"ExplosionGuard: {_KIND_TEXT[record['kind']]} at step {record['step']} (epoch {record['epoch']},"
-            f" batch {record['batch']}); gradient norm {record['norm']}, loss {record['loss']}.\n"
-            f"Parameters whose {where} went bad first: {params}.\n"
-            f"{reason}\n"
-            "What to try: lower the learning rate (or pass `lr_factor` < 1, e.g. 0.5, to lower it at every"
-            " rollback); attach AdaptiveGradientClipping; skip the data that triggers it (`skip_batches`) or"
-            f" inspect the batches listed in {self._events_path or EVENTS_FILENAME}; prefer bf16-mixed to"
-            " 16-mixed; raise `max_rollbacks` to allow more recoveries."
+    def _grad_param_names(self, m: GradMeasurement, kinds: tuple[str, ...]) -> list[str]:
+        if not m.finite:
+            idx = m.nonfinite_indices()
+        elif D.SPIKE in kinds and len(m.params):
+            idx = torch.topk(m.per_param, min(self.max_param_names, len(m.params))).indices.tolist()
+        else:
+            return []
+        return [self._names.get(id(m.params[i]), f"param[{i}]") for i in idx[: self.max_param_names]]
+
+    # --------------------------------------------------------------------------------- records
+    def _record(
+        self, trainer: pl.Trainer, kinds: list[str], norm: float | None, loss: float | None
+    ) -> EventRecord:
+        self.events += 1
+        return EventRecord(
+            step=trainer.global_step,
+            epoch=trainer.current_epoch,
+            batch=self._batch_idx,
+            kinds=list(D.sort_kinds(kinds)),
+            action=self.action,
+            norm=norm,
+            loss=loss,
         )
+
+    def _weights_record(self, trainer: pl.Trainer, named: Any) -> EventRecord:
+        record = self._record(trainer, [D.NONFINITE_WEIGHTS], None, None)
+        record.params = nonfinite_names(named, self.max_param_names)
+        return record
+
+    def _write(self, trainer: pl.Trainer, record: EventRecord) -> None:
+        record.rollbacks, record.lr_scale = self.rollbacks, self.lr_scale
+        line = record.to_json()
+        self.records.append(line)
+        log.info("ExplosionGuard event: %s", line)
+        if trainer.is_global_zero and self._events_path is not None:
+            EventLog(self._events_path).write(line)
+
+    def _fail(self, trainer: pl.Trainer, record: EventRecord, reason: str) -> NoReturn:
+        record.action = "raise" if self.action == "raise" else "error"
+        self._write(trainer, record)
+        raise GradientExplosionError(failure_message(record, reason, self._events_path or EVENTS_FILENAME))

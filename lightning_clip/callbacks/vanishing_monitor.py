@@ -13,14 +13,15 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
+from typing_extensions import override
 
-from lightning_clip import _trainer
-from lightning_clip import functional as F
-from lightning_clip import gradient_health as H
-from lightning_clip._measure import measure_step, optimizer_params
+from lightning_clip import _compat
 from lightning_clip._validation import check_bool, check_int, check_number
 from lightning_clip.callbacks._base import LightningClipCallback
 from lightning_clip.exceptions import VanishingGradientWarning
+from lightning_clip.functional import health
+from lightning_clip.functional.norms import grad_norms, group_norms
+from lightning_clip.step import optimizer_params
 
 __all__ = ["VanishingGradientMonitor"]
 
@@ -149,7 +150,7 @@ class VanishingGradientMonitor(LightningClipCallback):
         self.log_layer_metrics = check_bool("log_layer_metrics", log_layer_metrics)
         self.save_figure = check_bool("save_figure", save_figure)
         self.max_history = 200
-        self.tracker = H.PatienceTracker(self.patience)
+        self.tracker = health.PatienceTracker(self.patience)
         #: optimizer steps seen, per optimizer index
         self.steps: dict[int, int] = {}
         #: one entry per check: {"step", "layers" (indices into ``layer_names``), "norms"}
@@ -165,6 +166,7 @@ class VanishingGradientMonitor(LightningClipCallback):
         self._stepped = False
         self._profiles: dict[str, torch.Tensor] = {}
 
+    @override
     def _state_key_args(self) -> dict[str, Any]:
         return dict(
             check_every_n_steps=self.check_every_n_steps,
@@ -174,6 +176,7 @@ class VanishingGradientMonitor(LightningClipCallback):
         )
 
     # ----------------------------------------------------------------------------------------- state
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": 1,
@@ -183,6 +186,7 @@ class VanishingGradientMonitor(LightningClipCallback):
             "layer_names": list(self.layer_names),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.steps = {int(i): int(n) for i, n in state_dict.get("steps", {}).items()}
         self.tracker.load_state_dict(state_dict.get("tracker", {}))
@@ -190,9 +194,10 @@ class VanishingGradientMonitor(LightningClipCallback):
         self.layer_names = list(state_dict.get("layer_names", []))
 
     # ----------------------------------------------------------------------------------------- hooks
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._layers = H.model_layers(pl_module)
-        self._layer_of = H.param_layer_index(self._layers)
+        self._layers = health.model_layers(pl_module)
+        self._layer_of = health.param_layer_index(self._layers)
         names = [name for name, _ in self._layers]
         if self.layer_names and self.layer_names[: len(names)] != names:
             self.history = []  # another model: the restored history does not describe it
@@ -200,28 +205,30 @@ class VanishingGradientMonitor(LightningClipCallback):
         self._remove_hooks()
         self._recurrent = {}
         for name, mod in self._layers:
-            if isinstance(mod, nn.RNNBase) and mod.mode in H.RECURRENT_GATES:
+            if isinstance(mod, nn.RNNBase) and mod.mode in health.RECURRENT_GATES:
                 self._recurrent[name] = mod
                 if not mod.bidirectional:
                     self._handles.append(mod.register_forward_pre_hook(self._make_input_hook(name, mod)))
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         n_opt = max(1, len(trainer.optimizers))
         self._armed = any(self.steps.get(i, 0) % self.check_every_n_steps == 0 for i in range(n_opt))
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        index = _trainer.optimizer_index(trainer, optimizer)
+        index = _compat.optimizer_index(trainer, optimizer)
         count = self.steps.get(index, 0)
         self.steps[index] = count + 1
         self._stepped = True
         if count % self.check_every_n_steps:
             return
-        raw = getattr(optimizer, "_optimizer", optimizer)
-        measurement = measure_step(trainer, raw, trainer.global_step, 2.0)
+        raw = _compat.unwrap_optimizer(optimizer)
+        measurement = self.step_state(raw, trainer.global_step).measure(2.0)
         if measurement.skipped:
             return
         trainable = [p for p in optimizer_params(raw) if p.requires_grad]
@@ -229,6 +236,7 @@ class VanishingGradientMonitor(LightningClipCallback):
         if figures and self.log_layer_metrics:
             pl_module.log_dict(self._metrics(figures), on_step=True, on_epoch=False)
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -237,11 +245,13 @@ class VanishingGradientMonitor(LightningClipCallback):
             self._armed = False
             self._profiles = {}
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
         if self.save_figure and self.history:
             self._save_figure(trainer)
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
 
@@ -266,7 +276,7 @@ class VanishingGradientMonitor(LightningClipCallback):
             sizes = x.batch_sizes if packed else None
 
             def grad_hook(grad: torch.Tensor) -> None:
-                prof = H.time_profile(grad, module.batch_first, sizes)
+                prof = health.time_profile(grad, module.batch_first, sizes)
                 prev = self._profiles.get(name)
                 self._profiles[name] = prof if prev is None or prev.shape != prof.shape else prev + prof
 
@@ -301,10 +311,10 @@ class VanishingGradientMonitor(LightningClipCallback):
         if params:
             group = torch.tensor([local[g] for g in layer_idx], device=device)
             with torch.no_grad():
-                _, w_per = F.grad_norms([p.detach() for p in params])
+                _, w_per = grad_norms([p.detach() for p in params])
             pieces += [
-                F.group_norms(per_param.to(torch.float32), group, len(present)),
-                F.group_norms(w_per.to(device), group, len(present)),
+                group_norms(per_param.to(torch.float32), group, len(present)),
+                group_norms(w_per.to(device), group, len(present)),
             ]
         present_names = {self.layer_names[g] for g in present}
         profiles = {n: p for n, p in self._profiles.items() if n in present_names}
@@ -316,7 +326,7 @@ class VanishingGradientMonitor(LightningClipCallback):
                 continue
             may_warn = any(self.tracker.may_alert(f"{kind}:{name}") for kind in ("depth", "time"))
             if self.log_layer_metrics or may_warn:
-                blocks, radii = H.spectral_radii(mod)
+                blocks, radii = health.spectral_radii(mod)
                 radius_names[name] = blocks
                 pieces.append(radii.to(device))
         pieces += [p.to(device) for p in profiles.values()]
@@ -335,9 +345,9 @@ class VanishingGradientMonitor(LightningClipCallback):
         for name, prof in profiles.items():
             values = flat[pos : pos + prof.numel()]
             pos += prof.numel()
-            decay, k = H.time_decay(values)
+            decay, k = health.time_decay(values)
             decays[name] = (decay, k, len(values))
-        ratios = H.depth_ratios(norms)
+        ratios = health.depth_ratios(norms)
         layers = [self.layer_names[g] for g in present]
         figures: dict[str, Any] = {
             "step": step,
@@ -366,7 +376,7 @@ class VanishingGradientMonitor(LightningClipCallback):
         figures["warned"] = due
         self.last = figures
         self.history.append({"step": step, "layers": list(present), "norms": list(norms)})
-        self.history = H.thin_history(self.history, self.max_history)
+        self.history = health.thin_history(self.history, self.max_history)
 
         depth_due = [k.split(":", 1)[1] for k in due if k.startswith("depth:")]
         if depth_due:
@@ -501,7 +511,7 @@ class VanishingGradientMonitor(LightningClipCallback):
                 "matplotlib is not installed: no gradient-flow figure (pip install 'lightning-clip[plot]')."
             )
             return
-        directory = _trainer.log_dir(trainer)
+        directory = _compat.log_dir(trainer)
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, "gradient_flow.png")
         fig.savefig(path, dpi=100)

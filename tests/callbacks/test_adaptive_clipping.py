@@ -18,7 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_clip.callbacks.adaptive_clipping import AdaptiveGradientClipping
 from lightning_clip.exceptions import LightningClipWarning
-from tests.integration.test_clipping_reference import (
+from tests.models import RecordedModel, RegressionModel, make_trainer, regression_loader
+from tests.reference import (
     EPS,
     LastFigures,
     PreClipNorms,
@@ -27,7 +28,6 @@ from tests.integration.test_clipping_reference import (
     expected_applied,
     mean_thresholds,
 )
-from tests.models import RecordedModel, RegressionModel, make_trainer, regression_loader
 
 
 # ----------------------------------------------------------------------------------------------- arguments
@@ -355,7 +355,7 @@ def test_a_step_the_guard_skipped_never_enters_the_statistics(tmp_path: Any, cli
     """ExplosionGuard skips a spike; whatever the callbacks' order, the clipping statistics are those of a
     rule fed, by hand, only the norms of the steps that were applied."""
     from lightning_clip.callbacks.explosion_guard import ExplosionGuard
-    from lightning_clip.statistics import MeanThreshold
+    from lightning_clip.functional.thresholds import MeanThreshold
 
     clipper = AdaptiveGradientClipping()
     guard = ExplosionGuard(action="skip", spike_factor=5.0)

@@ -9,8 +9,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.cli import LightningCLI
 
 from lightning_clip import AdaptiveGradientClipping
-from tests.integration.test_clipping_reference import PreClipNorms, assert_clipped_some, mean_thresholds
 from tests.models import RegressionModel, regression_loader
+from tests.reference import PreClipNorms, assert_clipped_some, mean_thresholds
 
 
 class RegressionData(pl.LightningDataModule):

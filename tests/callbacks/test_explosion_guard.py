@@ -14,9 +14,9 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
-from lightning_clip._events import EVENTS_FILENAME, read_events
 from lightning_clip.callbacks.explosion_guard import ExplosionGuard
 from lightning_clip.exceptions import GradientExplosionError
+from lightning_clip.guard.events import EVENTS_FILENAME, read_events
 from lightning_clip.testing import FaultInjector
 from tests.models import DropUpdate, RegressionModel, StepNormRecorder, make_trainer, regression_loader
 

@@ -11,14 +11,14 @@ import pytest
 import pytorch_lightning as pl
 
 from lightning_clip.callbacks.adaptive_clipping import AdaptiveGradientClipping
-from tests.integration.test_clipping_reference import (
+from tests.models import RecordedModel, make_trainer, regression_loader
+from tests.reference import (
     LastFigures,
     PreClipNorms,
     assert_clipped_some,
     expected_applied,
     mean_thresholds,
 )
-from tests.models import RecordedModel, make_trainer, regression_loader
 
 STEPS = 8
 

@@ -10,8 +10,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from lightning_clip._events import EVENTS_FILENAME, read_events
 from lightning_clip.callbacks.explosion_guard import ExplosionGuard
+from lightning_clip.guard.events import EVENTS_FILENAME, read_events
 from lightning_clip.testing import FaultInjector
 from tests.models import RegressionModel, make_trainer, regression_loader
 

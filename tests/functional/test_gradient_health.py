@@ -1,4 +1,4 @@
-"""lightning_clip.gradient_health and report.plot_gradient_flow, without Lightning, against naive references."""
+"""lightning_clip.functional.health and report.plot_gradient_flow, without Lightning, against naive references."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from lightning_clip import gradient_health as H
+from lightning_clip.functional import health
 from lightning_clip.report import plot_gradient_flow
 
 
@@ -27,9 +27,9 @@ class Composite(nn.Module):
 
 def test_model_layers_registration_order_and_owners() -> None:
     model = Composite()
-    layers = H.model_layers(model)
+    layers = health.model_layers(model)
     assert [n for n, _ in layers] == ["<root>", "emb", "block.0", "block.2", "head"]
-    index = H.param_layer_index(layers)
+    index = health.param_layer_index(layers)
     assert index[id(model.emb.weight)] == 1  # the tied weight: first owner
     assert index[id(model.head.bias)] == 4
     assert index[id(model.scale)] == 0
@@ -37,11 +37,11 @@ def test_model_layers_registration_order_and_owners() -> None:
 
 
 def test_depth_ratios_by_hand() -> None:
-    assert H.depth_ratios([1.0, 4.0, 2.0]) == [0.25, 1.0, 0.5]
-    assert H.depth_ratios([]) == []
-    assert all(math.isnan(r) for r in H.depth_ratios([0.0, 0.0]))
-    assert all(math.isnan(r) for r in H.depth_ratios([1.0, float("inf")]))
-    assert all(math.isnan(r) for r in H.depth_ratios([1.0, float("nan")]))
+    assert health.depth_ratios([1.0, 4.0, 2.0]) == [0.25, 1.0, 0.5]
+    assert health.depth_ratios([]) == []
+    assert all(math.isnan(r) for r in health.depth_ratios([0.0, 0.0]))
+    assert all(math.isnan(r) for r in health.depth_ratios([1.0, float("inf")]))
+    assert all(math.isnan(r) for r in health.depth_ratios([1.0, float("nan")]))
 
 
 def naive_profile(grad: torch.Tensor, time_dim: int) -> list[float]:
@@ -52,10 +52,10 @@ def naive_profile(grad: torch.Tensor, time_dim: int) -> list[float]:
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_time_profile_matches_naive_loop(batch_first: bool) -> None:
     g = torch.randn(6, 4, 3, generator=torch.Generator().manual_seed(1))
-    got = H.time_profile(g, batch_first=batch_first).tolist()
+    got = health.time_profile(g, batch_first=batch_first).tolist()
     assert got == pytest.approx(naive_profile(g, 1 if batch_first else 0), rel=1e-6)
     unbatched = g[:, 0]
-    assert H.time_profile(unbatched).tolist() == pytest.approx(naive_profile(unbatched, 0), rel=1e-6)
+    assert health.time_profile(unbatched).tolist() == pytest.approx(naive_profile(unbatched, 0), rel=1e-6)
 
 
 def test_time_profile_of_packed_sequence_matches_padded() -> None:
@@ -65,7 +65,7 @@ def test_time_profile_of_packed_sequence_matches_padded() -> None:
     for b, n in enumerate(lengths.tolist()):
         padded[n:, b] = 0.0  # what lies beyond a sequence's end is not part of it
     packed = pack_padded_sequence(padded, lengths)
-    got = H.time_profile(packed.data, batch_sizes=packed.batch_sizes).tolist()
+    got = health.time_profile(packed.data, batch_sizes=packed.batch_sizes).tolist()
     unpacked, _ = pad_packed_sequence(packed)
     assert got == pytest.approx(naive_profile(unpacked, 0), rel=1e-6)
 
@@ -82,26 +82,26 @@ def test_time_profile_of_a_real_rnn_input_gradient() -> None:
         xt = x.detach().clone().requires_grad_(True)
         (gt,) = torch.autograd.grad(rnn(xt)[0][:, -1].sum(), xt)
         expected.append(float(gt[:, t].double().pow(2).sum()))
-    assert H.time_profile(gx, batch_first=True).tolist() == pytest.approx(expected, rel=1e-5)
+    assert health.time_profile(gx, batch_first=True).tolist() == pytest.approx(expected, rel=1e-5)
 
 
 def test_time_decay_by_hand() -> None:
     norms = [0.5 ** (19 - t) for t in range(20)]  # ‖∂L/∂x_t‖
-    decay, k = H.time_decay([n * n for n in norms])
+    decay, k = health.time_decay([n * n for n in norms])
     assert k == 2
     assert decay == pytest.approx(((norms[0] + norms[1]) / 2) / ((norms[18] + norms[19]) / 2), rel=1e-12)
-    assert H.time_decay([1.0])[0] != H.time_decay([1.0])[0]  # NaN: one step has no history
-    assert math.isnan(H.time_decay([1.0, 0.0])[0])  # nothing reaches the latest step
-    assert H.time_decay([4.0, 1.0], fraction=0.5) == (2.0, 1)
+    assert health.time_decay([1.0])[0] != health.time_decay([1.0])[0]  # NaN: one step has no history
+    assert math.isnan(health.time_decay([1.0, 0.0])[0])  # nothing reaches the latest step
+    assert health.time_decay([4.0, 1.0], fraction=0.5) == (2.0, 1)
 
 
 def test_recurrent_blocks_names_and_shapes() -> None:
-    assert [n for n, _ in H.recurrent_blocks(nn.RNN(2, 3, num_layers=2))] == ["l0", "l1"]
+    assert [n for n, _ in health.recurrent_blocks(nn.RNN(2, 3, num_layers=2))] == ["l0", "l1"]
     lstm = nn.LSTM(2, 3, bidirectional=True)
-    names = [n for n, _ in H.recurrent_blocks(lstm)]
+    names = [n for n, _ in health.recurrent_blocks(lstm)]
     assert names == [f"l0{d}.{g}" for d in ("", "_reverse") for g in "ifgo"]
     proj = nn.LSTM(2, 6, proj_size=2)
-    blocks = H.recurrent_blocks(proj)
+    blocks = health.recurrent_blocks(proj)
     assert all(w.shape == (6, 6) for _, w in blocks)
     expected = proj.weight_hh_l0[6:12] @ proj.weight_hr_l0  # forget-gate block through the projection
     torch.testing.assert_close(blocks[1][1], expected.detach())
@@ -111,7 +111,7 @@ def test_recurrent_blocks_names_and_shapes() -> None:
 def test_spectral_radii_per_gate_match_numpy(cls: Any, gates: list[str] | None) -> None:
     torch.manual_seed(0)
     mod = cls(3, 5)
-    names, radii = H.spectral_radii(mod)
+    names, radii = health.spectral_radii(mod)
     gates = gates or [f"l0.{g}" for g in "ifgo"]
     assert names == gates
     w = mod.weight_hh_l0.detach().double().numpy()
@@ -120,13 +120,13 @@ def test_spectral_radii_per_gate_match_numpy(cls: Any, gates: list[str] | None) 
 
 
 def test_thin_history_keeps_the_span() -> None:
-    assert H.thin_history([1, 2, 3], 3) == [1, 2, 3]
-    assert H.thin_history(list(range(6)), 4) == [0, 2, 4, 5]
-    assert H.thin_history(list(range(7)), 4) == [0, 2, 4, 6]
+    assert health.thin_history([1, 2, 3], 3) == [1, 2, 3]
+    assert health.thin_history(list(range(6)), 4) == [0, 2, 4, 5]
+    assert health.thin_history(list(range(7)), 4) == [0, 2, 4, 6]
 
 
 def test_patience_tracker_episodes() -> None:
-    t = H.PatienceTracker(patience=3)
+    t = health.PatienceTracker(patience=3)
     both = {"a", "b"}
     assert t.update({"a"}, both) == []
     assert t.update({"a"}, both) == []
@@ -145,10 +145,10 @@ def test_patience_tracker_episodes() -> None:
 
 
 def test_patience_tracker_state_round_trip() -> None:
-    t = H.PatienceTracker(patience=2)
+    t = health.PatienceTracker(patience=2)
     t.update({"x"}, {"x", "y"})
     state = t.state_dict()
-    u = H.PatienceTracker(patience=2)
+    u = health.PatienceTracker(patience=2)
     u.load_state_dict(state)
     assert u.counts == t.counts
     assert u.update({"x"}, {"x"}) == ["x"] == t.update({"x"}, {"x"})

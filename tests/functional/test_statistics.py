@@ -1,9 +1,9 @@
-"""Threshold rules (lightning_clip.statistics) against the libraries they reproduce and hand computations.
+"""Threshold rules (lightning_clip.functional.thresholds) against the libraries they reproduce and hand computations.
 
 * ``zscore`` against zclip 1.0.0 ``ZClip.step`` and ``percentile`` against autoclip 0.2.1
   ``QuantileClip.step``, both driven for real on a tiny model whose gradients are set to a chosen total
   norm; the clipped norm each library leaves behind is compared with ``min(n, threshold)``.
-* ``mean`` against an independent transcription of the DESIGN.md formula.
+* ``mean`` against an independent transcription of the docs/design.md formula.
 * NaN / Inf robustness (including a hypothesis property over arbitrary float sequences), state round
   trips through ``torch.save`` / ``torch.load(weights_only=True)``, and ``make_rule`` defaults.
 """
@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from zclip import ZClip
 
-from lightning_clip.statistics import (
+from lightning_clip.functional.thresholds import (
     MeanThreshold,
     PercentileThreshold,
     ThresholdRule,
@@ -284,7 +284,7 @@ def _flatten(value):
 def reference_mean_thresholds(
     norms: list[float], factor: float, decay: float, warmup_steps: int, max_norm: float | None
 ) -> list[float]:
-    """DESIGN.md, transcribed: t counts finite norms; thresholds during warm-up are max_norm (or inf);
+    """docs/design.md, transcribed: t counts finite norms; thresholds during warm-up are max_norm (or inf);
     afterwards threshold_t = min(factor · m_{t-1} / (1 - decay^{t-1}), max_norm);
     m_t = decay·m_{t-1} + (1 - decay)·min(n_t, threshold_t)."""
     cap = math.inf if max_norm is None else max_norm

@@ -1,5 +1,5 @@
 """AdaptiveGradientClipping in real fits: the norm the optimizer applies is ``min(pre-clip norm, threshold)``
-with the threshold recomputed independently (DESIGN.md formula, or the peer libraries) from pre-clip norms
+with the threshold recomputed independently (docs/design.md formula, or the peer libraries) from pre-clip norms
 measured naively by another callback, and the norm applied observed with an optimizer step post-hook."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
 
 from lightning_clip.callbacks.adaptive_clipping import AdaptiveGradientClipping
-from tests.integration.test_clipping_reference import (
+from tests.models import RecordedModel, RegressionModel, make_trainer, regression_loader
+from tests.reference import (
     LastFigures,
     PreClipNorms,
     assert_clipped_some,
@@ -24,7 +25,6 @@ from tests.integration.test_clipping_reference import (
     naive_norm,
     zclip_applied,
 )
-from tests.models import RecordedModel, RegressionModel, make_trainer, regression_loader
 
 
 def _fit(

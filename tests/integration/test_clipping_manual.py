@@ -8,47 +8,15 @@ from typing import Any
 
 import pytest
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.loggers import CSVLogger
-from torch import nn
 
 from lightning_clip.callbacks.adaptive_clipping import AdaptiveGradientClipping
-from tests.integration.test_clipping_reference import (
+from tests.models import TwoOptimizerModel, make_trainer, regression_loader
+from tests.reference import (
     assert_clipped_some,
     expected_applied,
     mean_thresholds,
-    naive_norm,
 )
-from tests.models import StepNormRecorder, make_trainer, regression_loader
-
-
-class TwoOptimizerModel(pl.LightningModule):
-    """An encoder and a head, each with its own SGD, stepped by hand; the pre-clip norms are measured
-    naively right before each ``opt.step()``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.automatic_optimization = False
-        self.encoder = nn.Sequential(nn.Linear(8, 16), nn.Tanh())
-        self.head = nn.Linear(16, 1)
-        self.pre: dict[int, list[float]] = {0: [], 1: []}
-
-    def training_step(self, batch: Any, batch_idx: int) -> None:
-        opt0, opt1 = self.optimizers()
-        x, y = batch
-        loss = nn.functional.mse_loss(self.head(self.encoder(x)), y)
-        opt0.zero_grad()
-        opt1.zero_grad()
-        self.manual_backward(loss)
-        for i, (opt, module) in enumerate(((opt0, self.encoder), (opt1, self.head))):
-            self.pre[i].append(naive_norm([p.grad for p in module.parameters()]))
-            opt.step()
-
-    def configure_optimizers(self) -> Any:
-        opt0 = torch.optim.SGD(self.encoder.parameters(), lr=0.3, momentum=0.9)
-        opt1 = torch.optim.SGD(self.head.parameters(), lr=0.05, momentum=0.9)
-        self.recorders = [StepNormRecorder(opt0), StepNormRecorder(opt1)]
-        return [opt0, opt1]
 
 
 def test_two_optimizers_independent_statistics(tmp_path: Any) -> None:

@@ -11,8 +11,8 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_clip.callbacks.adaptive_clipping import AdaptiveGradientClipping
-from tests.integration.test_clipping_reference import LastFigures
 from tests.models import RegressionModel, make_trainer, regression_loader
+from tests.reference import LastFigures
 
 TOTAL = 16
 

@@ -40,11 +40,11 @@ from pytorch_lightning.plugins import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_clip._events import read_events
 from lightning_clip.callbacks.adaptive_clipping import AdaptiveGradientClipping
 from lightning_clip.callbacks.explosion_guard import ExplosionGuard
 from lightning_clip.callbacks.vanishing_monitor import VanishingGradientMonitor
 from lightning_clip.exceptions import GradientExplosionError, LightningClipWarning, VanishingGradientWarning
+from lightning_clip.guard.events import read_events
 from lightning_clip.testing import FaultInjector
 
 ARCHS = ("mlp", "gru", "cnn")

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.reliability.conftest import record
+from tests.reliability.results import record
 from tests.reliability.scenarios import Scenario, generate, run_ddp_scenario, run_scenario
 
 NORMAL = range(20)

@@ -28,6 +28,7 @@ import math
 from collections import deque
 from typing import Any
 
+from lightning_clip._numbers import percentile_of_sorted
 from lightning_clip._validation import check_choice, check_int, check_number
 
 __all__ = ["MODES", "MeanThreshold", "PercentileThreshold", "ThresholdRule", "ZScoreThreshold", "make_rule"]
@@ -247,11 +248,7 @@ class PercentileThreshold(ThresholdRule):
         self._sorted: list[float] = []
 
     def _quantile(self) -> float:
-        values = self._sorted
-        pos = (self.percentile / 100.0) * (len(values) - 1)
-        lo = math.floor(pos)
-        hi = min(lo + 1, len(values) - 1)
-        return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+        return percentile_of_sorted(self._sorted, self.percentile)
 
     def _warmup_uses_mean_rule(self) -> bool:
         return self.count < self.warmup_steps and self.max_norm is None and self.warmup_steps > 1

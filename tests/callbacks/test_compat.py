@@ -11,9 +11,8 @@ import torch
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.precision import MixedPrecision
 
-from lightning_clip import _trainer
-from tests.integration.test_clipping_manual import TwoOptimizerModel
-from tests.models import RegressionModel, make_trainer, regression_loader
+from lightning_clip import _compat
+from tests.models import RegressionModel, TwoOptimizerModel, make_trainer, regression_loader
 
 
 class Probe(pl.Callback):
@@ -28,10 +27,10 @@ class Probe(pl.Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
-        self.should_log.append(_trainer.should_update_logs(trainer))
-        self.indices.append(_trainer.optimizer_index(trainer, optimizer))
-        self.scalers.append(_trainer.gradient_scaler(trainer))
-        self.log_dirs.append(_trainer.log_dir(trainer))
+        self.should_log.append(_compat.should_update_logs(trainer))
+        self.indices.append(_compat.optimizer_index(trainer, optimizer))
+        self.scalers.append(_compat.gradient_scaler(trainer))
+        self.log_dirs.append(_compat.log_dir(trainer))
         if self.should_log[-1]:
             pl_module.log("probe", float(trainer.global_step))
 
@@ -63,8 +62,8 @@ def test_optimizer_index_with_two_optimizers(tmp_path: Any) -> None:
     trainer.fit(TwoOptimizerModel(), regression_loader())
     assert probe.indices == [0, 1, 0, 1, 0, 1]
     raw = trainer.optimizers[1]
-    assert _trainer.optimizer_index(trainer, raw) == 1
-    assert _trainer.optimizer_index(trainer, trainer.strategy._lightning_optimizers[1]) == 1
+    assert _compat.optimizer_index(trainer, raw) == 1
+    assert _compat.optimizer_index(trainer, trainer.strategy._lightning_optimizers[1]) == 1
 
 
 def test_gradient_scaler_under_16_mixed(tmp_path: Any) -> None:
@@ -85,7 +84,7 @@ def test_gradient_scaler_under_16_mixed(tmp_path: Any) -> None:
 def test_force_scaler_skip_makes_the_scaler_skip_and_back_off_like_an_overflow() -> None:
     """Reference: a GradScaler whose gradients really overflowed. Forced, finite gradients behave alike:
     the optimizer step is skipped (weights unchanged) and the scale backs off by the same factor."""
-    from lightning_clip._trainer import force_scaler_skip
+    from lightning_clip._compat import force_scaler_skip
 
     def run(overflow: bool, force: bool) -> tuple[torch.Tensor, float]:
         w = torch.nn.Parameter(torch.ones(3))

@@ -1,26 +1,20 @@
-"""Pure tensor math shared by every lightning-clip callback. Imports torch only, never Lightning.
-
-Usable from a plain PyTorch loop::
-
-    >>> import torch
-    >>> from lightning_clip import functional as F
-    >>> model = torch.nn.Linear(4, 2)
-    >>> model(torch.ones(3, 4)).sum().backward()
-    >>> grads = F.collect_grads(model.parameters())
-    >>> total, per_tensor = F.grad_norms(grads)
-    >>> per_tensor.shape
-    torch.Size([2])
-    >>> coef = F.clip_coef(total, max_norm=0.5)
-    >>> F.scale_grads_(grads, coef)
-    >>> round(float(F.grad_norms(grads)[0]), 4) == round(min(float(total), 0.5), 4)
-    True
+"""Gradient norms in fused passes: total, per tensor, per group, and the finite check. Imports torch only.
 
 Conventions: norms are returned in float32 whatever the gradients' dtype; bf16 / fp16 / fp32 gradients
 are accumulated in float32 without an up-cast copy (``torch._foreach_norm`` accumulates in the requested
 dtype), float64 gradients in float64. As in ``torch.nn.utils.get_total_norm``, the total is the float32
 p-norm of the per-tensor norms, so it overflows to ``inf`` once a per-tensor 2-norm passes ~1.8e19. A
 0-size tensor has norm 0 for every p (torch refuses its inf-norm). ``None`` gradients are skipped;
-in-place functions end in ``_``; nothing here calls ``.item()``.
+nothing here calls ``.item()``.
+
+Example:
+    >>> import torch
+    >>> from lightning_clip.functional import collect_grads, grad_norms
+    >>> model = torch.nn.Linear(4, 2)
+    >>> model(torch.ones(3, 4)).sum().backward()
+    >>> total, per_tensor = grad_norms(collect_grads(model.parameters()))
+    >>> per_tensor.shape
+    torch.Size([2])
 """
 
 from __future__ import annotations
@@ -30,34 +24,16 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-__all__ = [
-    "all_finite",
-    "clip_coef",
-    "clip_grads_",
-    "collect_grads",
-    "grad_norms",
-    "group_norms",
-    "scale_grads_",
-    "spectral_radius",
-    "total_norm",
-]
+from lightning_clip._compat import group_tensors_by_device_and_dtype
+from lightning_clip._validation import check_norm_type
 
-EPS = 1e-6
-"""Added to the norm in the clip coefficient, as in ``torch.nn.utils.clip_grad_norm_``."""
+__all__ = ["all_finite", "collect_grads", "grad_norms", "group_norms", "total_norm"]
 
 
 def collect_grads(parameters: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     """The gradients of ``parameters`` that exist (``None`` gradients are skipped), in order."""
     return [p.grad for p in parameters if p.grad is not None]
-
-
-def _check_norm_type(norm_type: float) -> float:
-    norm_type = float(norm_type)
-    if math.isnan(norm_type) or norm_type <= 0:
-        raise ValueError(f"`norm_type` must be a real number > 0 or float('inf'), got {norm_type!r}.")
-    return norm_type
 
 
 _FLOAT32_SAFE = (torch.float16, torch.bfloat16, torch.float32)
@@ -91,7 +67,7 @@ def grad_norms(tensors: Sequence[torch.Tensor], norm_type: float = 2.0) -> tuple
         >>> float(total), per.tolist()
         (5.0, [3.0, 4.0])
     """
-    norm_type = _check_norm_type(norm_type)
+    norm_type = check_norm_type("norm_type", norm_type)
     if len(tensors) == 0:
         zero = torch.zeros((), dtype=torch.float32)
         return zero, torch.zeros(0, dtype=torch.float32)
@@ -104,13 +80,13 @@ def grad_norms(tensors: Sequence[torch.Tensor], norm_type: float = 2.0) -> tuple
             per_tensor[torch.tensor(keep, device=per_tensor.device)] = kept.to(per_tensor.device)
         return torch.linalg.vector_norm(per_tensor, norm_type), per_tensor
     first_device = tensors[0].device
-    grouped = _group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)
+    grouped = group_tensors_by_device_and_dtype(tensors, with_indices=True)
     if len(grouped) == 1:  # the common case: one device, one dtype, already in order
-        [group], _ = next(iter(grouped.values()))
+        group, _ = next(iter(grouped.values()))
         per_tensor = _float32_norms(group, norm_type)
         return torch.linalg.vector_norm(per_tensor, norm_type), per_tensor
     per_tensor = torch.empty(len(tensors), dtype=torch.float32, device=first_device)
-    for (device, _), ([group], indices) in grouped.items():
+    for (device, _), (group, indices) in grouped.items():
         stacked = _float32_norms(group, norm_type)
         if device != first_device:
             stacked = stacked.to(first_device)
@@ -121,65 +97,6 @@ def grad_norms(tensors: Sequence[torch.Tensor], norm_type: float = 2.0) -> tuple
 def total_norm(tensors: Sequence[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
     """The total p-norm of ``tensors`` (float32); see :func:`grad_norms`."""
     return grad_norms(tensors, norm_type)[0]
-
-
-def clip_coef(total: torch.Tensor | float, max_norm: torch.Tensor | float, eps: float = EPS) -> torch.Tensor:
-    """``min(1, max_norm / (total + eps))``: the factor that brings a norm ``total`` down to ``max_norm``.
-
-    Example:
-        >>> float(clip_coef(torch.tensor(10.0), 5.0, eps=0.0))
-        0.5
-        >>> float(clip_coef(torch.tensor(1.0), 5.0))
-        1.0
-    """
-    total = torch.as_tensor(total, dtype=torch.float32)
-    return torch.clamp(torch.as_tensor(max_norm, dtype=torch.float32) / (total + eps), max=1.0)
-
-
-def scale_grads_(tensors: Sequence[torch.Tensor], coef: torch.Tensor | float) -> None:
-    """Multiply every tensor in place by ``coef`` (a Python number or a 0-d tensor) in fused passes.
-
-    A Python number is passed to ``_foreach_mul_`` as a 0-d float32 tensor: on the CPU the scalar
-    overload falls back to one kernel per tensor and costs about 3× as much (2000 tensors: 3.6 ms against
-    1.2 ms, ``benchmarks/clip_step.py``).
-    """
-    if len(tensors) == 0:
-        return
-    if not isinstance(coef, torch.Tensor):
-        coef = torch.tensor(float(coef), dtype=torch.float32)
-    grouped = _group_tensors_by_device_and_dtype([list(tensors)])
-    for (device, _), ([group], _) in grouped.items():
-        torch._foreach_mul_(group, coef.to(device))  # type: ignore[arg-type]
-
-
-def clip_grads_(tensors: Sequence[torch.Tensor], max_norm: float, total: float, eps: float = EPS) -> float:
-    """Scale ``tensors`` so their total norm ``total`` (already measured) becomes ``max_norm``.
-
-    Host-side decision: nothing is written when ``total <= max_norm`` or ``total`` is not finite. The
-    coefficient is ``max_norm / (total + eps)``, as in ``torch.nn.utils.clip_grad_norm_``.
-
-    Returns:
-        The coefficient applied (``1.0`` when nothing was written).
-
-    Raises:
-        ValueError: ``max_norm`` is negative or NaN (it would flip or poison the gradients).
-
-    Example:
-        >>> g = [torch.tensor([3.0, 4.0])]
-        >>> clip_grads_(g, max_norm=1.0, total=5.0, eps=0.0)
-        0.2
-        >>> g[0].tolist()
-        [0.6000000238418579, 0.800000011920929]
-    """
-    if not max_norm >= 0.0:
-        raise ValueError(f"`max_norm` must be a number >= 0 or inf, got {max_norm!r}.")
-    if not math.isfinite(total) or total <= max_norm:
-        return 1.0
-    coef = max_norm / (total + eps)
-    if coef >= 1.0:
-        return 1.0
-    scale_grads_(tensors, coef)
-    return coef
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -199,12 +116,12 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.tensor(True)
     device = nonempty[0].device
     flags = []
-    for (group_device, _), ([group], _) in _group_tensors_by_device_and_dtype([nonempty]).items():
+    for (group_device, _), (group, _) in group_tensors_by_device_and_dtype(nonempty).items():
         if group_device.type == "cpu":
             # the CPU inf-norm kernel is slow (about 12× torch.aminmax, which NaN and ±Inf also reach)
-            extrema = torch.stack([v for t in group for v in torch.aminmax(t)])  # type: ignore[arg-type]
+            extrema = torch.stack([v for t in group for v in torch.aminmax(t)])
         else:  # one fused kernel on accelerators
-            extrema = torch.stack(torch._foreach_norm(group, math.inf))  # type: ignore[arg-type]
+            extrema = torch.stack(torch._foreach_norm(group, math.inf))
         flags.append(torch.isfinite(extrema).all().to(device))
     return flags[0] if len(flags) == 1 else torch.stack(flags).all()
 
@@ -224,21 +141,8 @@ def group_norms(
         >>> group_norms(torch.tensor([3.0, 4.0, 1.0]), torch.tensor([0, 0, 1]), 2).tolist()
         [5.0, 1.0]
     """
-    norm_type = _check_norm_type(norm_type)
+    norm_type = check_norm_type("norm_type", norm_type)
     out = torch.zeros(num_groups, dtype=per_tensor.dtype, device=per_tensor.device)
     if math.isinf(norm_type):
         return out.scatter_reduce_(0, group_index, per_tensor, reduce="amax", include_self=True)
     return out.index_add_(0, group_index, per_tensor.pow(norm_type)).pow(1.0 / norm_type)
-
-
-def spectral_radius(weight: torch.Tensor) -> torch.Tensor:
-    """Largest absolute eigenvalue of a square matrix (float32 result, computed in float64).
-
-    Example:
-        >>> round(float(spectral_radius(torch.tensor([[0.0, 2.0], [0.5, 0.0]]))), 6)
-        1.0
-    """
-    if weight.ndim != 2 or weight.shape[0] != weight.shape[1]:
-        raise ValueError(f"`weight` must be a square matrix, got shape {tuple(weight.shape)}.")
-    eig = torch.linalg.eigvals(weight.detach().to(torch.float64))
-    return eig.abs().max().to(torch.float32)

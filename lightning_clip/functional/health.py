@@ -5,11 +5,11 @@ Imports torch only, never Lightning, so every piece is usable (and tested) from 
 
     >>> import torch
     >>> from torch import nn
-    >>> from lightning_clip import gradient_health as H
+    >>> from lightning_clip.functional import health
     >>> model = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 1))
-    >>> [name for name, _ in H.model_layers(model)]
+    >>> [name for name, _ in health.model_layers(model)]
     ['0', '2']
-    >>> H.depth_ratios([1e-9, 2.0])
+    >>> health.depth_ratios([1e-9, 2.0])
     [5e-10, 1.0]
 
 Vocabulary: a *layer* is a module that directly owns parameters, named by its qualified name; its
@@ -25,8 +25,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_clip import functional as F
-
 __all__ = [
     "RECURRENT_GATES",
     "PatienceTracker",
@@ -34,6 +32,8 @@ __all__ = [
     "model_layers",
     "param_layer_index",
     "recurrent_blocks",
+    "spectral_radii",
+    "spectral_radius",
     "thin_history",
     "time_decay",
     "time_profile",
@@ -148,6 +148,19 @@ def time_decay(profile_sq: Sequence[float], fraction: float = 0.1) -> tuple[floa
     return early / late, k
 
 
+def spectral_radius(weight: torch.Tensor) -> torch.Tensor:
+    """Largest absolute eigenvalue of a square matrix (float32 result, computed in float64).
+
+    Example:
+        >>> round(float(spectral_radius(torch.tensor([[0.0, 2.0], [0.5, 0.0]]))), 6)
+        1.0
+    """
+    if weight.ndim != 2 or weight.shape[0] != weight.shape[1]:
+        raise ValueError(f"`weight` must be a square matrix, got shape {tuple(weight.shape)}.")
+    eig = torch.linalg.eigvals(weight.detach().to(torch.float64))
+    return eig.abs().max().to(torch.float32)
+
+
 def recurrent_blocks(module: nn.RNNBase) -> list[tuple[str, torch.Tensor]]:
     """The recurrent weight blocks of ``module``, one square matrix per layer, direction and gate.
 
@@ -185,7 +198,7 @@ def spectral_radii(module: nn.RNNBase) -> tuple[list[str], torch.Tensor]:
         (['l0'], [1.0])
     """
     blocks = recurrent_blocks(module)
-    return [n for n, _ in blocks], torch.stack([F.spectral_radius(w) for _, w in blocks])
+    return [n for n, _ in blocks], torch.stack([spectral_radius(w) for _, w in blocks])
 
 
 def thin_history(history: list[Any], max_len: int) -> list[Any]:

@@ -1,0 +1,57 @@
+"""The math every lightning-clip callback shares, usable from a plain PyTorch loop. No Lightning import.
+
+* :mod:`~lightning_clip.functional.norms`: total, per-tensor and per-group gradient norms in one fused
+  pass, and the finite check.
+* :mod:`~lightning_clip.functional.clipping`: clip coefficients and fused in-place scaling.
+* :mod:`~lightning_clip.functional.thresholds`: the running statistics that turn a stream of norms into
+  clipping thresholds (``mean``, ZClip's ``zscore``, AutoClip's ``percentile``).
+* :mod:`~lightning_clip.functional.health`: per-layer and through-time gradient health, spectral radii.
+
+Example:
+    >>> import torch
+    >>> from lightning_clip import functional
+    >>> model = torch.nn.Linear(4, 2)
+    >>> model(torch.ones(3, 4)).sum().backward()
+    >>> grads = functional.collect_grads(model.parameters())
+    >>> total, per_tensor = functional.grad_norms(grads)
+    >>> coef = functional.clip_coef(total, max_norm=0.5)
+    >>> functional.scale_grads_(grads, coef)
+    >>> round(float(functional.total_norm(grads)), 4) == round(min(float(total), 0.5), 4)
+    True
+"""
+
+from lightning_clip.functional import clipping, health, norms, thresholds
+from lightning_clip.functional.clipping import EPS, clip_coef, clip_grads_, scale_grads_
+from lightning_clip.functional.health import spectral_radius
+from lightning_clip.functional.norms import all_finite, collect_grads, grad_norms, group_norms, total_norm
+from lightning_clip.functional.thresholds import (
+    MODES,
+    MeanThreshold,
+    PercentileThreshold,
+    ThresholdRule,
+    ZScoreThreshold,
+    make_rule,
+)
+
+__all__ = [
+    "EPS",
+    "MODES",
+    "MeanThreshold",
+    "PercentileThreshold",
+    "ThresholdRule",
+    "ZScoreThreshold",
+    "all_finite",
+    "clip_coef",
+    "clip_grads_",
+    "clipping",
+    "collect_grads",
+    "grad_norms",
+    "group_norms",
+    "health",
+    "make_rule",
+    "norms",
+    "scale_grads_",
+    "spectral_radius",
+    "thresholds",
+    "total_norm",
+]

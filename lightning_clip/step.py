@@ -1,0 +1,260 @@
+"""The explicit per-step object that every lightning-clip callback of a Trainer shares. No Lightning import.
+
+Lifecycle, for each optimizer step (``on_before_optimizer_step`` of one optimizer):
+
+1. **Riders** (before the step). A callback that needs a scalar on the host at this step (the guard's
+   training loss) registers it with :meth:`StepTracker.ride_along` from an earlier hook
+   (``on_before_backward``); it waits for the next step.
+2. **Begin.** The first lightning-clip callback whose hook runs calls :meth:`StepTracker.begin` with the
+   optimizer and ``global_step``; it creates the :class:`StepState`. Every later call for the same
+   optimizer and step returns the same object, whatever the callbacks' order.
+3. **Measure.** :meth:`StepState.measure` reads the gradients once per norm type (one fused
+   ``_foreach_norm`` pass) and returns a :class:`GradMeasurement`; every callback sees the pre-clip
+   figures. The first host read (:attr:`GradMeasurement.total_norm`) brings the norm and every rider to
+   the host in one device-to-host transfer.
+4. **Act.** Clipping callbacks call :meth:`GradMeasurement.clip_`: gradients are scaled only as far as the
+   tightest bound asks. A callback that drops the update calls :meth:`StepState.skip` (the step's fate).
+5. **Fate.** The step is over at ``on_train_batch_end`` (or when the next step begins). Statistics that
+   must only count applied updates read :attr:`StepState.skipped` then.
+
+The tracker holds no state worth saving: nothing of it goes into checkpoints.
+
+Example:
+    >>> import torch
+    >>> model = torch.nn.Linear(2, 1)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> model(torch.ones(1, 2)).sum().backward()
+    >>> tracker = StepTracker()
+    >>> tracker.ride_along("loss", lambda: torch.tensor(0.5))
+    >>> state = tracker.begin(opt, step=0)
+    >>> m = state.measure(2.0)
+    >>> round(m.total_norm, 4), state.rider("loss")
+    (1.7321, 0.5)
+    >>> tracker.begin(opt, step=0) is state
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from lightning_clip.functional.clipping import EPS, scale_grads_
+from lightning_clip.functional.norms import grad_norms
+
+__all__ = ["GradMeasurement", "LossWindow", "StepState", "StepTracker", "optimizer_params"]
+
+Provider = Callable[[], "torch.Tensor | None"]
+"""Returns a 0-d tensor to bring to the host with the step's norm, or None for nothing."""
+
+
+def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every parameter of ``optimizer``, in param-group order."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+@dataclass
+class GradMeasurement:
+    """The gradients of one optimizer at one step and their pre-clip p-norms (one norm type).
+
+    Attributes:
+        state: the step it belongs to (its fate, its riders, the scale applied so far).
+        params: the optimizer's parameters that have a gradient, in order.
+        grads: their gradients (the same tensors the optimizer will read).
+        total: float32 0-d tensor, the total p-norm (on the gradients' device).
+        per_param: float32 1-D tensor, one p-norm per entry of ``params``.
+        norm_type: the p.
+    """
+
+    state: StepState
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    total: torch.Tensor
+    per_param: torch.Tensor
+    norm_type: float
+    _host_total: float | None = field(default=None, repr=False)
+
+    @property
+    def total_norm(self) -> float:
+        """The total norm as a Python float, cached. The step's first host read also brings every rider."""
+        if self._host_total is None:
+            self._host_total = self.state._fetch(self.total)
+        return self._host_total
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.total_norm)
+
+    @property
+    def skipped(self) -> bool:
+        """The step's fate: True once a callback dropped the update (see :meth:`StepState.skip`)."""
+        return self.state.skipped
+
+    def clip_(self, max_norm: float, eps: float = EPS) -> float:
+        """Bring the gradients' total norm down to ``max_norm`` if their pre-clip norm exceeds it.
+
+        Writes the gradients only when the bound is tighter than every bound applied before at this step
+        (one fused multiply per device and dtype); nothing is written when the norm is not finite or the
+        step is skipped. So the final norm is the smallest bound whatever the callbacks' order.
+
+        Returns:
+            ``min(1, max_norm / (norm + eps))``, the coefficient this bound asks for relative to the
+            pre-clip norm (``1.0`` when nothing needs clipping, the norm is not finite or the step is skipped).
+        """
+        norm = self.total_norm
+        if self.skipped or not math.isfinite(norm) or norm <= max_norm:
+            return 1.0
+        coef = max_norm / (norm + eps)
+        if coef >= 1.0:
+            return 1.0
+        current = self.state.scale
+        if coef < current:
+            scale_grads_(self.grads, coef / current)
+            self.state.scale = coef
+        return coef
+
+    def nonfinite_indices(self) -> list[int]:
+        """Indices into ``params`` whose gradient holds a NaN or Inf (only call when not ``finite``)."""
+        return torch.nonzero(~torch.isfinite(self.per_param)).flatten().tolist()
+
+
+@dataclass
+class StepState:
+    """One optimizer step as every lightning-clip callback sees it (see the module docstring).
+
+    Attributes:
+        optimizer: the torch optimizer about to step.
+        step: the Trainer's ``global_step`` at this step.
+        riders: scalars to bring to the host with the first norm read (key -> provider).
+        scale: the factor the gradients have been scaled by so far (1.0: untouched).
+        skipped: the update will not be applied.
+    """
+
+    optimizer: torch.optim.Optimizer
+    step: int
+    riders: dict[str, Provider] = field(default_factory=dict)
+    scale: float = 1.0
+    skipped: bool = False
+    measurements: dict[float, GradMeasurement] = field(default_factory=dict, repr=False)
+    _rider_values: dict[str, float] | None = field(default=None, repr=False)
+
+    def measure(self, norm_type: float = 2.0) -> GradMeasurement:
+        """The measurement of the gradients with ``norm_type`` (one fused pass per distinct p, cached)."""
+        found = self.measurements.get(norm_type)
+        if found is None:
+            params = [p for p in optimizer_params(self.optimizer) if p.grad is not None]
+            grads = [p.grad for p in params if p.grad is not None]
+            total, per_param = grad_norms(grads, norm_type)
+            if self.scale != 1.0:  # measured after a clip at this step: report the pre-clip figures
+                total, per_param = total / self.scale, per_param / self.scale
+            found = GradMeasurement(self, params, grads, total, per_param, norm_type)
+            self.measurements[norm_type] = found
+        return found
+
+    def rider(self, key: str) -> float | None:
+        """The host value of the rider ``key``, or None when it was not registered before this step (or its
+        provider gave None). Triggers the step's transfer if no norm was read yet."""
+        if self._rider_values is None:
+            first = next(iter(self.measurements.values()), None) or self.measure(2.0)
+            _ = first.total_norm
+        return (self._rider_values or {}).get(key)
+
+    def skip(self) -> None:
+        """Drop the update: every gradient of the optimizer is set to None (parameters and optimizer state
+        stay bit-identical), and the step is marked skipped for every callback."""
+        for p in optimizer_params(self.optimizer):
+            p.grad = None
+        self.skipped = True
+
+    def _fetch(self, total: torch.Tensor) -> float:
+        """Bring ``total`` to the host, with the riders on the first call: one transfer for all of them."""
+        if self._rider_values is not None or not self.riders:
+            if self._rider_values is None:
+                self._rider_values = {}
+            return float(total.item())
+        keys, tensors = [], [total.float().reshape(())]
+        for key, provider in self.riders.items():
+            t = provider()
+            if t is not None:
+                keys.append(key)
+                tensors.append(t.detach().float().reshape(()).to(total.device))
+        values = torch.stack(tensors).tolist()
+        self._rider_values = dict(zip(keys, values[1:], strict=True))
+        return float(values[0])
+
+
+class StepTracker:
+    """Hands every lightning-clip callback of one Trainer the same :class:`StepState` for each step.
+
+    The callbacks' shared base attaches one tracker to all of them at ``setup`` (see
+    :class:`~lightning_clip.callbacks._base.LightningClipCallback`), so no state is hidden in module
+    globals and two Trainers never share one.
+    """
+
+    def __init__(self) -> None:
+        self.current: StepState | None = None
+        self._waiting: dict[str, Provider] = {}
+
+    def ride_along(self, key: str, provider: Provider) -> None:
+        """Ask for a scalar to come to the host with the next step's norm (one transfer for both).
+
+        ``provider`` is called at the transfer (so it sees in-place changes made until then).
+        """
+        self._waiting[key] = provider
+
+    def begin(self, optimizer: torch.optim.Optimizer, step: int) -> StepState:
+        """The :class:`StepState` of ``optimizer`` at ``step``: new for a new step, else the same object."""
+        current = self.current
+        if current is None or current.optimizer is not optimizer or current.step != step:
+            current = StepState(optimizer, step, riders=self._waiting)
+            self._waiting = {}
+            self.current = current
+        return current
+
+    def __getstate__(self) -> dict[str, object]:
+        return {}  # transient: a pickled callback (ddp_spawn) starts with a fresh tracker
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__init__()  # type: ignore[misc]
+
+
+class LossWindow:
+    """The training losses back-propagated since the last optimizer step (every micro-batch of an
+    accumulation window), kept as tensors: their mean rides on the step's single host transfer.
+
+    Example:
+        >>> window = LossWindow()
+        >>> window.add(torch.tensor(1.0)); window.add(torch.tensor(3.0))
+        >>> float(window.mean())
+        2.0
+    """
+
+    def __init__(self) -> None:
+        self._losses: list[torch.Tensor] = []
+
+    def add(self, loss: torch.Tensor) -> None:
+        """Record a loss handed to ``backward`` (detached; shares storage, so it sees later in-place edits)."""
+        self._losses.append(loss.detach())
+
+    def clear(self) -> None:
+        self._losses = []
+
+    def mean(self) -> torch.Tensor | None:
+        """Mean of the recorded losses (a 0-d float32 tensor; no host transfer), or None when empty."""
+        if not self._losses:
+            return None
+        device = self._losses[0].device
+        return torch.stack([t.float().mean().to(device) for t in self._losses]).mean()
+
+    def take(self, state: StepState, rider: str) -> float | None:
+        """The mean loss on the host, from the step's transfer (``rider``: the key it was registered
+        under), or fetched apart when it was registered too late for it; then the window is emptied."""
+        value = state.rider(rider)
+        if value is None and self._losses:
+            mean = self.mean()
+            value = None if mean is None else float(mean.item())
+        self.clear()
+        return value
