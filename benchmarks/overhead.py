@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_clip import AdaptiveGradientClipping
+from lightning_clip.step import share_step_tracker
 
 warnings.filterwarnings("ignore")
 logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
@@ -76,6 +77,8 @@ class Alternator(pl.Callback):
         self.stamp: float | None = None
         #: variant -> {block: step time in seconds}
         self.times: dict[str, dict[int, float]] = {n: {} for n in self.names}
+        for callbacks in variants.values():  # the callbacks of one variant measure each step once
+            share_step_tracker([cb for cb in callbacks if hasattr(cb, "step_tracker")])
         for hook in _EVERY_VARIANT:
             setattr(self, hook, self._to_all(hook))
         for hook in _ACTIVE_VARIANT:

@@ -37,15 +37,23 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from lightning_clip.functional.clipping import EPS, scale_grads_
 from lightning_clip.functional.norms import grad_norms
 
-__all__ = ["GradMeasurement", "LossWindow", "StepState", "StepTracker", "optimizer_params"]
+__all__ = [
+    "GradMeasurement",
+    "LossWindow",
+    "StepState",
+    "StepTracker",
+    "optimizer_params",
+    "share_step_tracker",
+]
 
 Provider = Callable[[], "torch.Tensor | None"]
 """Returns a 0-d tensor to bring to the host with the step's norm, or None for nothing."""
@@ -258,3 +266,14 @@ class LossWindow:
             value = None if mean is None else float(mean.item())
         self.clear()
         return value
+
+
+def share_step_tracker(callbacks: Sequence[Any], tracker: StepTracker | None = None) -> StepTracker:
+    """Give every one of ``callbacks`` (lightning-clip callbacks) the same :class:`StepTracker` (a new one
+    unless ``tracker`` is given), so they measure each step once. The callbacks' ``setup`` does this for
+    the callbacks the Trainer lists; a wrapper that drives lightning-clip callbacks itself (as
+    ``benchmarks/overhead.py`` does) calls it once for each set."""
+    shared = tracker if tracker is not None else StepTracker()
+    for cb in callbacks:
+        cb.step_tracker = shared
+    return shared

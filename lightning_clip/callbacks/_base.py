@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from typing_extensions import override
 
-from lightning_clip.step import StepState, StepTracker
+from lightning_clip.step import StepState, StepTracker, share_step_tracker
 
 
 class LightningClipCallback(pl.Callback):
@@ -44,20 +44,14 @@ class LightningClipCallback(pl.Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         siblings = [cb for cb in trainer.callbacks if isinstance(cb, LightningClipCallback)]  # type: ignore[attr-defined]
-        if self not in siblings:
-            siblings.append(self)
-        shared = next(
-            (
-                cb.step_tracker
-                for cb in siblings
-                if cb.step_tracker is not None and cb._tracker_of == id(trainer)
-            ),
-            None,
-        )
-        if shared is None:
-            shared = StepTracker()
+        if self not in siblings:  # driven by a wrapper callback: keep the tracker it was given
+            if self.step_tracker is None:
+                self.step_tracker = StepTracker()
+            return
+        current = [cb.step_tracker for cb in siblings if cb._tracker_of == id(trainer)]
+        share_step_tracker(siblings, next((t for t in current if t is not None), None))
         for cb in siblings:
-            cb.step_tracker, cb._tracker_of = shared, id(trainer)
+            cb._tracker_of = id(trainer)
 
     def step_state(self, optimizer: Any, step: int) -> StepState:
         """The shared :class:`~lightning_clip.step.StepState` of ``optimizer`` (a torch optimizer) at ``step``."""

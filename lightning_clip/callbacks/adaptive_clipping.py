@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import pytorch_lightning as pl
@@ -11,14 +10,14 @@ from pytorch_lightning.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_clip import _compat
-from lightning_clip._validation import check_norm_type, check_number
+from lightning_clip._validation import check_norm_type
 from lightning_clip.callbacks._base import LightningClipCallback
 from lightning_clip.exceptions import LightningClipWarning
-from lightning_clip.functional.thresholds import ThresholdRule, make_rule
+from lightning_clip.functional.thresholds import RULE_DEFAULTS, ThresholdRule, check_max_norm, make_rule
 from lightning_clip.step import GradMeasurement
 
-RULE_ARGS = tuple(inspect.signature(make_rule).parameters)
-"""The arguments of the threshold rule, read from :func:`~lightning_clip.functional.thresholds.make_rule`."""
+RULE_ARGS = ("mode", *RULE_DEFAULTS)
+"""The arguments that make the threshold rule (:func:`~lightning_clip.functional.thresholds.make_rule`)."""
 
 __all__ = ["AdaptiveGradientClipping"]
 
@@ -108,9 +107,7 @@ class AdaptiveGradientClipping(LightningClipCallback):
         self.percentile = percentile
         self.window = window
         self.warmup_steps = warmup_steps
-        self.max_norm = (
-            None if max_norm is None else check_number("max_norm", max_norm, low=0.0, low_inclusive=False)
-        )
+        self.max_norm = check_max_norm(max_norm)
         self.norm_type = check_norm_type("norm_type", norm_type)
         self._new_rule()  # validates every argument of the rule
         self._rules: dict[int, ThresholdRule] = {}

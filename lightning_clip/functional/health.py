@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from torch import nn
 
 __all__ = [
     "RECURRENT_GATES",
+    "Episode",
     "PatienceTracker",
     "depth_ratios",
     "model_layers",
@@ -217,6 +219,18 @@ def thin_history(history: list[Any], max_len: int) -> list[Any]:
     return kept
 
 
+@dataclass
+class Episode:
+    """One key's consecutive-check counts in :class:`PatienceTracker`."""
+
+    flagged: int = 0
+    """consecutive checks at which the key was flagged"""
+    healthy: int = 0
+    """consecutive checks at which it was observed and not flagged"""
+    alerted: bool = False
+    """an alert was raised in the current episode"""
+
+
 class PatienceTracker:
     """Consecutive-check bookkeeping: a key (e.g. a layer) raises an alert once per episode.
 
@@ -232,14 +246,14 @@ class PatienceTracker:
 
     def __init__(self, patience: int) -> None:
         self.patience = patience
-        #: key -> [consecutive flagged checks, consecutive healthy checks, alerted in this episode (0/1)]
-        self.counts: dict[str, list[int]] = {}
+        #: key -> its counts (only keys with something to remember)
+        self.counts: dict[str, Episode] = {}
 
     def flagged_count(self, key: str) -> int:
-        return self.counts.get(key, [0, 0, 0])[0]
+        return self.counts.get(key, Episode()).flagged
 
     def alerted(self, key: str) -> bool:
-        return bool(self.counts.get(key, [0, 0, 0])[2])
+        return self.counts.get(key, Episode()).alerted
 
     def may_alert(self, key: str) -> bool:
         """True when one more flagged check would raise an alert for ``key``."""
@@ -250,24 +264,30 @@ class PatienceTracker:
         flagged = set(flagged)
         due = []
         for key in dict.fromkeys([*observed, *sorted(flagged)]):
-            c = self.counts.setdefault(key, [0, 0, 0])
+            c = self.counts.setdefault(key, Episode())
             if key in flagged:
-                c[0] += 1
-                c[1] = 0
-                if not c[2] and c[0] >= self.patience:
-                    c[2] = 1
+                c.flagged += 1
+                c.healthy = 0
+                if not c.alerted and c.flagged >= self.patience:
+                    c.alerted = True
                     due.append(key)
             else:
-                c[0] = 0
-                c[1] += 1
-                if c[2] and c[1] >= self.patience:
-                    c[2] = 0  # recovered: the episode is over
-            if not c[2] and c[0] == 0:  # nothing to remember
+                c.flagged = 0
+                c.healthy += 1
+                if c.alerted and c.healthy >= self.patience:
+                    c.alerted = False  # recovered: the episode is over
+            if not c.alerted and c.flagged == 0:  # nothing to remember
                 self.counts.pop(key)
         return due
 
     def state_dict(self) -> dict[str, Any]:
-        return {"patience": self.patience, "counts": {k: list(v) for k, v in self.counts.items()}}
+        """Plain values: ``{"patience", "counts": {key: [flagged, healthy, alerted (0/1)]}}``."""
+        return {
+            "patience": self.patience,
+            "counts": {k: [c.flagged, c.healthy, int(c.alerted)] for k, c in self.counts.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.counts = {str(k): [int(x) for x in v] for k, v in state.get("counts", {}).items()}
+        self.counts = {
+            str(k): Episode(int(v[0]), int(v[1]), bool(v[2])) for k, v in state.get("counts", {}).items()
+        }

@@ -31,12 +31,38 @@ from typing import Any
 from lightning_clip._numbers import percentile_of_sorted
 from lightning_clip._validation import check_choice, check_int, check_number
 
-__all__ = ["MODES", "MeanThreshold", "PercentileThreshold", "ThresholdRule", "ZScoreThreshold", "make_rule"]
+__all__ = [
+    "MODES",
+    "RULE_DEFAULTS",
+    "MeanThreshold",
+    "PercentileThreshold",
+    "ThresholdRule",
+    "ZScoreThreshold",
+    "check_max_norm",
+    "make_rule",
+]
 
 MODES = ("mean", "zscore", "percentile")
 
 FLOAT32_MAX = 3.4028234663852886e38
 """Largest finite float32: no measured norm exceeds it, and values entering the statistics are kept below."""
+
+
+RULE_DEFAULTS: dict[str, Any] = {
+    "factor": 1.5,
+    "decay": 0.97,
+    "z_threshold": 2.5,
+    "percentile": 10.0,
+    "window": 1000,
+    "warmup_steps": None,
+    "max_norm": None,
+}
+"""The threshold arguments :func:`make_rule` takes besides ``mode``, with their defaults."""
+
+
+def check_max_norm(max_norm: Any) -> float | None:
+    """``max_norm`` as a float ``> 0``, or None (the optional absolute cap)."""
+    return None if max_norm is None else check_number("max_norm", max_norm, low=0.0, low_inclusive=False)
 
 
 def _bounded(value: float) -> float:
@@ -99,9 +125,7 @@ class MeanThreshold(ThresholdRule):
         self.factor = check_number("factor", factor, low=1.0, low_inclusive=False)
         self.decay = check_number("decay", decay, low=0.0, high=1.0, high_inclusive=False)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, low=1)
-        self.max_norm = (
-            None if max_norm is None else check_number("max_norm", max_norm, low=0.0, low_inclusive=False)
-        )
+        self.max_norm = check_max_norm(max_norm)
         self.count = 0
         self.ema = 0.0
 
@@ -151,14 +175,13 @@ class ZScoreThreshold(ThresholdRule):
         warmup_steps: int = 25,
         max_norm: float | None = None,
         factor: float = 1.5,
+        *,
         eps: float = 1e-6,
     ) -> None:
         self.z_threshold = check_number("z_threshold", z_threshold, low=0.0, low_inclusive=False)
         self.decay = check_number("decay", decay, low=0.0, high=1.0, high_inclusive=False)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, low=1)
-        self.max_norm = (
-            None if max_norm is None else check_number("max_norm", max_norm, low=0.0, low_inclusive=False)
-        )
+        self.max_norm = check_max_norm(max_norm)
         self.eps = check_number("eps", eps, low=0.0, low_inclusive=False)
         self._warmup_rule = MeanThreshold(factor=factor, decay=decay, warmup_steps=1)
         self.buffer: list[float] = []
@@ -239,9 +262,7 @@ class PercentileThreshold(ThresholdRule):
         self.percentile = check_number("percentile", percentile, low=0.0, high=100.0)
         self.window = check_int("window", window, low=1)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, low=1)
-        self.max_norm = (
-            None if max_norm is None else check_number("max_norm", max_norm, low=0.0, low_inclusive=False)
-        )
+        self.max_norm = check_max_norm(max_norm)
         self._warmup_rule = MeanThreshold(factor=factor, decay=decay, warmup_steps=1)
         self.count = 0
         self._history: deque[float] = deque()
@@ -291,21 +312,14 @@ class PercentileThreshold(ThresholdRule):
         self._warmup_rule.load_state_dict(state.get("warmup_rule", {}))
 
 
-def make_rule(
-    mode: str,
-    *,
-    factor: float = 1.5,
-    decay: float = 0.97,
-    z_threshold: float = 2.5,
-    percentile: float = 10.0,
-    window: int = 1000,
-    warmup_steps: int | None = None,
-    max_norm: float | None = None,
-) -> ThresholdRule:
+def make_rule(mode: str, **arguments: Any) -> ThresholdRule:
     """Build the rule for ``mode`` from :class:`~lightning_clip.AdaptiveGradientClipping`'s arguments.
 
-    ``warmup_steps=None`` means 1, or 25 for ``zscore`` (ZClip's default). Every argument is validated,
-    also those the chosen mode does not use, so a typo never passes silently.
+    ``arguments``: any of ``factor`` (1.5), ``decay`` (0.97), ``z_threshold`` (2.5), ``percentile`` (10.0),
+    ``window`` (1000), ``warmup_steps`` (None: 1, or 25 for ``zscore``, ZClip's default) and ``max_norm``
+    (None), with the meanings and ranges of :class:`~lightning_clip.AdaptiveGradientClipping`. Every argument
+    is validated, also those the chosen mode does not use, so a typo never passes silently; an unknown name
+    is a ``TypeError``.
 
     Example:
         >>> make_rule("zscore").warmup_steps
@@ -316,6 +330,12 @@ def make_rule(
         ValueError: `window` must be an integer >= 1, got 0.
     """
     check_choice("mode", mode, MODES)
+    unknown = sorted(set(arguments) - set(RULE_DEFAULTS))
+    if unknown:
+        raise TypeError(f"make_rule() got unknown argument(s) {unknown}; allowed: {sorted(RULE_DEFAULTS)}.")
+    a = {**RULE_DEFAULTS, **arguments}
+    factor, decay, z_threshold, percentile = a["factor"], a["decay"], a["z_threshold"], a["percentile"]
+    window, warmup_steps, max_norm = a["window"], a["warmup_steps"], a["max_norm"]
     check_number("factor", factor, low=1.0, low_inclusive=False)
     check_number("decay", decay, low=0.0, high=1.0, high_inclusive=False)
     check_number("z_threshold", z_threshold, low=0.0, low_inclusive=False)
@@ -323,8 +343,7 @@ def make_rule(
     check_int("window", window, low=1)
     if warmup_steps is not None:
         check_int("warmup_steps", warmup_steps, low=1, optional=True)
-    if max_norm is not None:
-        check_number("max_norm", max_norm, low=0.0, low_inclusive=False)
+    max_norm = check_max_norm(max_norm)
     if mode == "mean":
         return MeanThreshold(factor, decay, 1 if warmup_steps is None else warmup_steps, max_norm)
     if mode == "zscore":

@@ -1,4 +1,4 @@
-"""lightning_clip._trainer (the only private Trainer access) against the installed Lightning."""
+"""lightning_clip._compat (the only private Lightning and torch access) against the installed versions."""
 
 from __future__ import annotations
 
@@ -106,3 +106,56 @@ def test_force_scaler_skip_makes_the_scaler_skip_and_back_off_like_an_overflow()
     assert torch.equal(forced_w, torch.ones(3)) and torch.equal(real_w, torch.ones(3))
     assert forced_scale == real_scale == 512.0
     assert not torch.equal(plain_w, torch.ones(3)) and plain_scale == 1024.0
+
+
+def test_group_tensors_by_device_and_dtype_against_a_naive_grouping() -> None:
+    tensors = [
+        torch.ones(2),
+        torch.ones(3, dtype=torch.float64),
+        torch.zeros(1),
+        torch.ones(1, dtype=torch.bfloat16),
+    ]
+    grouped = _compat.group_tensors_by_device_and_dtype(tensors, with_indices=True)
+    naive: dict[Any, list[int]] = {}
+    for i, t in enumerate(tensors):
+        naive.setdefault((t.device, t.dtype), []).append(i)
+    assert {key: indices for key, (_, indices) in grouped.items()} == naive
+    for (_, group_dtype), (group, indices) in grouped.items():
+        assert all(a is tensors[i] for a, i in zip(group, indices, strict=True))
+        assert all(t.dtype == group_dtype for t in group)
+
+
+def test_steps_inside_amp_scaling_flags_fused_optimizers_only() -> None:
+    params = [torch.nn.Parameter(torch.ones(2))]
+    assert _compat.steps_inside_amp_scaling(torch.optim.AdamW(params, fused=True))
+    assert not _compat.steps_inside_amp_scaling(torch.optim.AdamW(params))
+    assert not _compat.steps_inside_amp_scaling(torch.optim.SGD(params, lr=0.1))
+
+
+def test_sync_scheduler_last_lr_reports_the_lowered_rates() -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.4)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10)
+    opt.param_groups[0]["lr"] = 0.1  # lowered by hand, as at a rollback with lr_factor
+    assert sched.get_last_lr() == [0.4]
+    _compat.sync_scheduler_last_lr(sched)
+    assert sched.get_last_lr() == [0.1]
+
+
+def test_precision_checkpoint_key_is_the_key_lightning_saves(tmp_path: Any) -> None:
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    trainer = make_trainer(tmp_path, max_steps=2, plugins=[plugin], enable_checkpointing=False)
+    trainer.fit(RegressionModel(), regression_loader())
+    path = os.path.join(tmp_path, "last.ckpt")
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=False)
+    assert ckpt[_compat.precision_checkpoint_key(trainer)] == trainer.precision_plugin.state_dict()
+    assert "scale" in ckpt[_compat.precision_checkpoint_key(trainer)]
+
+
+def test_unwrap_optimizer_returns_the_torch_optimizer(tmp_path: Any) -> None:
+    trainer = make_trainer(tmp_path, max_steps=2)
+    trainer.fit(TwoOptimizerModel(), regression_loader())
+    wrapped = trainer.strategy._lightning_optimizers[1]
+    assert _compat.unwrap_optimizer(wrapped) is trainer.optimizers[1]
+    assert _compat.unwrap_optimizer(trainer.optimizers[0]) is trainer.optimizers[0]

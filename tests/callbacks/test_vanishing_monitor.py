@@ -257,7 +257,7 @@ def run_no_grad(
 def test_resume_continues_patience_and_step_counters(tmp_path: Any) -> None:
     ckpt = str(tmp_path / "half.ckpt")
     first, msgs = run_no_grad(tmp_path / "a", 4, save=ckpt)  # checks at 0, 2: two flagged, no warning
-    assert msgs == [] and first.tracker.counts == {"nograd:unused": [2, 0, 0]}
+    assert msgs == [] and first.tracker.state_dict()["counts"] == {"nograd:unused": [2, 0, 0]}
     resumed, msgs = run_no_grad(tmp_path / "b", 10, ckpt=ckpt)
     straight, straight_msgs = run_no_grad(tmp_path / "c", 10)
     assert len(msgs) == 1 and "at step 4, 3 checks in a row" in msgs[0]  # the third check, after the resume
