@@ -22,12 +22,11 @@ from lightning_clip.callbacks._base import LightningClipCallback
 from lightning_clip.exceptions import GradientExplosionError
 from lightning_clip.functional.thresholds import MeanThreshold
 from lightning_clip.guard import decision as D
-from lightning_clip.guard.checkpoints import CheckpointFiles, write_state
+from lightning_clip.guard.checkpoints import write_state
 from lightning_clip.guard.events import EVENTS_FILENAME, EventLog, EventRecord, failure_message
+from lightning_clip.guard.known_good import KnownGoodStates
 from lightning_clip.guard.snapshot import (
-    TrainingState,
     all_finite,
-    capture,
     nonfinite_names,
     restore,
     scale_learning_rates,
@@ -171,10 +170,7 @@ class ExplosionGuard(LightningClipCallback):
         self._overflow_streak = 0
         self._spike = self._make_spike_rule()
         # transient
-        self._snapshot: TrainingState | None = None
-        self._next_snapshot_step = 0
-        self._last_ckpt_step = -1
-        self._files = CheckpointFiles()
+        self._known_good = KnownGoodStates(self.snapshot_every_n_steps)
         self._losses = LossWindow()
         self._pending: EventRecord | None = None  # a rollback due at the end of the batch
         self._stepped = False
@@ -248,12 +244,11 @@ class ExplosionGuard(LightningClipCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._names = {id(p): name for name, p in pl_module.named_parameters()}
-        self._snapshot, self._pending, self._tainted = None, None, False
+        self._pending, self._tainted = None, False
         self._losses.clear()
-        self._files.reset()
-        self._last_ckpt_step = -1
+        self._known_good.reset()
         if self._snapshots_on:
-            self._take_snapshot(trainer)
+            self._known_good.take(trainer, self._siblings(trainer), self.lr_scale)
 
     @override
     def on_train_batch_start(
@@ -307,11 +302,7 @@ class ExplosionGuard(LightningClipCallback):
         if self._pending is not None:
             record, self._pending = self._pending, None
             self._rollback(trainer, record)
-        elif (
-            self._stepped
-            and self.snapshot_every_n_steps > 0
-            and trainer.global_step >= self._next_snapshot_step
-        ):
+        elif self._stepped and self._known_good.snapshot_due(trainer.global_step):
             self._snapshot_step(trainer, pl_module)
         if self._stepped:
             self._tainted = False
@@ -335,7 +326,7 @@ class ExplosionGuard(LightningClipCallback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        self._last_ckpt_step = trainer.global_step
+        self._known_good.last_checkpoint_step = trainer.global_step
         local_bad = not (
             all_finite(checkpoint.get("state_dict", {}))
             and all_finite(checkpoint.get("optimizer_states", []))
@@ -402,9 +393,9 @@ class ExplosionGuard(LightningClipCallback):
         elif self._overflow_streak > 0:
             pass  # retry next step
         elif self._snapshots_on:
-            self._take_snapshot(trainer)
+            self._known_good.take(trainer, self._siblings(trainer), self.lr_scale)
         else:
-            self._next_snapshot_step = trainer.global_step + self.snapshot_every_n_steps
+            self._known_good.postpone(trainer.global_step)
 
     # --------------------------------------------------------------------------------- actions
     def _act(self, trainer: pl.Trainer, record: EventRecord, deferred: bool) -> None:
@@ -437,7 +428,7 @@ class ExplosionGuard(LightningClipCallback):
                 f"The rollback budget is spent: {self.rollbacks} rollback(s) already done"
                 f" (max_rollbacks={self.max_rollbacks}, counted across resumes).",
             )
-        state = self._newest_good_state(trainer)
+        state = self._known_good.newest(trainer, self.state_key)
         if state is None:
             self._fail(
                 trainer,
@@ -456,27 +447,11 @@ class ExplosionGuard(LightningClipCallback):
         if (
             self._snapshots_on
         ):  # the restored state (LRs lowered) is the new snapshot; its step is the content's
-            self._take_snapshot(trainer, label=state.step)
-
-    def _newest_good_state(self, trainer: pl.Trainer) -> TrainingState | None:
-        """The in-memory snapshot or the newest good checkpoint file, whichever is newer."""
-        snap = self._snapshot
-        best = snap.step if snap is not None else -1
-        if snap is not None and self._last_ckpt_step <= best:
-            return snap  # no file newer than the snapshot was written by this run
-        return self._files.newest_good(trainer, best, self.state_key) or snap
+            self._known_good.take(trainer, self._siblings(trainer), self.lr_scale, label=state.step)
 
     @property
     def _snapshots_on(self) -> bool:
         return self.action == "rollback" and self.snapshot_every_n_steps > 0
-
-    def _take_snapshot(self, trainer: pl.Trainer, label: int | None = None) -> None:
-        state = capture(trainer, self._siblings(trainer), lr_scale=self.lr_scale)
-        if label is not None:
-            state.step = label
-        if state.finite():
-            self._snapshot = state
-        self._next_snapshot_step = trainer.global_step + self.snapshot_every_n_steps
 
     def _siblings(self, trainer: pl.Trainer) -> list[LightningClipCallback]:
         """The other lightning-clip callbacks: their state is snapshotted and restored with the model's."""

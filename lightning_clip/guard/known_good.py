@@ -1,0 +1,68 @@
+"""Where a rollback goes back to: the in-memory snapshot and the Trainer's checkpoint files.
+
+:class:`KnownGoodStates` keeps the newest finite in-memory snapshot (a CPU copy, see
+:mod:`~lightning_clip.guard.snapshot`), when the next one is due, and the step of the newest checkpoint
+file this run wrote; :meth:`KnownGoodStates.newest` picks whichever of the snapshot and the files is
+newer (:mod:`~lightning_clip.guard.checkpoints`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+
+from lightning_clip.guard.checkpoints import CheckpointFiles
+from lightning_clip.guard.snapshot import TrainingState, capture
+
+__all__ = ["KnownGoodStates"]
+
+
+class KnownGoodStates:
+    """The rollback targets of one fit.
+
+    Args:
+        every_n_steps: a snapshot every N optimizer steps (0: checkpoint files only).
+    """
+
+    def __init__(self, every_n_steps: int) -> None:
+        self.every_n_steps = every_n_steps
+        self.snapshot: TrainingState | None = None
+        self.next_snapshot_step = 0
+        self.last_checkpoint_step = -1
+        self.files = CheckpointFiles()
+
+    def reset(self) -> None:
+        """A new fit: no snapshot, no file written yet, no file known bad."""
+        self.snapshot = None
+        self.next_snapshot_step = 0
+        self.last_checkpoint_step = -1
+        self.files.reset()
+
+    def snapshot_due(self, step: int) -> bool:
+        return self.every_n_steps > 0 and step >= self.next_snapshot_step
+
+    def postpone(self, step: int) -> None:
+        """No snapshot now (the weights were checked only): the next one is due ``every_n_steps`` later."""
+        self.next_snapshot_step = step + self.every_n_steps
+
+    def take(
+        self, trainer: pl.Trainer, callbacks: Sequence[Any], lr_scale: float, label: int | None = None
+    ) -> None:
+        """Snapshot the live state (kept only when finite). ``label``: the step the content is from, after
+        a rollback (the restored state becomes the new snapshot)."""
+        state = capture(trainer, callbacks, lr_scale=lr_scale)
+        if label is not None:
+            state.step = label
+        if state.finite():
+            self.snapshot = state
+        self.postpone(trainer.global_step)
+
+    def newest(self, trainer: pl.Trainer, own_state_key: str) -> TrainingState | None:
+        """The snapshot or the newest good checkpoint file, whichever is newer (None: neither)."""
+        snap = self.snapshot
+        best = snap.step if snap is not None else -1
+        if snap is not None and self.last_checkpoint_step <= best:
+            return snap  # no file newer than the snapshot was written by this run
+        return self.files.newest_good(trainer, best, own_state_key) or snap
