@@ -503,7 +503,7 @@ class VanishingGradientMonitor(LightningClipCallback):
     @rank_zero_only
     def _save_figure(self, trainer: pl.Trainer) -> None:
         try:
-            from lightning_clip.report import plot_gradient_flow
+            from lightning_clip.report.plot import plot_gradient_flow
 
             fig = plot_gradient_flow(self.history, self.layer_names)
         except ImportError:
