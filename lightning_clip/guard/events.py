@@ -4,7 +4,7 @@
 Strict JSON has no NaN or Infinity, so non-finite numbers are written as the strings ``"nan"``,
 ``"inf"`` and ``"-inf"`` (read them back with ``float(value)``).
 
-Example:
+Examples:
     >>> import json, tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), EVENTS_FILENAME)
     >>> EventLog(path).write({"step": 3, "norm": float("nan"), "loss": 0.5})

@@ -10,7 +10,7 @@
 
 None of them imports torch or Lightning.
 
-Example:
+Examples:
     >>> import os, tempfile
     >>> from lightning_clip import report
     >>> run_dir = tempfile.mkdtemp()

@@ -118,7 +118,7 @@ def load_metrics_csv(path: str) -> Series:
         ReportError: the file cannot be read, is empty, has no ``step`` column, or holds a cell that is
             not a number (the message gives the line and column).
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> path = os.path.join(tempfile.mkdtemp(), "metrics.csv")
         >>> _ = open(path, "w").write("epoch,grad/norm,step\\n0,2.5,0\\n0,,1\\n0,nan,2\\n")
@@ -194,7 +194,7 @@ def load_events(path: str) -> list[dict[str, Any]]:
         ReportError: the file cannot be read, a line is not JSON, or a record is not an object with an
             integer ``step`` and a string ``kind`` (the message gives the line).
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> path = os.path.join(tempfile.mkdtemp(), "lightning_clip_events.jsonl")
         >>> _ = open(path, "w").write('{"step": 3, "kind": "nonfinite_grad", "norm": "nan"}\\n')

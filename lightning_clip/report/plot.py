@@ -74,7 +74,7 @@ def plot_gradient_flow(
     Raises:
         ImportError: when matplotlib is not installed.
 
-    Example:
+    Examples:
         >>> fig = plot_gradient_flow(
         ...     [{"step": 0, "layers": [0, 1], "norms": [1e-8, 1.0]}], ["inp", "out"])
         >>> fig.axes[0].get_yscale()

@@ -31,7 +31,7 @@ def percentile(values: Sequence[float], q: float) -> float:
     Returns:
         The interpolated value, or NaN for an empty ``values``.
 
-    Example:
+    Examples:
         >>> percentile([4.0, 1.0, 3.0, 2.0], 50)
         2.5
     """
