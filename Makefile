@@ -4,14 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint campaign bench clean
+.PHONY: demo test lint docs campaign bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: the CPU build on this machine; a range would pull CUDA packages.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,plot]"
+	$(BIN)/pip install -q -e ".[dev,plot,docs]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -22,7 +22,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check lightning_clip tests examples benchmarks
 	$(BIN)/mypy
 
-test: lint
+# The docs site (mkdocs.yml, docs/) into site/; --strict turns every warning (a broken link, an API
+# reference that does not resolve) into a failure.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
+
+test: lint docs
 	$(BIN)/python -m pytest -n 2 -q
 
 campaign: $(STAMP)
@@ -34,4 +39,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/scaling.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site

@@ -12,7 +12,7 @@ def percentile_of_sorted(ordered: Sequence[float], q: float) -> float:
     """The ``q``-th percentile (``0 ≤ q ≤ 100``) of an ascending sequence, with linear interpolation
     (numpy's and ``torch.quantile``'s default); NaN when it is empty.
 
-    Example:
+    Examples:
         >>> percentile_of_sorted([1.0, 2.0, 3.0, 4.0], 50)
         2.5
         >>> percentile_of_sorted([1.0, 2.0, 3.0, 4.0], 10)

@@ -46,7 +46,7 @@ def check_number(
 ) -> float:
     """Check that ``value`` is a real number inside the given interval and return it as ``float``.
 
-    Example:
+    Examples:
         >>> check_number("factor", 1, low=1.0, low_inclusive=False)
         Traceback (most recent call last):
         ...
@@ -72,7 +72,7 @@ def check_int(
 
     ``optional=True`` only adds "or None" to the message: the caller handles ``None`` itself.
 
-    Example:
+    Examples:
         >>> check_int("window", 0, low=1)
         Traceback (most recent call last):
         ...

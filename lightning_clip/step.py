@@ -19,7 +19,7 @@ Lifecycle, for each optimizer step (``on_before_optimizer_step`` of one optimize
 
 The tracker holds no state worth saving: nothing of it goes into checkpoints.
 
-Example:
+Examples:
     >>> import torch
     >>> model = torch.nn.Linear(2, 1)
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -233,7 +233,7 @@ class LossWindow:
     """The training losses back-propagated since the last optimizer step (every micro-batch of an
     accumulation window), kept as tensors: their mean rides on the step's single host transfer.
 
-    Example:
+    Examples:
         >>> window = LossWindow()
         >>> window.add(torch.tensor(1.0)); window.add(torch.tensor(3.0))
         >>> float(window.mean())

@@ -85,7 +85,7 @@ class FaultInjector(pl.Callback):
     Attributes:
         injected: one dict per fault injected on this process: ``step``, ``batch``, ``target``, ``rank``.
 
-    Example:
+    Examples:
         >>> import pytorch_lightning as pl
         >>> from lightning_clip import ExplosionGuard
         >>> from lightning_clip.testing import FaultInjector

@@ -81,7 +81,7 @@ class AdaptiveGradientClipping(LightningClipCallback):
         are not supported: the norm would be local to each shard. ``Trainer(gradient_clip_val=...)`` still
         applies after this callback (a warning says so).
 
-    Example:
+    Examples:
         >>> import pytorch_lightning as pl
         >>> from lightning_clip import AdaptiveGradientClipping
         >>> trainer = pl.Trainer(callbacks=[AdaptiveGradientClipping(factor=2.0)], logger=False)

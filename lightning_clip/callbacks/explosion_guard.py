@@ -128,7 +128,7 @@ class ExplosionGuard(LightningClipCallback):
         :class:`~lightning_clip.guard.decision.Decision` (pure, testable on its own).
         Memory: a snapshot is a CPU copy of the model and optimizer states.
 
-    Example:
+    Examples:
         >>> import pytorch_lightning as pl
         >>> from lightning_clip import ExplosionGuard
         >>> guard = ExplosionGuard(action="rollback", snapshot_every_n_steps=50, lr_factor=0.5, skip_batches=2)

@@ -123,7 +123,7 @@ class VanishingGradientMonitor(LightningClipCallback):
         through-time profiles are per rank (the warning comes from rank zero). Bidirectional recurrent
         modules are checked through depth only. Sharded strategies (FSDP, DeepSpeed) are not supported.
 
-    Example:
+    Examples:
         >>> import pytorch_lightning as pl
         >>> from lightning_clip.callbacks.vanishing_monitor import VanishingGradientMonitor
         >>> trainer = pl.Trainer(callbacks=[VanishingGradientMonitor(check_every_n_steps=50)], logger=False)
@@ -503,7 +503,7 @@ class VanishingGradientMonitor(LightningClipCallback):
     @rank_zero_only
     def _save_figure(self, trainer: pl.Trainer) -> None:
         try:
-            from lightning_clip.report import plot_gradient_flow
+            from lightning_clip.report.plot import plot_gradient_flow
 
             fig = plot_gradient_flow(self.history, self.layer_names)
         except ImportError:

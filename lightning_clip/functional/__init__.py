@@ -7,7 +7,7 @@
   clipping thresholds (``mean``, ZClip's ``zscore``, AutoClip's ``percentile``).
 * :mod:`~lightning_clip.functional.health`: per-layer and through-time gradient health, spectral radii.
 
-Example:
+Examples:
     >>> import torch
     >>> from lightning_clip import functional
     >>> model = torch.nn.Linear(4, 2)

@@ -3,7 +3,7 @@
 As in ``torch.nn.utils``, measuring (:func:`~lightning_clip.functional.grad_norms`) and applying
 (:func:`clip_grads_`) are separate, so a caller decides on the host from a norm it already has.
 
-Example:
+Examples:
     >>> import torch
     >>> g = [torch.tensor([3.0, 4.0])]
     >>> clip_grads_(g, max_norm=1.0, total=5.0, eps=0.0)
@@ -28,7 +28,7 @@ EPS = 1e-6
 def clip_coef(total: torch.Tensor | float, max_norm: torch.Tensor | float, eps: float = EPS) -> torch.Tensor:
     """``min(1, max_norm / (total + eps))``: the factor that brings a norm ``total`` down to ``max_norm``.
 
-    Example:
+    Examples:
         >>> float(clip_coef(torch.tensor(10.0), 5.0, eps=0.0))
         0.5
         >>> float(clip_coef(torch.tensor(1.0), 5.0))
@@ -66,7 +66,7 @@ def clip_grads_(tensors: Sequence[torch.Tensor], max_norm: float, total: float, 
     Raises:
         ValueError: ``max_norm`` is negative or NaN (it would flip or poison the gradients).
 
-    Example:
+    Examples:
         >>> g = [torch.tensor([3.0, 4.0])]
         >>> clip_grads_(g, max_norm=1.0, total=5.0, eps=0.0)
         0.2

@@ -55,7 +55,7 @@ def model_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
 
     The root's own parameters, if any, form the layer ``"<root>"``.
 
-    Example:
+    Examples:
         >>> [n for n, _ in model_layers(nn.Sequential(nn.ReLU(), nn.Linear(2, 2), nn.LayerNorm(2)))]
         ['1', '2']
     """
@@ -79,7 +79,7 @@ def param_layer_index(layers: Sequence[tuple[str, nn.Module]]) -> dict[int, int]
 def depth_ratios(norms: Sequence[float]) -> list[float]:
     """Each norm divided by the largest one; all NaN when the largest is zero or not finite.
 
-    Example:
+    Examples:
         >>> depth_ratios([0.5, 2.0, 1.0])
         [0.25, 1.0, 0.5]
         >>> depth_ratios([0.0, 0.0])
@@ -105,7 +105,7 @@ def time_profile(
         batch_first: layout of a 3-D ``grad``.
         batch_sizes: a ``PackedSequence``'s ``batch_sizes`` (rows per time step), when ``grad`` is packed.
 
-    Example:
+    Examples:
         >>> time_profile(torch.ones(3, 2, 4)).tolist()  # T=3, B=2, F=4
         [8.0, 8.0, 8.0]
     """
@@ -133,7 +133,7 @@ def time_decay(profile_sq: Sequence[float], fraction: float = 0.1) -> tuple[floa
         ``k``, with ``k = max(1, ⌊fraction·T⌋)``; ``decay`` is NaN when ``T < 2`` or nothing reaches the
         latest steps.
 
-    Example:
+    Examples:
         >>> d, k = time_decay([0.5**(2 * (9 - t)) for t in range(10)])  # ‖∂L/∂x_t‖ = 0.5^(9−t)
         >>> k, round(d, 6) == round(0.5**9, 6)
         (1, True)
@@ -153,7 +153,7 @@ def time_decay(profile_sq: Sequence[float], fraction: float = 0.1) -> tuple[floa
 def spectral_radius(weight: torch.Tensor) -> torch.Tensor:
     """Largest absolute eigenvalue of a square matrix (float32 result, computed in float64).
 
-    Example:
+    Examples:
         >>> round(float(spectral_radius(torch.tensor([[0.0, 2.0], [0.5, 0.0]]))), 6)
         1.0
     """
@@ -170,7 +170,7 @@ def recurrent_blocks(module: nn.RNNBase) -> list[tuple[str, torch.Tensor]]:
     (gates ``r z n``) and ``nn.LSTM`` (``i f g o``). With ``proj_size > 0`` the block is
     ``W_h{gate} @ W_hr`` (the map from one hidden state to the next gate pre-activation).
 
-    Example:
+    Examples:
         >>> [name for name, w in recurrent_blocks(nn.GRU(3, 5))]
         ['l0.r', 'l0.z', 'l0.n']
     """
@@ -191,7 +191,7 @@ def spectral_radii(module: nn.RNNBase) -> tuple[list[str], torch.Tensor]:
     """Names and spectral radii (float32 tensor, one host sync inside ``eigvals``) of
     :func:`recurrent_blocks`.
 
-    Example:
+    Examples:
         >>> rnn = nn.RNN(2, 2)
         >>> with torch.no_grad():
         ...     _ = rnn.weight_hh_l0.copy_(torch.tensor([[0.0, 2.0], [0.5, 0.0]]))
@@ -207,7 +207,7 @@ def thin_history(history: list[Any], max_len: int) -> list[Any]:
     """Keep every second entry (oldest first, the newest always kept) once ``history`` exceeds
     ``max_len``, so a long run's history stays bounded while spanning the whole run.
 
-    Example:
+    Examples:
         >>> thin_history(list(range(5)), 4)
         [0, 2, 4]
     """
@@ -238,7 +238,7 @@ class PatienceTracker:
     returns it then, once) and ends when it has been healthy at ``patience`` consecutive checks; only
     then can it raise a new alert. Keys that are not observed at a check keep their counts.
 
-    Example:
+    Examples:
         >>> t = PatienceTracker(patience=2)
         >>> t.update(flagged={"a"}, observed={"a", "b"}), t.update({"a"}, {"a", "b"}), t.update({"a"}, {"a"})
         ([], ['a'], [])

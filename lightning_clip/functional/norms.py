@@ -7,7 +7,7 @@ p-norm of the per-tensor norms, so it overflows to ``inf`` once a per-tensor 2-n
 0-size tensor has norm 0 for every p (torch refuses its inf-norm). ``None`` gradients are skipped;
 nothing here calls ``.item()``.
 
-Example:
+Examples:
     >>> import torch
     >>> from lightning_clip.functional import collect_grads, grad_norms
     >>> model = torch.nn.Linear(4, 2)
@@ -62,7 +62,7 @@ def grad_norms(tensors: Sequence[torch.Tensor], norm_type: float = 2.0) -> tuple
         p-norm of all tensors taken together (the p-norm of the per-tensor norms), never a sum of norms.
         A NaN or Inf anywhere makes ``total`` non-finite.
 
-    Example:
+    Examples:
         >>> total, per = grad_norms([torch.tensor([3.0, 0.0]), torch.tensor([4.0])])
         >>> float(total), per.tolist()
         (5.0, [3.0, 4.0])
@@ -105,7 +105,7 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     Each tensor's largest magnitude (inf-norm) is taken in its own dtype, so huge finite values never
     overflow into a false alarm, and a NaN anywhere propagates.
 
-    Example:
+    Examples:
         >>> bool(all_finite([torch.ones(2), torch.tensor([1.0, float("nan")])]))
         False
         >>> bool(all_finite([torch.tensor([3e38, 3e38])]))  # a 1- or 2-norm would overflow here
@@ -137,7 +137,7 @@ def group_norms(
         num_groups: number of groups; a group with no entry gets 0.
         norm_type: the p the per-tensor norms were taken with.
 
-    Example:
+    Examples:
         >>> group_norms(torch.tensor([3.0, 4.0, 1.0]), torch.tensor([0, 0, 1]), 2).tolist()
         [5.0, 1.0]
     """

@@ -11,7 +11,7 @@ with a ``state_dict`` of plain values. Every rule obeys the same contract:
 * Norms are float32 measurements: a finite value above the float32 range (only possible when a rule is
   fed by hand) enters the statistics as the largest float32, so no statistic can overflow.
 
-Example:
+Examples:
     >>> rule = MeanThreshold(factor=2.0, decay=0.5)
     >>> rule.step(4.0)  # warm-up step: nothing caps it
     inf
@@ -113,7 +113,7 @@ class MeanThreshold(ThresholdRule):
     the threshold is ``max_norm`` (∞ when None). A spike never inflates its own statistics (it enters clipped), and
     because ``factor > 1`` the mean can still follow norms that grow steadily.
 
-    Example:
+    Examples:
         >>> r = MeanThreshold(factor=1.5, decay=0.9, max_norm=10.0)
         >>> [round(r.step(n), 4) for n in (2.0, 2.0, 50.0, 2.0)]
         [10.0, 3.0, 3.0, 3.5535]
@@ -321,7 +321,7 @@ def make_rule(mode: str, **arguments: Any) -> ThresholdRule:
     is validated, also those the chosen mode does not use, so a typo never passes silently; an unknown name
     is a ``TypeError``.
 
-    Example:
+    Examples:
         >>> make_rule("zscore").warmup_steps
         25
         >>> make_rule("mean", window=0)

@@ -6,7 +6,7 @@ ranks in one all-reduce, and hands the result (:class:`Observation`) to :func:`d
 takes the same decision. The shape is the one of Lightning's ``EarlyStopping``: the hook gathers, one
 pure function decides, one line reduces, one line acts.
 
-Example:
+Examples:
     >>> obs = Observation(kinds=frozenset({NONFINITE_GRAD}), any_overflow=False, local_overflow=False)
     >>> d = decide(obs, GuardRules(), guard_action="rollback")
     >>> d.kinds, d.action, d.skip, d.applied
@@ -165,7 +165,7 @@ def action_for(kinds: tuple[str, ...], guard_action: str) -> str | None:
     """The action for an event of ``kinds`` under the guard's ``action``: the guard's own, except
     ``"error"`` when ``"skip"`` meets a state a skip cannot repair (:data:`NEEDS_STATE`).
 
-    Example:
+    Examples:
         >>> action_for(("nonfinite_grad",), "skip"), action_for(("nonfinite_weights",), "skip")
         ('skip', 'error')
     """

@@ -2,9 +2,10 @@
 ``lightning_clip_events.jsonl``. No Lightning import.
 
 Strict JSON has no NaN or Infinity, so non-finite numbers are written as the strings ``"nan"``,
-``"inf"`` and ``"-inf"`` (read them back with ``float(value)``).
+``"inf"`` and ``"-inf"`` (read them back with ``float(value)``). The reader is
+``lightning_clip.report.load_events``.
 
-Example:
+Examples:
     >>> import json, tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), EVENTS_FILENAME)
     >>> EventLog(path).write({"step": 3, "norm": float("nan"), "loss": 0.5})
@@ -27,7 +28,6 @@ __all__ = [
     "EventRecord",
     "failure_message",
     "json_number",
-    "read_events",
 ]
 
 EVENTS_FILENAME = "lightning_clip_events.jsonl"
@@ -129,9 +129,3 @@ class EventLog:
         clean = {k: json_number(v) if isinstance(v, float) else v for k, v in record.items()}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(clean, allow_nan=False) + "\n")
-
-
-def read_events(path: str) -> list[dict[str, Any]]:
-    """Every event of a ``lightning_clip_events.jsonl`` file, in order."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]

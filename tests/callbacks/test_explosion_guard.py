@@ -16,7 +16,8 @@ from pytorch_lightning.loggers import CSVLogger
 
 from lightning_clip.callbacks.explosion_guard import ExplosionGuard
 from lightning_clip.exceptions import GradientExplosionError
-from lightning_clip.guard.events import EVENTS_FILENAME, read_events
+from lightning_clip.guard.events import EVENTS_FILENAME
+from lightning_clip.report import load_events
 from lightning_clip.testing import FaultInjector
 from tests.models import DropUpdate, RegressionModel, StepNormRecorder, make_trainer, regression_loader
 
@@ -332,7 +333,7 @@ def test_events_jsonl_and_logged_counters(tmp_path: Any) -> None:
     assert err is None
     path = os.path.join(trainer.log_dir, EVENTS_FILENAME)
     assert guard.events_path == path
-    events = read_events(path)
+    events = load_events(path)
     assert events == [
         {
             "step": 6,

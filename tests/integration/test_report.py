@@ -1,5 +1,6 @@
-"""`lightning_clip.report` and `lightning-clip report` on real runs written here (short CSVLogger /
-TensorBoardLogger fits with real callbacks), and on malformed copies of their files."""
+"""`lightning_clip.report` (load, summary, plot, cli) and `lightning-clip report` on real runs written
+here (short CSVLogger / TensorBoardLogger fits with real callbacks), and on malformed copies of their
+files."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import torch
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from lightning_clip import AdaptiveGradientClipping, ExplosionGuard, VanishingGradientMonitor, report
-from lightning_clip.cli import main
 from lightning_clip.report import ReportError
+from lightning_clip.report.cli import main
 from lightning_clip.testing import FaultInjector
 from tests.models import RegressionModel, make_trainer, regression_loader
 
@@ -295,3 +296,42 @@ def test_console_script_exit_status(csv_run: dict[str, Any]) -> None:
     )
     assert bad.returncode == 2
     assert bad.stderr.strip() == "lightning-clip report: error: /nonexistent/run: no such directory."
+
+
+HEAVY = ("torch", "pytorch_lightning", "lightning", "lightning_utilities", "numpy", "matplotlib")
+
+
+def test_cli_imports_neither_torch_nor_lightning(csv_run: dict[str, Any]) -> None:
+    """A fresh interpreter that runs the whole `report --no-figures` path has loaded none of the heavy
+    packages (`lightning_clip/__init__.py` loads the callbacks lazily)."""
+    code = (
+        "import sys\n"
+        "from lightning_clip.report.cli import main\n"
+        f"status = main(['report', {csv_run['dir']!r}, '--no-figures'])\n"
+        f"heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))\n"
+        "print('HEAVY', heavy, 'STATUS', status)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "rollbacks: 2" in done.stdout  # it did read and summarise the run
+    assert done.stdout.strip().splitlines()[-1] == "HEAVY [] STATUS 0"
+
+
+def test_the_callbacks_still_load_on_first_access() -> None:
+    """The lazy top-level names resolve to the classes of their modules, and unknown names still fail."""
+    code = (
+        "import sys, lightning_clip\n"
+        "assert 'torch' not in sys.modules\n"
+        "from lightning_clip import AdaptiveGradientClipping, functional\n"
+        "from lightning_clip.callbacks.adaptive_clipping import AdaptiveGradientClipping as A\n"
+        "import lightning_clip.functional as F\n"
+        "assert AdaptiveGradientClipping is A and functional is F and 'torch' in sys.modules\n"
+        "assert set(lightning_clip.__all__) <= set(dir(lightning_clip))\n"
+        "try:\n"
+        "    lightning_clip.AdaptiveClipping\n"
+        "except AttributeError as err:\n"
+        "    print(err)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "module 'lightning_clip' has no attribute 'AdaptiveClipping'"

@@ -44,7 +44,7 @@ from lightning_clip.callbacks.adaptive_clipping import AdaptiveGradientClipping
 from lightning_clip.callbacks.explosion_guard import ExplosionGuard
 from lightning_clip.callbacks.vanishing_monitor import VanishingGradientMonitor
 from lightning_clip.exceptions import GradientExplosionError, LightningClipWarning, VanishingGradientWarning
-from lightning_clip.guard.events import read_events
+from lightning_clip.report import load_events
 from lightning_clip.testing import FaultInjector
 
 ARCHS = ("mlp", "gru", "cnn")
@@ -538,7 +538,7 @@ def run_scenario(sc: Scenario, root: Path) -> dict[str, Any]:
     if detectable(sc, injected):
         assert guard.events >= 1, "an injected fault went unnoticed"
     # every event is one line of the JSONL log, with the action taken
-    logged = read_events(guard.events_path) if guard.records else []
+    logged = load_events(guard.events_path) if guard.records else []
     assert [(e["step"], e["kind"], e["action"]) for e in logged] == [
         (r["step"], r["kind"], r["action"]) for r in guard.records
     ]

@@ -1,5 +1,8 @@
 """The ``lightning-clip`` console script. Thin: argument parsing only, the work is in
-:mod:`lightning_clip.report`.
+``lightning_clip.report`` (loading, summary, figures).
+
+It imports neither torch nor Lightning: ``lightning_clip/__init__.py`` loads the callbacks lazily, so
+reading a run's files starts in a fraction of a second and works where torch is not installed.
 
 Usage::
 
@@ -16,7 +19,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from lightning_clip import __version__, report
+from lightning_clip import __version__
+from lightning_clip.report.load import ReportError, load_run
+from lightning_clip.report.plot import write_figures
+from lightning_clip.report.summary import format_summary, summarize
 
 __all__ = ["main"]
 
@@ -45,10 +51,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _report(args: argparse.Namespace) -> int:
-    run = report.load_run(args.run_dir)
-    print(report.format_summary(report.summarize(run)))
+    run = load_run(args.run_dir)
+    print(format_summary(summarize(run)))
     if not args.no_figures:
-        written = report.write_figures(run, args.out if args.out is not None else args.run_dir)
+        written = write_figures(run, args.out if args.out is not None else args.run_dir)
         for path in written:
             print(f"figure: {path}")
         if not written:
@@ -64,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _report(args)
-    except report.ReportError as err:
+    except ReportError as err:
         print(f"lightning-clip {args.command}: error: {err}", file=sys.stderr)
         return 2
 
