@@ -8,7 +8,7 @@ __all__ = ["GradientExplosionError", "LightningClipWarning", "VanishingGradientW
 class GradientExplosionError(RuntimeError):
     """Training exploded and could not be recovered.
 
-    Raised by :class:`~lightning_clip.ExplosionGuard` with ``action="raise"`` at the first event, when the
+    Raised by `ExplosionGuard` with ``action="raise"`` at the first event, when the
     rollback budget (``max_rollbacks``) is spent, or when there is no known-good state to go back to.
     The message says what happened, at which step, which parameters went bad first and what to try.
     """
@@ -21,7 +21,7 @@ class LightningClipWarning(UserWarning):
 class VanishingGradientWarning(LightningClipWarning, RuntimeWarning):
     """Some layers' gradients stay vanishingly small, or never arrive.
 
-    A ``RuntimeWarning`` subclass, filterable with :mod:`warnings`::
+    A ``RuntimeWarning`` subclass, filterable with `warnings`::
 
         import warnings
         from lightning_clip import VanishingGradientWarning

@@ -3,19 +3,19 @@
 Lifecycle, for each optimizer step (``on_before_optimizer_step`` of one optimizer):
 
 1. **Riders** (before the step). A callback that needs a scalar on the host at this step (the guard's
-   training loss) registers it with :meth:`StepTracker.ride_along` from an earlier hook
+   training loss) registers it with `StepTracker.ride_along` from an earlier hook
    (``on_before_backward``); it waits for the next step.
-2. **Begin.** The first lightning-clip callback whose hook runs calls :meth:`StepTracker.begin` with the
-   optimizer and ``global_step``; it creates the :class:`StepState`. Every later call for the same
+2. **Begin.** The first lightning-clip callback whose hook runs calls `StepTracker.begin` with the
+   optimizer and ``global_step``; it creates the `StepState`. Every later call for the same
    optimizer and step returns the same object, whatever the callbacks' order.
-3. **Measure.** :meth:`StepState.measure` reads the gradients once per norm type (one fused
-   ``_foreach_norm`` pass) and returns a :class:`GradMeasurement`; every callback sees the pre-clip
-   figures. The first host read (:attr:`GradMeasurement.total_norm`) brings the norm and every rider to
+3. **Measure.** `StepState.measure` reads the gradients once per norm type (one fused
+   ``_foreach_norm`` pass) and returns a `GradMeasurement`; every callback sees the pre-clip
+   figures. The first host read (`GradMeasurement.total_norm`) brings the norm and every rider to
    the host in one device-to-host transfer.
-4. **Act.** Clipping callbacks call :meth:`GradMeasurement.clip_`: gradients are scaled only as far as the
-   tightest bound asks. A callback that drops the update calls :meth:`StepState.skip` (the step's fate).
+4. **Act.** Clipping callbacks call `GradMeasurement.clip_`: gradients are scaled only as far as the
+   tightest bound asks. A callback that drops the update calls `StepState.skip` (the step's fate).
 5. **Fate.** The step is over at ``on_train_batch_end`` (or when the next step begins). Statistics that
-   must only count applied updates read :attr:`StepState.skipped` then.
+   must only count applied updates read `StepState.skipped` then.
 
 The tracker holds no state worth saving: nothing of it goes into checkpoints.
 
@@ -98,7 +98,7 @@ class GradMeasurement:
 
     @property
     def skipped(self) -> bool:
-        """The step's fate: True once a callback dropped the update (see :meth:`StepState.skip`)."""
+        """The step's fate: True once a callback dropped the update (see `StepState.skip`)."""
         return self.state.skipped
 
     def clip_(self, max_norm: float, eps: float = EPS) -> float:
@@ -195,10 +195,10 @@ class StepState:
 
 
 class StepTracker:
-    """Hands every lightning-clip callback of one Trainer the same :class:`StepState` for each step.
+    """Hands every lightning-clip callback of one Trainer the same `StepState` for each step.
 
     The callbacks' shared base attaches one tracker to all of them at ``setup`` (see
-    :class:`~lightning_clip.callbacks._base.LightningClipCallback`), so no state is hidden in module
+    `LightningClipCallback`), so no state is hidden in module
     globals and two Trainers never share one.
     """
 
@@ -214,7 +214,7 @@ class StepTracker:
         self._waiting[key] = provider
 
     def begin(self, optimizer: torch.optim.Optimizer, step: int) -> StepState:
-        """The :class:`StepState` of ``optimizer`` at ``step``: new for a new step, else the same object."""
+        """The `StepState` of ``optimizer`` at ``step``: new for a new step, else the same object."""
         current = self.current
         if current is None or current.optimizer is not optimizer or current.step != step:
             current = StepState(optimizer, step, riders=self._waiting)
@@ -269,7 +269,7 @@ class LossWindow:
 
 
 def share_step_tracker(callbacks: Sequence[Any], tracker: StepTracker | None = None) -> StepTracker:
-    """Give every one of ``callbacks`` (lightning-clip callbacks) the same :class:`StepTracker` (a new one
+    """Give every one of ``callbacks`` (lightning-clip callbacks) the same `StepTracker` (a new one
     unless ``tracker`` is given), so they measure each step once. The callbacks' ``setup`` does this for
     the callbacks the Trainer lists; a wrapper that drives lightning-clip callbacks itself (as
     ``benchmarks/overhead.py`` does) calls it once for each set."""

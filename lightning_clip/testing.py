@@ -1,4 +1,4 @@
-"""Tools to test a training setup's recovery policy in CI: :class:`FaultInjector`."""
+"""Tools to test a training setup's recovery policy in CI: `FaultInjector`."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def _poison_(obj: Any, value: float) -> int:
 class FaultInjector(pl.Callback):
     """Inject NaN or Inf into the loss, the gradients, the weights or the input batch, on chosen steps.
 
-    Attach it next to :class:`~lightning_clip.ExplosionGuard` to check in CI that a training setup
+    Attach it next to `ExplosionGuard` to check in CI that a training setup
     survives faults. It is a plain ``Callback`` (not a lightning-clip callback): the guard never snapshots
     or restores it, and it has no checkpointed state.
 

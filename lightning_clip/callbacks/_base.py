@@ -14,13 +14,13 @@ from lightning_clip.step import StepState, StepTracker, share_step_tracker
 class LightningClipCallback(pl.Callback):
     """Base of every lightning-clip callback.
 
-    * :class:`~lightning_clip.ExplosionGuard` snapshots and restores the ``state_dict`` of every other
+    * `ExplosionGuard` snapshots and restores the ``state_dict`` of every other
       callback of this type, so a rollback also rewinds e.g. the clipping statistics.
     * At ``setup`` the lightning-clip callbacks of a Trainer are handed one
-      :class:`~lightning_clip.step.StepTracker` (:attr:`step_tracker`), so each optimizer step is measured once
-      and every callback sees the same :class:`~lightning_clip.step.StepState`. Subclasses that override
+      `StepTracker` (`step_tracker`), so each optimizer step is measured once
+      and every callback sees the same `StepState`. Subclasses that override
       ``setup`` call ``super().setup(...)`` first.
-    * ``state_key`` is built once from :meth:`_state_key_args` and cached: Lightning reads it on every
+    * ``state_key`` is built once from `_state_key_args` and cached: Lightning reads it on every
       hook call (it names the profiler action), and the arguments that define behaviour do not change
       after construction.
     """
@@ -54,7 +54,7 @@ class LightningClipCallback(pl.Callback):
             cb._tracker_of = id(trainer)
 
     def step_state(self, optimizer: Any, step: int) -> StepState:
-        """The shared :class:`~lightning_clip.step.StepState` of ``optimizer`` (a torch optimizer) at ``step``."""
+        """The shared `StepState` of ``optimizer`` (a torch optimizer) at ``step``."""
         if self.step_tracker is None:  # hooks driven without `setup` (e.g. a test calling a hook directly)
             self.step_tracker = StepTracker()
         return self.step_tracker.begin(optimizer, step)

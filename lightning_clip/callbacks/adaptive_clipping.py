@@ -17,7 +17,7 @@ from lightning_clip.functional.thresholds import RULE_DEFAULTS, ThresholdRule, c
 from lightning_clip.step import GradMeasurement
 
 RULE_ARGS = ("mode", *RULE_DEFAULTS)
-"""The arguments that make the threshold rule (:func:`~lightning_clip.functional.thresholds.make_rule`)."""
+"""The arguments that make the threshold rule (`make_rule`)."""
 
 __all__ = ["AdaptiveGradientClipping"]
 
@@ -62,13 +62,11 @@ class AdaptiveGradientClipping(LightningClipCallback):
 
     Logged keys (through ``pl_module.log``, on the Trainer's logging steps):
 
-    ========================  =========================================================
-    key                       meaning
-    ========================  =========================================================
-    ``grad/norm``             pre-clip total gradient norm
-    ``grad/clip_threshold``   threshold applied this step (∞ until one exists)
-    ``grad/clip_coef``        factor the gradients were scaled by (≤ 1; 1 = not clipped)
-    ========================  =========================================================
+    | key | meaning |
+    |---|---|
+    | ``grad/norm`` | pre-clip total gradient norm |
+    | ``grad/clip_threshold`` | threshold applied this step (∞ until one exists) |
+    | ``grad/clip_coef`` | factor the gradients were scaled by (≤ 1; 1 = not clipped) |
 
     With several optimizers each key gets the suffix ``_opt{i}``, ``i`` the optimizer's index in
     ``configure_optimizers`` (``grad/norm_opt0``, ``grad/norm_opt1``, …), and each optimizer keeps its
@@ -201,10 +199,10 @@ class AdaptiveGradientClipping(LightningClipCallback):
     def clip(self, measurement: GradMeasurement, index: int = 0) -> tuple[float, float, float]:
         """Clip in place to optimizer ``index``'s threshold for the measured pre-clip norm.
 
-        Returns ``(norm, threshold, coef)``, also kept in :attr:`last`. A non-finite norm is not clipped
-        (the step is left to :class:`~lightning_clip.ExplosionGuard` or the GradScaler). Another clipping
+        Returns ``(norm, threshold, coef)``, also kept in `last`. A non-finite norm is not clipped
+        (the step is left to `ExplosionGuard` or the GradScaler). Another clipping
         callback sharing the measurement may already have clipped: the gradients then end at the smaller of
-        the two bounds (see :meth:`~lightning_clip.step.GradMeasurement.clip_`).
+        the two bounds (see `clip_`).
 
         The norm enters the statistics once the step's fate is known (at ``on_train_batch_end``, the next
         step, or ``state_dict``), and only if the update was applied: a step another callback skipped

@@ -1,8 +1,8 @@
 """ExplosionGuard: detect NaN/Inf (and optional spikes) and roll back to the last known-good state.
 
 The hooks only gather and route. What a step's observations mean is decided by the pure
-:func:`lightning_clip.guard.decision.decide`; known-good states, checkpoint files and the event log live in
-:mod:`lightning_clip.guard`.
+`lightning_clip.guard.decision.decide`; known-good states, checkpoint files and the event log live in
+`lightning_clip.guard`.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class ExplosionGuard(LightningClipCallback):
     gradients are accumulated and AMP-unscaled, its gradients are then set to ``None``):
 
     * a non-finite total gradient norm (measured once per step, shared with
-      :class:`~lightning_clip.AdaptiveGradientClipping`);
+      `AdaptiveGradientClipping`);
     * a non-finite training loss (the tensor handed to ``backward``, captured in ``on_before_backward``;
       automatic and manual optimization, every micro-batch of an accumulation window);
     * with ``spike_factor``: a norm above ``spike_factor`` × the bias-corrected running mean of the recent
@@ -62,7 +62,7 @@ class ExplosionGuard(LightningClipCallback):
     * ``"skip"``: the update is not applied; weights and optimizer state stay bit-identical. The LR
       scheduler and ``global_step`` still advance (the schedule stays tied to ``global_step``). A skip
       cannot repair a state that is already bad (non-finite weights, collapsed loss scale): those raise
-      :class:`~lightning_clip.GradientExplosionError`.
+      `GradientExplosionError`.
     * ``"rollback"``: the update is not applied, and in ``on_train_batch_end`` (before ``ModelCheckpoint``
       runs) the model, every optimizer, every LR scheduler, the precision plugin (GradScaler) and the
       state of the other lightning-clip callbacks go back to the newest known-good state: the in-memory
@@ -73,11 +73,11 @@ class ExplosionGuard(LightningClipCallback):
       ``lr_factor`` (param groups and the schedulers' ``base_lrs``, so the schedule continues from the
       lowered value) and the next ``skip_batches`` batches are not learned from. Loop counters
       (``global_step``, epoch, batch) do not go back.
-    * ``"raise"``: :class:`~lightning_clip.GradientExplosionError` at the first event.
+    * ``"raise"``: `GradientExplosionError` at the first event.
 
     A NaN state never reaches a checkpoint file: in ``on_save_checkpoint`` the checkpoint's weights are
     checked; with ``"rollback"`` the live state is rolled back and the checkpoint is rewritten from the
-    restored state, otherwise :class:`~lightning_clip.GradientExplosionError` is raised before the file is
+    restored state, otherwise `GradientExplosionError` is raised before the file is
     written.
 
     Args:
@@ -100,13 +100,11 @@ class ExplosionGuard(LightningClipCallback):
 
     Logged keys (through ``pl_module.log``, cumulative counts, on the Trainer's logging steps):
 
-    ===========================  ====================================================================
-    key                          meaning
-    ===========================  ====================================================================
-    ``explosion/events``         events detected (every kind)
-    ``explosion/rollbacks``      rollbacks done
-    ``explosion/skipped_steps``  optimizer steps not applied (events and ``skip_batches``)
-    ===========================  ====================================================================
+    | key | meaning |
+    |---|---|
+    | ``explosion/events`` | events detected (every kind) |
+    | ``explosion/rollbacks`` | rollbacks done |
+    | ``explosion/skipped_steps`` | optimizer steps not applied (events and ``skip_batches``) |
 
     Each event is also written (rank zero) as one JSON line to ``lightning_clip_events.jsonl`` in the run's
     log directory (the first logger's ``log_dir``, else ``default_root_dir``): ``step``, ``epoch``,
@@ -124,8 +122,8 @@ class ExplosionGuard(LightningClipCallback):
         rollback every rank holds the same weights. Under 16-mixed the same all-reduce says whether any
         rank's GradScaler overflowed; if so every rank's scaler skips the step and lowers its scale alike.
         Sharded strategies (FSDP, DeepSpeed) are not supported.
-        Structure: the hooks only gather and route; :meth:`decide` turns a step's observation into a
-        :class:`~lightning_clip.guard.decision.Decision` (pure, testable on its own).
+        Structure: the hooks only gather and route; `decide` turns a step's observation into a
+        `Decision` (pure, testable on its own).
         Memory: a snapshot is a CPU copy of the model and optimizer states.
 
     Examples:
@@ -342,8 +340,8 @@ class ExplosionGuard(LightningClipCallback):
 
     # -------------------------------------------------------------------------------- decision
     def decide(self, obs: D.Observation) -> D.Decision:
-        """What to do with a step, from its all-reduced :class:`~lightning_clip.guard.decision.Observation`
-        (pure: see :func:`lightning_clip.guard.decision.decide`)."""
+        """What to do with a step, from its all-reduced `Observation`
+        (pure: see `lightning_clip.guard.decision.decide`)."""
         rules = D.GuardRules(overflow_patience=self.overflow_patience, min_loss_scale=self.min_loss_scale)
         return D.decide(obs, rules, self.action)
 

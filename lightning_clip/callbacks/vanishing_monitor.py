@@ -69,7 +69,7 @@ class VanishingGradientMonitor(LightningClipCallback):
     * **No gradient.** Trainable parameters of the optimizer (``requires_grad=True``) whose ``.grad`` is
       ``None`` (unused in the forward pass, or detached from the loss). Frozen parameters are ignored.
 
-    A layer flagged at ``patience`` consecutive checks raises one :class:`~lightning_clip.VanishingGradientWarning`
+    A layer flagged at ``patience`` consecutive checks raises one `VanishingGradientWarning`
     (rank zero) naming the layers, their gradient norms, ratios to the largest layer, gradient-to-weight
     ratios, the step, the input-side / output-side ratio, the through-time decay and the spectral radius of
     each recurrent weight block (per gate), with the likely fixes. It warns once per layer per episode:
@@ -102,17 +102,13 @@ class VanishingGradientMonitor(LightningClipCallback):
     Logged keys (with ``log_layer_metrics=True``, through ``pl_module.log`` at each check; the logger
     writes those that fall on its ``log_every_n_steps``, so make ``check_every_n_steps`` a multiple of it):
 
-    ================================================  ==============================================
-    key                                               meaning
-    ================================================  ==============================================
-    ``grad_health/<layer>/norm``                      the layer's gradient 2-norm
-    ``grad_health/<layer>/ratio``                     gradient norm / weight norm of the layer
-    ``grad_health/<layer>/depth_ratio``               gradient norm / the largest layer's
-    ``grad_health/<layer>/time_decay``                recurrent: earliest / latest ``‖∂L/∂x_t‖``
-    ``grad_health/<layer>/spectral_radius/<block>``   recurrent: spectral radius of a recurrent weight
-                                                      block, ``<block>`` = ``l0`` (RNN), ``l0.r|z|n``
-                                                      (GRU), ``l0.i|f|g|o`` (LSTM)
-    ================================================  ==============================================
+    | key | meaning |
+    |---|---|
+    | ``grad_health/<layer>/norm`` | the layer's gradient 2-norm |
+    | ``grad_health/<layer>/ratio`` | gradient norm / weight norm of the layer |
+    | ``grad_health/<layer>/depth_ratio`` | gradient norm / the largest layer's |
+    | ``grad_health/<layer>/time_decay`` | recurrent: earliest / latest ``‖∂L/∂x_t‖`` |
+    | ``grad_health/<layer>/spectral_radius/<block>`` | recurrent: spectral radius of a recurrent weight block, ``<block>`` = ``l0`` (RNN), ``l0.r``, ``l0.z``, ``l0.n`` (GRU), ``l0.i`` … ``l0.o`` (LSTM) |
 
     Notes:
         Cost: nothing on other steps; on a check step one fused norm pass over the weights (the gradients'
@@ -156,7 +152,7 @@ class VanishingGradientMonitor(LightningClipCallback):
         #: one entry per check: {"step", "layers" (indices into ``layer_names``), "norms"}
         self.history: list[dict[str, Any]] = []
         self.layer_names: list[str] = []
-        #: the figures of the last check (see :meth:`check`)
+        #: the figures of the last check (see `check`)
         self.last: dict[str, Any] = {}
         self._layers: list[tuple[str, nn.Module]] = []
         self._layer_of: dict[int, int] = {}
@@ -295,7 +291,7 @@ class VanishingGradientMonitor(LightningClipCallback):
         step: int,
     ) -> dict[str, Any]:
         """One check: measure, update the patience state, warn. Returns the check's figures (also kept
-        in :attr:`last`), or ``{}`` when the gradients are not finite (such a check does not count).
+        in `last`), or ``{}`` when the gradients are not finite (such a check does not count).
 
         Args:
             params: parameters with a gradient; ``per_param`` their gradient norms (a 1-D tensor).

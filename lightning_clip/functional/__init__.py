@@ -1,11 +1,11 @@
 """The math every lightning-clip callback shares, usable from a plain PyTorch loop. No Lightning import.
 
-* :mod:`~lightning_clip.functional.norms`: total, per-tensor and per-group gradient norms in one fused
+* `norms`: total, per-tensor and per-group gradient norms in one fused
   pass, and the finite check.
-* :mod:`~lightning_clip.functional.clipping`: clip coefficients and fused in-place scaling.
-* :mod:`~lightning_clip.functional.thresholds`: the running statistics that turn a stream of norms into
+* `clipping`: clip coefficients and fused in-place scaling.
+* `thresholds`: the running statistics that turn a stream of norms into
   clipping thresholds (``mean``, ZClip's ``zscore``, AutoClip's ``percentile``).
-* :mod:`~lightning_clip.functional.health`: per-layer and through-time gradient health, spectral radii.
+* `health`: per-layer and through-time gradient health, spectral radii.
 
 Examples:
     >>> import torch

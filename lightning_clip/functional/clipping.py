@@ -1,7 +1,7 @@
 """Clipping: the coefficient that brings a norm down to a bound, and fused in-place scaling. Imports torch only.
 
-As in ``torch.nn.utils``, measuring (:func:`~lightning_clip.functional.grad_norms`) and applying
-(:func:`clip_grads_`) are separate, so a caller decides on the host from a norm it already has.
+As in ``torch.nn.utils``, measuring (`grad_norms`) and applying
+(`clip_grads_`) are separate, so a caller decides on the host from a norm it already has.
 
 Examples:
     >>> import torch

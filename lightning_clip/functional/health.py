@@ -1,4 +1,4 @@
-"""Pure math of :class:`~lightning_clip.VanishingGradientMonitor`: layers, depth ratios, through-time
+"""Pure math of `VanishingGradientMonitor`: layers, depth ratios, through-time
 profiles of recurrent modules, spectral radii of recurrent weight blocks and the patience bookkeeping.
 
 Imports torch only, never Lightning, so every piece is usable (and tested) from a plain PyTorch loop::
@@ -125,7 +125,7 @@ def time_decay(profile_sq: Sequence[float], fraction: float = 0.1) -> tuple[floa
     """How much of the gradient reaches the earliest inputs, relative to the latest.
 
     Args:
-        profile_sq: ``‖∂L/∂x_t‖²`` for ``t = 0 … T−1`` (as from :func:`time_profile`).
+        profile_sq: ``‖∂L/∂x_t‖²`` for ``t = 0 … T−1`` (as from `time_profile`).
         fraction: the share of the sequence averaged at each end (at least one step).
 
     Returns:
@@ -189,7 +189,7 @@ def recurrent_blocks(module: nn.RNNBase) -> list[tuple[str, torch.Tensor]]:
 
 def spectral_radii(module: nn.RNNBase) -> tuple[list[str], torch.Tensor]:
     """Names and spectral radii (float32 tensor, one host sync inside ``eigvals``) of
-    :func:`recurrent_blocks`.
+    `recurrent_blocks`.
 
     Examples:
         >>> rnn = nn.RNN(2, 2)
@@ -221,7 +221,7 @@ def thin_history(history: list[Any], max_len: int) -> list[Any]:
 
 @dataclass
 class Episode:
-    """One key's consecutive-check counts in :class:`PatienceTracker`."""
+    """One key's consecutive-check counts in `PatienceTracker`."""
 
     flagged: int = 0
     """consecutive checks at which the key was flagged"""
@@ -234,7 +234,7 @@ class Episode:
 class PatienceTracker:
     """Consecutive-check bookkeeping: a key (e.g. a layer) raises an alert once per episode.
 
-    An episode starts when the key has been flagged at ``patience`` consecutive checks (:meth:`update`
+    An episode starts when the key has been flagged at ``patience`` consecutive checks (`update`
     returns it then, once) and ends when it has been healthy at ``patience`` consecutive checks; only
     then can it raise a new alert. Keys that are not observed at a check keep their counts.
 

@@ -95,7 +95,7 @@ def grad_norms(tensors: Sequence[torch.Tensor], norm_type: float = 2.0) -> tuple
 
 
 def total_norm(tensors: Sequence[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
-    """The total p-norm of ``tensors`` (float32); see :func:`grad_norms`."""
+    """The total p-norm of ``tensors`` (float32); see `grad_norms`."""
     return grad_norms(tensors, norm_type)[0]
 
 

@@ -3,7 +3,7 @@
 No Lightning and no tensors here: each rule is a small object fed one host-side float per optimizer step,
 with a ``state_dict`` of plain values. Every rule obeys the same contract:
 
-* :meth:`ThresholdRule.step` takes the pre-clip norm ``n_t`` and returns the threshold that applies to it
+* `ThresholdRule.step` takes the pre-clip norm ``n_t`` and returns the threshold that applies to it
   (``math.inf`` when nothing caps it); the gradient is clipped to ``min(n_t, threshold)``.
 * A non-finite norm never enters the statistics and never makes a threshold non-finite: the rule
   returns the threshold it would apply and leaves its state untouched.
@@ -57,7 +57,7 @@ RULE_DEFAULTS: dict[str, Any] = {
     "warmup_steps": None,
     "max_norm": None,
 }
-"""The threshold arguments :func:`make_rule` takes besides ``mode``, with their defaults."""
+"""The threshold arguments `make_rule` takes besides ``mode``, with their defaults."""
 
 
 def check_max_norm(max_norm: Any) -> float | None:
@@ -76,9 +76,9 @@ def _cap(value: float, max_norm: float | None) -> float:
 class ThresholdRule:
     """Base class: a threshold rule fed one norm per step.
 
-    :meth:`step` is :meth:`threshold` (pure) followed by :meth:`update`; a caller that learns only later
+    `step` is `threshold` (pure) followed by `update`; a caller that learns only later
     whether the step's update was applied (the callback, when another callback may skip the step) calls
-    the two apart and leaves out :meth:`update` for a step that was not applied.
+    the two apart and leaves out `update` for a step that was not applied.
     """
 
     max_norm: float | None
@@ -313,11 +313,11 @@ class PercentileThreshold(ThresholdRule):
 
 
 def make_rule(mode: str, **arguments: Any) -> ThresholdRule:
-    """Build the rule for ``mode`` from :class:`~lightning_clip.AdaptiveGradientClipping`'s arguments.
+    """Build the rule for ``mode`` from `AdaptiveGradientClipping`'s arguments.
 
     ``arguments``: any of ``factor`` (1.5), ``decay`` (0.97), ``z_threshold`` (2.5), ``percentile`` (10.0),
     ``window`` (1000), ``warmup_steps`` (None: 1, or 25 for ``zscore``, ZClip's default) and ``max_norm``
-    (None), with the meanings and ranges of :class:`~lightning_clip.AdaptiveGradientClipping`. Every argument
+    (None), with the meanings and ranges of `AdaptiveGradientClipping`. Every argument
     is validated, also those the chosen mode does not use, so a typo never passes silently; an unknown name
     is a ``TypeError``.
 

@@ -1,10 +1,10 @@
-"""Checkpoint files as rollback sources for :class:`~lightning_clip.ExplosionGuard`: find, read, rewrite.
+"""Checkpoint files as rollback sources for `ExplosionGuard`: find, read, rewrite.
 
-* :func:`checkpoint_candidates`: the files the Trainer's ``ModelCheckpoint`` callbacks wrote, newest first.
-* :func:`read_state`: one file as a :class:`~lightning_clip.guard.snapshot.TrainingState`.
-* :class:`CheckpointFiles`: the newest readable, finite file newer than a given step; files found
+* `checkpoint_candidates`: the files the Trainer's ``ModelCheckpoint`` callbacks wrote, newest first.
+* `read_state`: one file as a `TrainingState`.
+* `CheckpointFiles`: the newest readable, finite file newer than a given step; files found
   unreadable or non-finite are remembered (by path and modification time) and not read again.
-* :func:`write_state`: put the live (restored) state into a checkpoint dict about to be written.
+* `write_state`: put the live (restored) state into a checkpoint dict about to be written.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _mtime(path: str) -> int:
 
 
 def read_state(trainer: pl.Trainer, path: str, own_state_key: str | None = None) -> TrainingState:
-    """Read a checkpoint file into a :class:`TrainingState` (raises if unreadable or incomplete).
+    """Read a checkpoint file into a `TrainingState` (raises if unreadable or incomplete).
 
     ``own_state_key``: the guard's ``state_key``; its saved ``lr_scale`` tells how far the file's learning
     rates were already lowered.

@@ -1,8 +1,8 @@
 """ExplosionGuard's decision: what one optimizer step's observations mean, and what to do. No Lightning.
 
-The guard's hook gathers the step's local signals (:class:`LocalSignals`), sums their flags over the
-ranks in one all-reduce, and hands the result (:class:`Observation`) to :func:`decide`, which returns a
-:class:`Decision`. Because :func:`decide` only sees values that are identical on every rank, every rank
+The guard's hook gathers the step's local signals (`LocalSignals`), sums their flags over the
+ranks in one all-reduce, and hands the result (`Observation`) to `decide`, which returns a
+`Decision`. Because `decide` only sees values that are identical on every rank, every rank
 takes the same decision. The shape is the one of Lightning's ``EarlyStopping``: the hook gathers, one
 pure function decides, one line reduces, one line acts.
 
@@ -75,7 +75,7 @@ class LocalSignals:
     has_scaler: bool
 
     def flags(self) -> list[int]:
-        """The integers the all-reduce sums: one per :data:`STEP_KINDS`, then the local overflow."""
+        """The integers the all-reduce sums: one per `STEP_KINDS`, then the local overflow."""
         return [
             int(self.nonfinite_loss),
             int(self.nonfinite_norm and not self.has_scaler),
@@ -89,7 +89,7 @@ class Observation:
     """A step's signals after the all-reduce (identical on every rank), and the guard's state around it.
 
     Attributes:
-        kinds: the :data:`STEP_KINDS` seen on any rank.
+        kinds: the `STEP_KINDS` seen on any rank.
         any_overflow: some rank's GradScaler found inf/NaN gradients (16-mixed calibration).
         local_overflow: this rank's did (the only rank-local field: it says whether this rank's scaler
             must be told to skip).
@@ -111,7 +111,7 @@ class Observation:
 
     @classmethod
     def from_flags(cls, reduced: list[int], local: LocalSignals, **state: object) -> Observation:
-        """Build the observation from the all-reduced :meth:`LocalSignals.flags`."""
+        """Build the observation from the all-reduced `LocalSignals.flags`."""
         *kinds, overflows = reduced
         seen = frozenset(k for k, v in zip(STEP_KINDS, kinds, strict=True) if v > 0)
         local_overflow = local.nonfinite_norm and local.has_scaler
@@ -120,7 +120,7 @@ class Observation:
 
 @dataclass(frozen=True)
 class GuardRules:
-    """The thresholds :func:`decide` applies (the guard's class attributes of the same names)."""
+    """The thresholds `decide` applies (the guard's class attributes of the same names)."""
 
     overflow_patience: int = 20
     min_loss_scale: float = 2.0**-8
@@ -132,7 +132,7 @@ class Decision:
 
     Attributes:
         kinds: the new events of this step, in order of precedence (empty: none to act on).
-        action: what to do about them (see :func:`action_for`); None without a new event.
+        action: what to do about them (see `action_for`); None without a new event.
         skip: the guard drops the update (an event, a tainted batch, or a pending rollback).
         scaler_skips: every rank's GradScaler skips the step (an overflow on some rank); the update is
             not applied either, but by the scaler, and it is no event.
@@ -163,7 +163,7 @@ class Decision:
 
 def action_for(kinds: tuple[str, ...], guard_action: str) -> str | None:
     """The action for an event of ``kinds`` under the guard's ``action``: the guard's own, except
-    ``"error"`` when ``"skip"`` meets a state a skip cannot repair (:data:`NEEDS_STATE`).
+    ``"error"`` when ``"skip"`` meets a state a skip cannot repair (`NEEDS_STATE`).
 
     Examples:
         >>> action_for(("nonfinite_grad",), "skip"), action_for(("nonfinite_weights",), "skip")
@@ -177,7 +177,7 @@ def action_for(kinds: tuple[str, ...], guard_action: str) -> str | None:
 
 
 def decide(obs: Observation, rules: GuardRules, guard_action: str = "rollback") -> Decision:
-    """Turn a step's :class:`Observation` into a :class:`Decision`.
+    """Turn a step's `Observation` into a `Decision`.
 
     * Under a GradScaler an overflow anywhere is loss-scale calibration: every rank's scaler skips the
       step and halves its scale. ``rules.overflow_patience`` overflows in a row are a
@@ -185,7 +185,7 @@ def decide(obs: Observation, rules: GuardRules, guard_action: str = "rollback") 
       restart the streak.
     * Any event, a tainted batch or a pending rollback means the guard drops the update.
     * While a rollback is pending, new kinds are no separate events (the rollback covers them).
-    * The action is :func:`action_for` the new kinds under ``guard_action``.
+    * The action is `action_for` the new kinds under ``guard_action``.
     """
     kinds = set(obs.kinds)
     scaler_skips = obs.has_scaler and obs.any_overflow

@@ -47,7 +47,7 @@ def json_number(value: float | None) -> float | str | None:
 
 @dataclass
 class EventRecord:
-    """One event of :class:`~lightning_clip.ExplosionGuard`, as written to the event log.
+    """One event of `ExplosionGuard`, as written to the event log.
 
     Attributes:
         step, epoch, batch: where it happened (``global_step``, epoch, batch index in the epoch).
@@ -97,11 +97,11 @@ KIND_TEXT = {
     "persistent_overflow": "persistent fp16 gradient overflow",
     "spike": "gradient-norm spike",
 }
-"""What each event kind means, in words (the kinds are :mod:`lightning_clip.guard.decision`'s)."""
+"""What each event kind means, in words (the kinds are `lightning_clip.guard.decision`'s)."""
 
 
 def failure_message(record: EventRecord, reason: str, events_path: str = EVENTS_FILENAME) -> str:
-    """The text of :class:`~lightning_clip.GradientExplosionError` for ``record``: what happened, where,
+    """The text of `GradientExplosionError` for ``record``: what happened, where,
     which parameters went bad first, why recovery stops (``reason``) and what to try."""
     params = ", ".join(record.params) if record.params else "none identified"
     where = "weights" if record.kind == "nonfinite_weights" else "gradients"

@@ -1,9 +1,9 @@
 """Where a rollback goes back to: the in-memory snapshot and the Trainer's checkpoint files.
 
-:class:`KnownGoodStates` keeps the newest finite in-memory snapshot (a CPU copy, see
-:mod:`~lightning_clip.guard.snapshot`), when the next one is due, and the step of the newest checkpoint
-file this run wrote; :meth:`KnownGoodStates.newest` picks whichever of the snapshot and the files is
-newer (:mod:`~lightning_clip.guard.checkpoints`).
+`KnownGoodStates` keeps the newest finite in-memory snapshot (a CPU copy, see
+`snapshot`), when the next one is due, and the step of the newest checkpoint
+file this run wrote; `KnownGoodStates.newest` picks whichever of the snapshot and the files is
+newer (`checkpoints`).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Known-good training states for :class:`~lightning_clip.ExplosionGuard`: capture, check, restore.
+"""Known-good training states for `ExplosionGuard`: capture, check, restore.
 
-Reading a state from a checkpoint file is :mod:`lightning_clip.guard.checkpoints`.
+Reading a state from a checkpoint file is `lightning_clip.guard.checkpoints`.
 
-A :class:`TrainingState` holds everything a rollback puts back: the model's ``state_dict``, every
+A `TrainingState` holds everything a rollback puts back: the model's ``state_dict``, every
 optimizer's and every LR scheduler's ``state_dict``, the precision plugin's state (the GradScaler under
 16-mixed) and the ``state_dict`` of the other lightning-clip callbacks. It comes either from the live
 Trainer (an in-memory snapshot: every tensor is *copied* to the CPU, so later steps cannot change it)

@@ -2,7 +2,7 @@
 event log ``ExplosionGuard`` writes. Imports neither torch nor Lightning (``tensorboard`` only when a
 TensorBoard file is read).
 
-:func:`load_events` is the one reader of ``lightning_clip_events.jsonl`` in the package.
+`load_events` is the one reader of ``lightning_clip_events.jsonl`` in the package.
 """
 
 from __future__ import annotations
