@@ -18,12 +18,16 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 __all__ = [
+    "channel_first_modules",
     "force_scaler_skip",
     "gradient_scaler",
     "group_tensors_by_device_and_dtype",
     "log_dir",
+    "norm_modules",
     "optimizer_index",
     "precision_checkpoint_key",
+    "saved_tensor",
+    "saved_value",
     "should_update_logs",
     "steps_inside_amp_scaling",
     "sync_scheduler_last_lr",
@@ -64,6 +68,40 @@ def force_scaler_skip(scaler: Any, optimizer: Any) -> None:
     state = scaler._per_optimizer_states[id(optimizer)]
     for found_inf in state["found_inf_per_device"].values():
         found_inf.fill_(1.0)
+
+
+def saved_tensor(node: Any, attr: str) -> torch.Tensor | None:
+    """The tensor an autograd node saved for backward (``node._saved_result``, ``node._saved_self``), or
+    None when it is not there, already freed, or changed in place since the forward."""
+    try:
+        value = getattr(node, attr)
+    except (RuntimeError, AttributeError):
+        return None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def saved_value(node: Any, attr: str, default: float) -> float:
+    """A scalar argument an autograd node saved (``node._saved_negative_slope``), or ``default``."""
+    try:
+        value = getattr(node, attr)
+    except (RuntimeError, AttributeError):
+        return default
+    return float(value) if isinstance(value, (int, float)) else default
+
+
+def norm_modules() -> tuple[type[torch.nn.Module], ...]:
+    """The normalisation layers: every BatchNorm / InstanceNorm (their private base ``_NormBase``),
+    LayerNorm, GroupNorm, LocalResponseNorm and RMSNorm."""
+    nn = torch.nn
+    found: tuple[type[torch.nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+    return (*found, nn.LocalResponseNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+
+
+def channel_first_modules() -> tuple[type[torch.nn.Module], ...]:
+    """Layers whose output units sit in dim 1: every convolution (private base ``_ConvNd``),
+    BatchNorm / InstanceNorm and GroupNorm."""
+    nn = torch.nn
+    return (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm)
 
 
 # ----------------------------------------------------------------------------------------- Lightning

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections import deque
 from typing import Any
 
 import pytorch_lightning as pl
@@ -12,12 +13,16 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence
 from typing_extensions import override
 
-from lightning_clip import _compat
+from lightning_clip import _compat, diagnosis
 from lightning_clip._validation import check_bool, check_int, check_number
+from lightning_clip.callbacks import _vanishing_messages as messages
 from lightning_clip.callbacks._base import LightningClipCallback
+from lightning_clip.callbacks._vanishing_probe import CauseProbe, Evidence, TimeTap
+from lightning_clip.callbacks.adaptive_clipping import AdaptiveGradientClipping
+from lightning_clip.callbacks.explosion_guard import ExplosionGuard
+from lightning_clip.diagnosis import Onset
 from lightning_clip.exceptions import VanishingGradientWarning
 from lightning_clip.functional import health
 from lightning_clip.functional.norms import grad_norms, group_norms
@@ -27,21 +32,16 @@ __all__ = ["VanishingGradientMonitor"]
 
 log = logging.getLogger(__name__)
 
-FIXES = (
-    "Likely fixes: gated recurrent units (nn.LSTM / nn.GRU, whose additive cell state carries the error back"
-    " unchanged; a high forget-gate bias such as 1 to 5 keeps it open); ReLU-family activations (ReLU, GELU,"
-    " SiLU) instead of sigmoid/tanh; an initialisation scaled to the activation (nn.init.kaiming_normal_ for"
-    " ReLU, nn.init.xavier_uniform_ / orthogonal for tanh); normalisation layers (LayerNorm, BatchNorm);"
-    " residual (skip) connections."
-)
-MAX_LISTED = 12
-"""At most this many layers are listed in one warning (the rest are counted)."""
+MAX_LISTED = messages.MAX_LISTED
 OTHER_LAYER = "<unowned>"
 """Layer name of optimizer parameters that no module of the LightningModule owns."""
-
-
-def _fmt(x: float) -> str:
-    return f"{x:.2e}" if math.isfinite(x) else str(x)
+RECENT_CHECKS = 64
+"""Check steps remembered per optimizer (to date the start of a streak of flagged checks)."""
+LOSS_JUMP = 1.5
+"""A training loss above this × the median of the (up to 10) steps before it, and above every loss before it,
+between the last healthy check and the first flagged one, is a blow-up."""
+NORM_JUMP = 10.0
+"""The same for the gradient norm (of the steps where a lightning-clip callback measured it)."""
 
 
 class VanishingGradientMonitor(LightningClipCallback):
@@ -72,9 +72,32 @@ class VanishingGradientMonitor(LightningClipCallback):
     A layer flagged at ``patience`` consecutive checks raises one `VanishingGradientWarning`
     (rank zero) naming the layers, their gradient norms, ratios to the largest layer, gradient-to-weight
     ratios, the step, the input-side / output-side ratio, the through-time decay and the spectral radius of
-    each recurrent weight block (per gate), with the likely fixes. It warns once per layer per episode:
-    the episode ends when the layer has been healthy at ``patience`` consecutive checks. Parameters that
-    get no gradient raise their own warning under the same rule.
+    each recurrent weight block (per gate), then **why**: the causes measured at that check, strongest
+    first, and the fixes that fit the model. It warns once per layer per episode: the episode ends when the
+    layer has been healthy at ``patience`` consecutive checks. Parameters that get no gradient raise their
+    own warning under the same rule.
+
+    **Causes** (`lightning_clip.diagnosis` ranks them; ``docs/callbacks/vanishing_monitor.md`` shows
+    each with a real warning). Measured only at a check where a warning may be due (a layer flagged
+    ``patience - 1`` checks in a row), or at every check with ``log_layer_metrics=True``:
+
+    * *Saturating activations*: every sigmoid / tanh of the autograd graph (modules and functions alike,
+      read before ``backward`` from the tensors autograd saved): the share of units in the flat region and
+      the product of the mean derivatives across depth, against the bound ``0.25^n`` of ``n`` sigmoids.
+    * *Dead units*: ReLU-family layers, the share of units never active over the check's batch, and the
+      mean bias of the layer feeding them.
+    * *Initialisation*: ``rms(W)·√fan_in`` of each layer feeding an activation, against the gain the
+      activation needs (``nn.init.calculate_gain``).
+    * *Through time*: the spectral radius of an RNN's recurrent weights (with its mean ``tanh'``), the
+      forget gates of an LSTM and the update gates of a GRU (layer 0, recomputed from the layer's input,
+      output and weights: the fused kernels keep them to themselves), with their bias.
+    * *Collapse after a blow-up*: a training loss (every step, kept as a tensor until the next check) or a
+      gradient norm (the steps another lightning-clip callback measured) that jumped between the last
+      healthy check and the first flagged one: the step, the figures and the learning rate. Ranked first.
+
+    The fixes are only those the model lacks: no normalisation for a model that has it, no residual
+    connections for one that has them (found in the graph), no gated cell for a model without recurrent
+    layers, no clipping callback when one is in the Trainer.
 
     Calibration (``tests/integration/test_vanishing_calibration.py``, a few hundred steps each, default
     arguments): it warns on a 30-layer sigmoid MLP with default init (input-side ratios underflow to 0)
@@ -83,7 +106,8 @@ class VanishingGradientMonitor(LightningClipCallback):
     LayerNorm (≈ 1e-4 at worst), a small transformer encoder, a small CNN with BatchNorm and an LSTM with
     forget-gate bias 5 on the same sequences (decay ≥ 1e-2). A healthy deep net's layers typically differ
     by 1e-1 to 1e-4 through depth (small layers such as LayerNorm get small norms), hence
-    ``depth_threshold=1e-5``.
+    ``depth_threshold=1e-5``. The causes are checked in ``tests/integration/test_vanishing_causes.py``
+    against independent references (float64 recomputations, numpy's eigenvalues, the model's own loss).
 
     Args:
         check_every_n_steps: optimizer steps between checks (``≥ 1``); the first check is the first step.
@@ -95,6 +119,8 @@ class VanishingGradientMonitor(LightningClipCallback):
         save_figure: at the end of fit, save the gradient-flow figure (per-layer gradient norm against
             depth, one line per check, log scale) as ``gradient_flow.png`` in the log directory and add it
             to TensorBoard with a ``TensorBoardLogger``; needs matplotlib (the ``plot`` extra).
+        measure_causes: measure the causes (above) for the warnings; ``False`` keeps only the generic
+            fixes that fit the model's modules, and costs nothing beyond the checks themselves.
 
     Raises:
         ValueError / TypeError: at construction, for an argument out of range or of the wrong type.
@@ -109,20 +135,30 @@ class VanishingGradientMonitor(LightningClipCallback):
     | ``grad_health/<layer>/depth_ratio`` | gradient norm / the largest layer's |
     | ``grad_health/<layer>/time_decay`` | recurrent: earliest / latest ``‖∂L/∂x_t‖`` |
     | ``grad_health/<layer>/spectral_radius/<block>`` | recurrent: spectral radius of a recurrent weight block, ``<block>`` = ``l0`` (RNN), ``l0.r``, ``l0.z``, ``l0.n`` (GRU), ``l0.i`` … ``l0.o`` (LSTM) |
+    | ``grad_health/<layer>/flat_share`` | the activation fed by the layer: share of its elements in the flat region (derivative below 10% of its maximum) |
+    | ``grad_health/<layer>/dead_share`` | the same activation: share of its units flat over the whole batch (ReLU: never active) |
+    | ``grad_health/<layer>/gate/<gate>`` | recurrent: mean value of a gate of layer 0, ``i f g o`` (LSTM), ``r z n`` (GRU), ``h`` (RNN) |
 
     Notes:
-        Cost: nothing on other steps; on a check step one fused norm pass over the weights (the gradients'
-        norms are shared with the other lightning-clip callbacks), one small reduction per recurrent
-        input, and one device-to-host transfer. Spectral radii (an eigenvalue solve per block) are computed
-        only when logging them or when a recurrent layer's warning may be due. AMP: the gradients are
-        unscaled in the hook. DDP: gradients are all-reduced, so every rank sees the same depth figures;
-        through-time profiles are per rank (the warning comes from rank zero). Bidirectional recurrent
-        modules are checked through depth only. Sharded strategies (FSDP, DeepSpeed) are not supported.
+        Cost (``benchmarks/monitor_check.py``): on other steps the training loss is kept as a tensor and
+        the learning rate read (no kernel, no transfer); on a check step one fused norm pass over the
+        weights (the gradients' norms are shared with the other lightning-clip callbacks), one small
+        reduction per recurrent input, and one device-to-host transfer. Measuring the causes adds, at the
+        checks where a warning may be due, a walk of the autograd graph, a few reductions per activation
+        and a recomputation of the recurrent layers' gates (about one forward of those layers), riding on
+        the same transfer. Spectral radii (an eigenvalue solve per block) are computed only when logging
+        them or when a recurrent layer's warning may be due. AMP: the gradients are unscaled in the hook.
+        DDP: gradients are all-reduced, so every rank sees the same depth figures; through-time profiles and
+        causes are per rank (the warning comes from rank zero; causes never change a decision).
+        Bidirectional recurrent modules are checked through depth only. Activations inside compiled
+        regions (``torch.compile``) or recomputed by activation checkpointing are not seen. Sharded
+        strategies (FSDP, DeepSpeed) are not supported.
 
     Examples:
         >>> import pytorch_lightning as pl
         >>> from lightning_clip.callbacks.vanishing_monitor import VanishingGradientMonitor
         >>> trainer = pl.Trainer(callbacks=[VanishingGradientMonitor(check_every_n_steps=50)], logger=False)
+        >>> quiet = VanishingGradientMonitor(measure_causes=False)  # the checks only
     """
 
     def __init__(
@@ -133,6 +169,7 @@ class VanishingGradientMonitor(LightningClipCallback):
         time_threshold: float = 1e-4,
         log_layer_metrics: bool = False,
         save_figure: bool = True,
+        measure_causes: bool = True,
     ) -> None:
         super().__init__()
         self.check_every_n_steps = check_int("check_every_n_steps", check_every_n_steps, low=1)
@@ -145,6 +182,7 @@ class VanishingGradientMonitor(LightningClipCallback):
         )
         self.log_layer_metrics = check_bool("log_layer_metrics", log_layer_metrics)
         self.save_figure = check_bool("save_figure", save_figure)
+        self.measure_causes = check_bool("measure_causes", measure_causes)
         self.max_history = 200
         self.tracker = health.PatienceTracker(self.patience)
         #: optimizer steps seen, per optimizer index
@@ -154,13 +192,17 @@ class VanishingGradientMonitor(LightningClipCallback):
         self.layer_names: list[str] = []
         #: the figures of the last check (see `check`)
         self.last: dict[str, Any] = {}
+        #: the cause measurements (see `CauseProbe`)
+        self.probe = CauseProbe()
+        self._recent: dict[int, deque[int]] = {}  # the latest check steps, per optimizer index
         self._layers: list[tuple[str, nn.Module]] = []
         self._layer_of: dict[int, int] = {}
         self._recurrent: dict[str, nn.RNNBase] = {}
         self._handles: list[Any] = []
-        self._armed = False
+        self._tap = TimeTap()  # the through-time profiles of recurrent inputs
         self._stepped = False
-        self._profiles: dict[str, torch.Tensor] = {}
+        self._norm_seen: int | None = None  # id() of the last StepState whose norm was recorded
+        self._weight_norms: dict[int, torch.Tensor] = {}  # id(parameter) -> its norm, at this check
 
     @override
     def _state_key_args(self) -> dict[str, Any]:
@@ -175,11 +217,13 @@ class VanishingGradientMonitor(LightningClipCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "version": 1,
+            "version": 2,
             "steps": {str(i): n for i, n in self.steps.items()},
             "tracker": self.tracker.state_dict(),
             "history": [dict(h) for h in self.history],
             "layer_names": list(self.layer_names),
+            "recent_checks": {str(i): list(d) for i, d in self._recent.items()},
+            "series": self.probe.state_dict(),
         }
 
     @override
@@ -188,6 +232,9 @@ class VanishingGradientMonitor(LightningClipCallback):
         self.tracker.load_state_dict(state_dict.get("tracker", {}))
         self.history = [dict(h) for h in state_dict.get("history", [])]
         self.layer_names = list(state_dict.get("layer_names", []))
+        recent = state_dict.get("recent_checks", {})
+        self._recent = {int(i): deque((int(s) for s in d), maxlen=RECENT_CHECKS) for i, d in recent.items()}
+        self.probe.load_state_dict(state_dict.get("series", {}))
 
     # ----------------------------------------------------------------------------------------- hooks
     @override
@@ -204,14 +251,39 @@ class VanishingGradientMonitor(LightningClipCallback):
             if isinstance(mod, nn.RNNBase) and mod.mode in health.RECURRENT_GATES:
                 self._recurrent[name] = mod
                 if not mod.bidirectional:
-                    self._handles.append(mod.register_forward_pre_hook(self._make_input_hook(name, mod)))
+                    self._handles.append(mod.register_forward_pre_hook(self._tap.hook(name, mod)))
+        self._handles += self.probe.attach(
+            pl_module, self._layers, self._layer_of, self._recurrent, self.measure_causes
+        )
+        callbacks = list(getattr(trainer, "callbacks", []))  # None when a test drives the hook directly
+        self.probe.facts.guard = any(isinstance(cb, ExplosionGuard) for cb in callbacks)
+        self.probe.facts.clipping = bool(getattr(trainer, "gradient_clip_val", None)) or any(
+            isinstance(cb, AdaptiveGradientClipping) for cb in callbacks
+        )
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         n_opt = max(1, len(trainer.optimizers))
-        self._armed = any(self.steps.get(i, 0) % self.check_every_n_steps == 0 for i in range(n_opt))
+        armed = any(self.steps.get(i, 0) % self.check_every_n_steps == 0 for i in range(n_opt))
+        self._tap.armed = armed
+        self.probe.analyse = self.measure_causes and armed and (self.log_layer_metrics or self._may_warn())
+
+    def _may_warn(self) -> bool:
+        """True when this check could raise a warning that needs causes (one more flagged check)."""
+        if self.patience == 1:
+            return True
+        keys = (k for k in self.tracker.counts if not k.startswith("nograd:"))
+        return any(self.tracker.may_alert(k) for k in keys)
+
+    @override
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        if self.measure_causes:  # every step: the loss stays a tensor until the next check's transfer
+            self.probe.record_loss(trainer.global_step, loss)
+            self.probe.read_graph(loss)
 
     @override
     def on_before_optimizer_step(
@@ -221,25 +293,34 @@ class VanishingGradientMonitor(LightningClipCallback):
         count = self.steps.get(index, 0)
         self.steps[index] = count + 1
         self._stepped = True
+        raw = _compat.unwrap_optimizer(optimizer)
+        if self.measure_causes and index == 0:
+            self.probe.record_lr(trainer.global_step, float(raw.param_groups[0]["lr"]))
         if count % self.check_every_n_steps:
             return
-        raw = _compat.unwrap_optimizer(optimizer)
         measurement = self.step_state(raw, trainer.global_step).measure(2.0)
         if measurement.skipped:
             return
         trainable = [p for p in optimizer_params(raw) if p.requires_grad]
+        self._recent.setdefault(index, deque(maxlen=RECENT_CHECKS)).append(trainer.global_step)
         figures = self.check(measurement.params, measurement.per_param, trainable, trainer.global_step)
         if figures and self.log_layer_metrics:
-            pl_module.log_dict(self._metrics(figures), on_step=True, on_epoch=False)
+            pl_module.log_dict(messages.layer_metrics(figures), on_step=True, on_epoch=False)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._stepped:  # the step is over: profiles no check consumed are stale
-            self._stepped = False
-            self._armed = False
-            self._profiles = {}
+        if not self._stepped:
+            return
+        state = self.step_tracker.current if self.step_tracker is not None else None
+        measured = state.measurements.get(2.0) if state is not None else None
+        if self.measure_causes and measured is not None and id(state) != self._norm_seen:
+            self._norm_seen = id(state)  # measured by some lightning-clip callback: keep it, no transfer
+            self.probe.record_norm(state.step, measured.total)  # type: ignore[union-attr]
+        self._stepped = False  # the step is over: profiles and figures no check consumed are stale
+        self._tap.clear()
+        self.probe.end_step()
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -251,36 +332,11 @@ class VanishingGradientMonitor(LightningClipCallback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
 
-    # ------------------------------------------------------------------------------ through time
     def _remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._profiles = {}
-
-    def _make_input_hook(self, name: str, module: nn.RNNBase) -> Any:
-        def hook(mod: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-            if not self._armed or not mod.training or not torch.is_grad_enabled() or not args:
-                return None
-            x = args[0]
-            packed = isinstance(x, PackedSequence)
-            data = x.data if packed else x
-            if not isinstance(data, torch.Tensor) or not data.is_floating_point():
-                return None
-            # a fresh node: its gradient is exactly what flows back through this module's input
-            tap = data.view_as(data) if data.requires_grad else data.detach().requires_grad_(True)
-            sizes = x.batch_sizes if packed else None
-
-            def grad_hook(grad: torch.Tensor) -> None:
-                prof = health.time_profile(grad, module.batch_first, sizes)
-                prev = self._profiles.get(name)
-                self._profiles[name] = prof if prev is None or prev.shape != prof.shape else prev + prof
-
-            tap.register_hook(grad_hook)
-            new_x = x._replace(data=tap) if packed else tap
-            return (new_x, *args[1:])
-
-        return hook
+        self._tap.clear()
 
     # ------------------------------------------------------------------------------------ check
     def check(
@@ -301,6 +357,31 @@ class VanishingGradientMonitor(LightningClipCallback):
         other = len(self.layer_names) - 1
         layer_idx = [self._layer_of.get(id(p), other) for p in params]
         present = sorted(set(layer_idx))
+        pieces, profiles, radius_names = self._device_pieces(params, per_param, layer_idx, present)
+        extra = self.probe.pieces(self._weight_norms)
+        device = per_param.device
+        everything = [p.reshape(-1).float().to(device) for p in pieces + extra]
+        flat = torch.cat(everything).tolist() if everything else []  # the check's one host transfer
+        n_own = sum(p.numel() for p in pieces)
+        evidence = self.probe.unpack(flat[n_own:], step)  # the per-step series grow even if not finite
+        figures = self._read_back(flat[:n_own], present, profiles, radius_names, step)
+        if not figures:
+            return {}
+        figures["evidence"] = evidence
+        figures["no_grad"] = self._no_grad_layers(params, trainable)
+        due = self._update_patience(figures, trainable)
+        figures["warned"] = due
+        self.last = figures
+        self.history.append({"step": step, "layers": list(present), "norms": list(figures["norms"])})
+        self.history = health.thin_history(self.history, self.max_history)
+        self._warn_due(figures, due)
+        return figures
+
+    def _device_pieces(
+        self, params: list[torch.Tensor], per_param: torch.Tensor, layer_idx: list[int], present: list[int]
+    ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], dict[str, list[str]]]:
+        """The check's own tensors for the single host transfer: per-layer gradient and weight norms,
+        spectral radii (when needed), through-time profiles."""
         local = {g: i for i, g in enumerate(present)}
         pieces: list[torch.Tensor] = []
         device = per_param.device
@@ -308,27 +389,31 @@ class VanishingGradientMonitor(LightningClipCallback):
             group = torch.tensor([local[g] for g in layer_idx], device=device)
             with torch.no_grad():
                 _, w_per = grad_norms([p.detach() for p in params])
+            self._weight_norms = {id(p): w_per[i] for i, p in enumerate(params)}  # reused by the causes
             pieces += [
                 group_norms(per_param.to(torch.float32), group, len(present)),
                 group_norms(w_per.to(device), group, len(present)),
             ]
         present_names = {self.layer_names[g] for g in present}
-        profiles = {n: p for n, p in self._profiles.items() if n in present_names}
-        for name in profiles:
-            self._profiles.pop(name)
+        profiles = self._tap.take(present_names)
         radius_names: dict[str, list[str]] = {}
         for name, mod in self._recurrent.items():
-            if name not in present_names:
-                continue
             may_warn = any(self.tracker.may_alert(f"{kind}:{name}") for kind in ("depth", "time"))
-            if self.log_layer_metrics or may_warn:
-                blocks, radii = health.spectral_radii(mod)
-                radius_names[name] = blocks
+            if name in present_names and (self.log_layer_metrics or may_warn):
+                radius_names[name], radii = health.spectral_radii(mod)
                 pieces.append(radii.to(device))
         pieces += [p.to(device) for p in profiles.values()]
-        flat = torch.cat([p.reshape(-1).to(torch.float32) for p in pieces]).tolist() if pieces else []
+        return pieces, profiles, radius_names
 
-        # ---- unpack (host side from here on)
+    def _read_back(
+        self,
+        flat: list[float],
+        present: list[int],
+        profiles: dict[str, torch.Tensor],
+        radius_names: dict[str, list[str]],
+        step: int,
+    ) -> dict[str, Any]:
+        """The check's figures from the host values of `_device_pieces` ({} if not finite)."""
         n = len(present)
         norms, w_norms, pos = flat[:n], flat[n : 2 * n], 2 * n
         if any(not math.isfinite(v) for v in norms):
@@ -341,49 +426,31 @@ class VanishingGradientMonitor(LightningClipCallback):
         for name, prof in profiles.items():
             values = flat[pos : pos + prof.numel()]
             pos += prof.numel()
-            decay, k = health.time_decay(values)
-            decays[name] = (decay, k, len(values))
-        ratios = health.depth_ratios(norms)
-        layers = [self.layer_names[g] for g in present]
-        figures: dict[str, Any] = {
+            decays[name] = (*health.time_decay(values), len(values))
+        return {
             "step": step,
-            "layers": layers,
+            "layers": [self.layer_names[g] for g in present],
             "norms": norms,
-            "depth_ratios": ratios,
+            "depth_ratios": health.depth_ratios(norms),
             "grad_to_weight": [g / w if w > 0 else math.nan for g, w in zip(norms, w_norms, strict=True)],
             "time_decay": decays,
             "spectral_radius": radii_of,
         }
-        no_grad_layers = self._no_grad_layers(params, trainable)
-        figures["no_grad"] = no_grad_layers
 
-        flagged = {
-            f"depth:{name}" for name, r in zip(layers, ratios, strict=True) if r < self.depth_threshold
-        }
-        flagged |= {f"time:{name}" for name, (d, _, _) in decays.items() if d < self.time_threshold}
-        flagged |= {f"nograd:{name}" for name in no_grad_layers}
-        observed = [f"depth:{name}" for name, r in zip(layers, ratios, strict=True) if math.isfinite(r)]
-        observed += [f"time:{name}" for name, (d, _, _) in decays.items() if math.isfinite(d)]
+    def _update_patience(self, figures: dict[str, Any], trainable: list[torch.Tensor]) -> list[str]:
+        """Flag this check's keys (``depth:``, ``time:``, ``nograd:`` + layer) and return those now due."""
+        pairs = list(zip(figures["layers"], figures["depth_ratios"], strict=True))
+        flagged = {f"depth:{name}" for name, r in pairs if r < self.depth_threshold}
+        flagged |= {f"time:{n}" for n, (d, _, _) in figures["time_decay"].items() if d < self.time_threshold}
+        flagged |= {f"nograd:{name}" for name in figures["no_grad"]}
+        observed = [f"depth:{name}" for name, r in pairs if math.isfinite(r)]
+        observed += [f"time:{n}" for n, (d, _, _) in figures["time_decay"].items() if math.isfinite(d)]
+        other = len(self.layer_names) - 1
         trainable_layers = dict.fromkeys(
             self.layer_names[self._layer_of.get(id(p), other)] for p in trainable
         )
         observed += [f"nograd:{name}" for name in trainable_layers]
-        due = self.tracker.update(flagged, observed)
-        figures["warned"] = due
-        self.last = figures
-        self.history.append({"step": step, "layers": list(present), "norms": list(norms)})
-        self.history = health.thin_history(self.history, self.max_history)
-
-        depth_due = [k.split(":", 1)[1] for k in due if k.startswith("depth:")]
-        if depth_due:
-            self._warn(self._depth_message(figures, depth_due))
-        for key in due:
-            if key.startswith("time:"):
-                self._warn(self._time_message(figures, key.split(":", 1)[1]))
-        nograd_due = [k.split(":", 1)[1] for k in due if k.startswith("nograd:")]
-        if nograd_due:
-            self._warn(self._no_grad_message(step, {n: no_grad_layers[n] for n in nograd_due}))
-        return figures
+        return self.tracker.update(flagged, observed)
 
     def _no_grad_layers(
         self, params: list[torch.Tensor], trainable: list[torch.Tensor]
@@ -403,97 +470,93 @@ class VanishingGradientMonitor(LightningClipCallback):
         return out
 
     # --------------------------------------------------------------------------------- messages
-    def _recurrent_line(self, figures: dict[str, Any], name: str) -> str:
-        radii = figures["spectral_radius"].get(name)
-        if not radii:
-            return ""
+    def _warn_due(self, figures: dict[str, Any], due: list[str]) -> None:
+        figures["causes"] = {}
+        depth_due = [k.split(":", 1)[1] for k in due if k.startswith("depth:")]
+        if depth_due:
+            self._warn(self._depth_warning(figures, depth_due))
+        for key in due:
+            if key.startswith("time:"):
+                self._warn(self._time_warning(figures, key.split(":", 1)[1]))
+        nograd_due = [k.split(":", 1)[1] for k in due if k.startswith("nograd:")]
+        if nograd_due:
+            layers = {n: figures["no_grad"][n] for n in nograd_due}
+            self._warn(messages.no_grad_message(figures["step"], self.patience, layers))
+
+    def _onset(self, keys: list[str]) -> Onset:
+        """When the streak of the keys' flagged checks began (the longest streak among them) and what
+        happened just before it."""
+        index = next((i for i, d in self._recent.items() if d and d[-1] == self.last["step"]), 0)
+        recent = list(self._recent.get(index, [self.last["step"]]))
+        streak = min(max(self.tracker.flagged_count(k) for k in keys), len(recent))
+        first = recent[-streak]
+        healthy = recent[-streak - 1] if streak < len(recent) else None
+        return self.probe.onset(first, healthy, LOSS_JUMP, NORM_JUMP)
+
+    def _kind(self, name: str) -> str:
         mod = self._recurrent[name]
-        blocks = ", ".join(f"{b} {r:.3g}" for b, r in radii.items())
-        return (
-            f"\n  `{name}` ({type(mod).__name__}) spectral radius of the recurrent weights per block: {blocks}"
-            " (below 1 the gradient shrinks like λ^T through T time steps, above 1 it grows)."
-        )
+        return type(mod).__name__ + (f", {mod.nonlinearity}" if isinstance(mod, nn.RNN) else "")
 
-    def _depth_message(self, fig: dict[str, Any], due: list[str]) -> str:
-        layers, norms, ratios, gw = fig["layers"], fig["norms"], fig["depth_ratios"], fig["grad_to_weight"]
-        top = max(range(len(norms)), key=lambda i: norms[i])
-        flagged = [i for i, r in enumerate(ratios) if r < self.depth_threshold]
-        named = [i for i in flagged if layers[i] in due]
-        width = max(len(layers[i]) for i in named[:MAX_LISTED])
-        lines = [
-            f"  {layers[i]:<{width}}  grad norm {_fmt(norms[i])}  ×{_fmt(ratios[i])} of the largest"
-            f"  grad/weight {_fmt(gw[i])}"
-            for i in named[:MAX_LISTED]
+    def _depth_warning(self, fig: dict[str, Any], due: list[str]) -> str:
+        ev: Evidence | None = fig["evidence"]
+        onset = self._onset([f"depth:{n}" for n in due])
+        found = diagnosis.depth_causes(
+            ev.sites if ev else [], ev.scales if ev else [], self.probe.facts, onset
+        )
+        fig["causes"]["depth"] = found
+        below = [
+            n for n, r in zip(fig["layers"], fig["depth_ratios"], strict=True) if r < self.depth_threshold
         ]
-        if len(named) > MAX_LISTED:
-            rest = ", ".join(layers[i] for i in named[MAX_LISTED:])
-            lines.append(f"  … and {len(named) - MAX_LISTED} more: {rest}")
-        if len(named) < len(flagged):
-            lines.append(f"  (and {len(flagged) - len(named)} layers already reported)")
-        first, last = 0, len(layers) - 1
-        io_ratio = _fmt(norms[first] / norms[last]) if norms[last] > 0 else "n/a"
-        recurrent = "".join(self._recurrent_line(fig, n) for n in due if n in self._recurrent)
-        return (
-            f"Vanishing gradients through depth at step {fig['step']}: {len(flagged)} of {len(layers)} layers"
-            f" get less than {self.depth_threshold:g} of the gradient norm of the largest layer"
-            f" (`{layers[top]}`, {_fmt(norms[top])}), {self.patience} checks in a row"
-            f" (every {self.check_every_n_steps} steps), input side first:\n"
-            + "\n".join(lines)
-            + f"\n  Input-side / output-side gradient norm (`{layers[first]}` / `{layers[last]}`): {io_ratio}."
-            + recurrent
-            + f"\n{FIXES}"
+        reported = [n for n in below if n not in due and self.tracker.alerted(f"depth:{n}")]
+        radii = fig["spectral_radius"]
+        extra = "".join(
+            messages.recurrent_line(n, self._kind(n), radii.get(n, {})) for n in due if n in self._recurrent
+        )
+        depth = messages.DepthFigures(
+            fig["step"], fig["layers"], fig["norms"], fig["depth_ratios"], fig["grad_to_weight"]
+        )
+        return messages.depth_message(
+            depth,
+            due,
+            reported,
+            self.depth_threshold,
+            self.patience,
+            self.check_every_n_steps,
+            found,
+            self.probe.facts,
+            extra,
+            measured=self.measure_causes,
         )
 
-    def _time_message(self, fig: dict[str, Any], name: str) -> str:
+    def _time_warning(self, fig: dict[str, Any], name: str) -> str:
+        ev: Evidence | None = fig["evidence"]
         decay, k, steps = fig["time_decay"][name]
         mod = self._recurrent[name]
-        kind = f"{type(mod).__name__}" + (f", {mod.nonlinearity}" if isinstance(mod, nn.RNN) else "")
-        if decay > 0:
-            rate = f"about ×{decay ** (1.0 / max(1, steps - k)):.3g} per time step"
-        else:
-            rate = "it underflows float32: nothing arrives"
-        hint = ""
-        if isinstance(mod, nn.LSTM):
-            hint = (
-                f"\n  For this LSTM: open the forget gates, e.g. set the forget-gate bias to 1 to 5"
-                f" (`{name}.bias_ih_l0[H:2H]`, gate order i, f, g, o); at ≈ sigmoid(0) = 0.5 they halve the"
-                " error at every step."
-            )
-        return (
-            f"Vanishing gradients through time in `{name}` ({kind}) at step {fig['step']}: the earliest {k} of"
-            f" {steps} time steps get {_fmt(decay)} of the gradient ‖∂L/∂x_t‖ that reaches the latest {k}"
-            f" ({rate}), {self.patience} checks in a row (threshold {self.time_threshold:g}): the loss can"
-            " hardly learn from early inputs." + self._recurrent_line(fig, name) + hint + f"\n{FIXES}"
+        radii = fig["spectral_radius"].get(name, {})
+        gates = ev.gates.get(name, {}) if ev else {}
+        onset = self._onset([f"time:{name}"])
+        found = diagnosis.time_causes(
+            name, mod.mode, mod.hidden_size, radii, gates, steps - k, self.probe.facts, onset
         )
-
-    def _no_grad_message(self, step: int, layers: dict[str, list[str]]) -> str:
-        listed = "; ".join(f"`{n}` ({', '.join(ps)})" for n, ps in list(layers.items())[:MAX_LISTED])
-        more = f" and {len(layers) - MAX_LISTED} more layers" if len(layers) > MAX_LISTED else ""
-        return (
-            f"Trainable parameters got no gradient at step {step}, {self.patience} checks in a row: {listed}{more}."
-            " They are not used in the forward pass, or their output is detached from the loss. Reconnect them,"
-            " remove them, or freeze them (`requires_grad_(False)`); under DDP unused parameters also need"
-            " `strategy=DDPStrategy(find_unused_parameters=True)`."
+        fig["causes"][f"time:{name}"] = found
+        return messages.time_message(
+            name,
+            self._kind(name),
+            fig["step"],
+            decay,
+            k,
+            steps,
+            self.patience,
+            self.time_threshold,
+            found,
+            self.probe.facts,
+            messages.recurrent_line(name, self._kind(name), radii),
+            self.measure_causes,
         )
 
     @staticmethod
     def _warn(message: str) -> None:
         rank_zero_warn(message, category=VanishingGradientWarning)
-
-    def _metrics(self, fig: dict[str, Any]) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for name, norm, ratio, gw in zip(
-            fig["layers"], fig["norms"], fig["depth_ratios"], fig["grad_to_weight"], strict=True
-        ):
-            out[f"grad_health/{name}/norm"] = norm
-            out[f"grad_health/{name}/ratio"] = gw
-            out[f"grad_health/{name}/depth_ratio"] = ratio
-        for name, (decay, _, _) in fig["time_decay"].items():
-            out[f"grad_health/{name}/time_decay"] = decay
-        for name, radii in fig["spectral_radius"].items():
-            for block, r in radii.items():
-                out[f"grad_health/{name}/spectral_radius/{block}"] = r
-        return out
 
     # ----------------------------------------------------------------------------------- figure
     @rank_zero_only

@@ -6,6 +6,7 @@ import csv
 import os
 from typing import Any
 
+import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
@@ -159,3 +160,42 @@ def test_unwrap_optimizer_returns_the_torch_optimizer(tmp_path: Any) -> None:
     wrapped = trainer.strategy._lightning_optimizers[1]
     assert _compat.unwrap_optimizer(wrapped) is trainer.optimizers[1]
     assert _compat.unwrap_optimizer(trainer.optimizers[0]) is trainer.optimizers[0]
+
+
+def test_saved_tensors_of_autograd_nodes() -> None:
+    """The saved tensor is the very output (sigmoid) / input (leaky ReLU) of the forward; a freed one (after
+    backward) and a missing attribute give None; saved scalars come back as numbers."""
+    x = torch.randn(4, requires_grad=True)
+    y = torch.sigmoid(x)
+    z = torch.nn.functional.leaky_relu(x * 2, 0.3)
+    assert torch.equal(_compat.saved_tensor(y.grad_fn, "_saved_result"), y.detach())  # type: ignore[arg-type]
+    assert torch.equal(_compat.saved_tensor(z.grad_fn, "_saved_self"), (x * 2).detach())  # type: ignore[arg-type]
+    assert _compat.saved_value(z.grad_fn, "_saved_negative_slope", 0.01) == pytest.approx(0.3)
+    assert _compat.saved_tensor(y.grad_fn, "_saved_nothing") is None
+    assert _compat.saved_value(y.grad_fn, "_saved_nothing", 7.0) == 7.0
+    y.sum().backward()
+    assert _compat.saved_tensor(y.grad_fn, "_saved_result") is None  # freed by backward
+
+
+def test_module_families_cover_torch_layers() -> None:
+    nn = torch.nn
+    norms = _compat.norm_modules()
+    for layer in (
+        nn.BatchNorm1d(3),
+        nn.BatchNorm2d(3),
+        nn.InstanceNorm1d(3),
+        nn.LayerNorm(3),
+        nn.GroupNorm(1, 3),
+    ):
+        assert isinstance(layer, norms)
+    assert not isinstance(nn.Linear(2, 2), norms)
+    channels = _compat.channel_first_modules()
+    for layer in (
+        nn.Conv1d(1, 2, 3),
+        nn.Conv2d(1, 2, 3),
+        nn.ConvTranspose2d(1, 2, 3),
+        nn.BatchNorm2d(2),
+        nn.GroupNorm(1, 2),
+    ):
+        assert isinstance(layer, channels)
+    assert not isinstance(nn.LayerNorm(2), channels) and not isinstance(nn.Linear(2, 2), channels)

@@ -59,6 +59,7 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     "time_threshold": st.floats(1e-9, 0.99),
     "log_layer_metrics": st.booleans(),
     "save_figure": st.just(False),
+    "measure_causes": st.booleans(),
     "target": st.sampled_from(["loss", "grad", "weight", "input"]),
     "value": st.sampled_from([float("nan"), float("inf"), float("-inf")]),
     "steps": st.one_of(st.none(), st.lists(st.integers(0, 5), max_size=3)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from typing import Any
 
@@ -44,6 +45,7 @@ BAD_ARGS = [
     ("time_threshold", None, TypeError, "`time_threshold` must be a real number in (0, 1), got None."),
     ("log_layer_metrics", 1, TypeError, "`log_layer_metrics` must be True or False, got 1."),
     ("save_figure", "yes", TypeError, "`save_figure` must be True or False, got 'yes'."),
+    ("measure_causes", None, TypeError, "`measure_causes` must be True or False, got None."),
 ]
 
 
@@ -225,6 +227,37 @@ def test_depth_decision_driven_directly() -> None:
     assert "(`0` / `3`): 4.00e-06." in str(rec[0].message)
 
 
+def test_depth_message_counts_and_wording_driven_directly() -> None:
+    """Each count of a message against the monitor's own figures: a layer flagged for the first time is
+    not yet due (never "already reported"), one warned about before is "already reported", plurals agree."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Sigmoid(), nn.Linear(2, 2), nn.Linear(2, 1))
+    monitor = VanishingGradientMonitor(save_figure=False, measure_causes=False)
+    monitor.on_fit_start(None, model)  # type: ignore[arg-type]
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.ones_like(p)
+    quiet = torch.tensor([2e-6, 0.0, 1.0, 0.0, 1.0, 0.0])  # layer norms `0`, `2`, `3`: only `0` below 1e-5
+    both = torch.tensor([2e-6, 0.0, 5e-6, 0.0, 1.0, 0.0])  # `0` and `2` below
+    for step in (0, 25):
+        monitor.check(params, quiet, params, step)
+    with pytest.warns(VanishingGradientWarning) as rec:
+        fig = monitor.check(params, both, params, 50)
+    assert fig["warned"] == ["depth:0"]
+    msg = str(rec[0].message)
+    assert msg.startswith("Vanishing gradients through depth at step 50: 1 of 3 layers get less than 1e-05")
+    assert "3 checks in a row (every 25 steps)" in msg
+    assert "\n  (1 more layer below the threshold at this check, not yet 3 checks in a row: 2)\n" in msg
+    assert "already reported" not in msg and "1 layers" not in msg
+    assert monitor.check(params, both, params, 75)["warned"] == []
+    with pytest.warns(VanishingGradientWarning) as rec:
+        fig = monitor.check(params, both, params, 100)
+    assert fig["warned"] == ["depth:2"]
+    msg = str(rec[0].message)
+    assert re.findall(r"^  (\S+)\s+grad norm", msg, flags=re.MULTILINE) == ["2"]
+    assert "\n  (1 more layer below the threshold, already reported in this episode)\n" in msg
+    assert "not yet" not in msg
+
+
 def test_state_dict_round_trip(tmp_path: Any) -> None:
     monitor = VanishingGradientMonitor(check_every_n_steps=2, patience=5, save_figure=False)
     make_trainer(tmp_path, max_steps=7, callbacks=[monitor]).fit(WithUnused(), regression_loader())
@@ -262,9 +295,14 @@ def test_resume_continues_patience_and_step_counters(tmp_path: Any) -> None:
     straight, straight_msgs = run_no_grad(tmp_path / "c", 10)
     assert len(msgs) == 1 and "at step 4, 3 checks in a row" in msgs[0]  # the third check, after the resume
     assert msgs == straight_msgs
-    for key in ("steps", "tracker"):
+    for key in ("steps", "tracker", "recent_checks"):
         assert resumed.state_dict()[key] == straight.state_dict()[key]
     assert [h["step"] for h in resumed.history] == [h["step"] for h in straight.history] == [0, 2, 4, 6, 8]
+    # the per-step series the blow-up detection reads span the resume: steps before it came from the checkpoint
+    series = resumed.state_dict()["series"]
+    assert [s for s, _ in series["losses"]] == [s for s, _ in straight.state_dict()["series"]["losses"]]
+    assert [s for s, _ in series["losses"]] == list(range(9))  # brought to the host at the checks (last: 8)
+    assert [s for s, _ in series["pending_losses"]] == [9]  # still a tensor: a checkpoint adds no transfer
 
 
 def test_figure_saved_and_sent_to_tensorboard(tmp_path: Any) -> None:

@@ -73,3 +73,59 @@ def test_one_host_transfer_per_step_with_all_three_callbacks(
     checks = {s for s in per_step if s % 5 == 0}  # the monitor's check steps add their one transfer
     assert Counter(per_step[s] for s in per_step if s not in checks) == Counter({1: 12 - len(checks)})
     assert all(per_step[s] == 2 for s in checks)
+
+
+class WholeStep(pl.Callback):
+    """Counts host reads over the whole batch: forward, backward (the graph read), optimizer step."""
+
+    def __init__(self, shared: dict[str, Any]) -> None:
+        self.shared = shared
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.shared["mode"] = _HostReads().__enter__()
+        self.shared["tolist"] = 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.shared["mode"].__exit__(None, None, None)
+        self.shared["per_step"][trainer.global_step - 1] = self.shared["mode"].count + self.shared["tolist"]
+
+
+class SigmoidLSTM(RegressionModel):
+    """An LSTM read by a sigmoid head: gates recomputed and activation sites read at every analysed check."""
+
+    def __init__(self) -> None:
+        super().__init__(optimizer="sgd")
+        self.rnn = torch.nn.LSTM(8, 6, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.rnn(x.unsqueeze(1).expand(-1, 5, -1))[0][:, -1]
+        return self.net(torch.sigmoid(h) @ torch.ones(6, 8) / 6)
+
+
+def test_cause_measurements_add_no_host_transfer(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every check analysed (log_layer_metrics=True: activation sites, recurrent gates, weight scales,
+    per-step losses), a check step still has exactly one transfer more than the same step without the
+    monitor, and any other step none."""
+    original = torch.Tensor.tolist
+
+    def run(with_monitor: bool) -> dict[int, int]:
+        shared: dict[str, Any] = {"per_step": {}, "tolist": 0}
+
+        def counting_tolist(self: torch.Tensor) -> Any:
+            shared["tolist"] += 1
+            return original(self)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+        monitor = VanishingGradientMonitor(check_every_n_steps=4, save_figure=False, log_layer_metrics=True)
+        callbacks = [WholeStep(shared), *([monitor] if with_monitor else [])]
+        torch.manual_seed(0)
+        trainer = make_trainer(tmp_path, callbacks=callbacks, max_steps=9, log_every_n_steps=50)
+        trainer.fit(SigmoidLSTM(), regression_loader(n=128))
+        if with_monitor:
+            assert monitor.last["evidence"] is not None and monitor.last["evidence"].gates["rnn"]
+        return shared["per_step"]
+
+    bare, monitored = run(False), run(True)
+    assert sorted(monitored) == list(range(9))
+    extra = {s: monitored[s] - bare[s] for s in monitored}
+    assert extra == {s: int(s % 4 == 0) for s in range(9)}

@@ -16,147 +16,22 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_clip.callbacks.vanishing_monitor import VanishingGradientMonitor
 from lightning_clip.exceptions import VanishingGradientWarning
 from tests.models import make_trainer
-
-SEQ_LEN, FEATURES, HIDDEN, BATCH = 100, 2, 16, 16
-
-
-class Regressor(pl.LightningModule):
-    """Adam (lr 1e-3), MSE or cross-entropy loss; subclasses build ``self.body``."""
-
-    classify = False
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        out = self(x)
-        if self.classify:
-            return nn.functional.cross_entropy(out, y)
-        return nn.functional.mse_loss(out, y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=1e-3)
-
-
-class DeepMLP(Regressor):
-    """30 Linear layers, width 16: ``sigmoid`` (plain), ``relu_residual`` (h + W relu(h)) or
-    ``relu_layernorm`` (relu(LayerNorm(W h))). PyTorch's default init everywhere."""
-
-    def __init__(self, kind: str, depth: int = 30, width: int = 16) -> None:
-        super().__init__()
-        self.kind = kind
-        self.inp = nn.Linear(8, width)
-        self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(depth - 2))
-        self.norms = (
-            nn.ModuleList(nn.LayerNorm(width) for _ in range(depth - 2)) if kind == "relu_layernorm" else None
-        )
-        self.out = nn.Linear(width, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = torch.sigmoid if self.kind == "sigmoid" else torch.relu
-        h = act(self.inp(x))
-        for i, layer in enumerate(self.hidden):
-            if self.kind == "relu_residual":
-                h = h + layer(act(h))
-            elif self.norms is not None:
-                h = act(self.norms[i](layer(h)))
-            else:
-                h = act(layer(h))
-        return self.out(h)
-
-
-def mlp_loader() -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(512, 8, generator=g)
-    y = torch.sin(x @ torch.randn(8, 1, generator=g))
-    return DataLoader(TensorDataset(x, y), batch_size=BATCH)
-
-
-class TinyTransformer(Regressor):
-    def __init__(self) -> None:
-        super().__init__()
-        self.inp = nn.Linear(4, 16)
-        layer = nn.TransformerEncoderLayer(16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
-        self.out = nn.Linear(16, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.encoder(self.inp(x)).mean(dim=1))
-
-
-def transformer_loader() -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(512, 8, 4, generator=g)
-    y = x[:, :, 0].cumsum(1)[:, -1:].tanh()
-    return DataLoader(TensorDataset(x, y), batch_size=BATCH)
-
-
-class SmallCNN(Regressor):
-    classify = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1),
-            nn.BatchNorm2d(8),
-            nn.ReLU(),
-            nn.Conv2d(8, 8, 3, padding=1),
-            nn.BatchNorm2d(8),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(8, 8, 3, padding=1),
-            nn.BatchNorm2d(8),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(8, 4),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-
-def cnn_loader() -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(512, 1, 8, 8, generator=g)
-    y = (x[:, 0, :4, :4].mean((1, 2)) > 0).long() + 2 * (x[:, 0, 4:, 4:].mean((1, 2)) > 0).long()
-    return DataLoader(TensorDataset(x, y), batch_size=BATCH)
-
-
-class SequenceModel(Regressor):
-    """A recurrent layer over 100 steps, the loss on the last output; the target needs the first inputs.
-
-    ``rnn``: tanh RNN with recurrent weights rescaled to spectral radius 0.5; ``lstm_forget5``: LSTM with
-    forget-gate bias 5 (i f g o order: rows H..2H); ``lstm``: LSTM, default init."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__()
-        if kind == "rnn":
-            self.rnn: nn.RNNBase = nn.RNN(FEATURES, HIDDEN, batch_first=True, nonlinearity="tanh")
-            with torch.no_grad():
-                w = self.rnn.weight_hh_l0
-                w.mul_(0.5 / torch.linalg.eigvals(w.double()).abs().max().float())
-        else:
-            self.rnn = nn.LSTM(FEATURES, HIDDEN, batch_first=True)
-            if kind == "lstm_forget5":
-                with torch.no_grad():
-                    self.rnn.bias_ih_l0[HIDDEN : 2 * HIDDEN].fill_(5.0)
-                    self.rnn.bias_hh_l0[HIDDEN : 2 * HIDDEN].zero_()
-        self.head = nn.Linear(HIDDEN, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.rnn(x)[0][:, -1])
-
-
-def sequence_loader() -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1024, SEQ_LEN, FEATURES, generator=g)
-    y = x[:, :5, 0].mean(1, keepdim=True)
-    return DataLoader(TensorDataset(x, y), batch_size=BATCH)
+from tests.vanishing_models import (
+    SEQ_LEN,
+    DeepMLP,
+    SequenceModel,
+    SmallCNN,
+    TinyTransformer,
+    cnn_loader,
+    mlp_loader,
+    sequence_loader,
+    transformer_loader,
+)
 
 
 def fit(tmp_path: Any, model: pl.LightningModule, loader: DataLoader, steps: int) -> VanishingGradientMonitor:
