@@ -93,6 +93,20 @@ class GradMeasurement:
         return self._host_total
 
     @property
+    def fetched_total_norm(self) -> float | None:
+        """The total norm on the host if some callback already read it at this step, else None (never
+        triggers a transfer: for a callback that only wants the value when it is free).
+
+        Examples:
+            >>> p = torch.nn.Parameter(torch.ones(4))
+            >>> p.grad = torch.full((4,), 0.5)
+            >>> m = StepTracker().begin(torch.optim.SGD([p], lr=0.1), step=0).measure()
+            >>> m.fetched_total_norm is None, m.total_norm, m.fetched_total_norm
+            (True, 1.0, 1.0)
+        """
+        return self._host_total
+
+    @property
     def finite(self) -> bool:
         return math.isfinite(self.total_norm)
 
@@ -168,6 +182,21 @@ class StepState:
         if self._rider_values is None:
             first = next(iter(self.measurements.values()), None) or self.measure(2.0)
             _ = first.total_norm
+        return (self._rider_values or {}).get(key)
+
+    def fetched_rider(self, key: str) -> float | None:
+        """The host value of the rider ``key`` if the step's transfer already happened, else None (never
+        triggers it).
+
+        Examples:
+            >>> p = torch.nn.Parameter(torch.ones(1))
+            >>> p.grad = torch.ones(1)
+            >>> tracker = StepTracker()
+            >>> tracker.ride_along("loss", lambda: torch.tensor(2.5))
+            >>> state = tracker.begin(torch.optim.SGD([p], lr=0.1), step=0)
+            >>> state.fetched_rider("loss"), state.rider("loss"), state.fetched_rider("loss")
+            (None, 2.5, 2.5)
+        """
         return (self._rider_values or {}).get(key)
 
     def skip(self) -> None:

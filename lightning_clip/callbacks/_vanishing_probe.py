@@ -109,8 +109,19 @@ class CauseProbe:
     def record_loss(self, step: int, loss: torch.Tensor) -> None:
         self._pending_losses.append((step, loss.detach()))
 
-    def record_norm(self, step: int, total: torch.Tensor) -> None:
-        self._pending_norms.append((step, total))
+    def record_norm(self, step: int, total: torch.Tensor | float) -> None:
+        """The step's gradient norm: a host value when another callback already fetched it, else a tensor."""
+        if isinstance(total, torch.Tensor):
+            self._pending_norms.append((step, total))
+        elif not self.norms or self.norms[-1][0] != step:
+            self.norms.append((step, float(total)))
+
+    def known_loss(self, step: int, value: float) -> None:
+        """The step's mean loss is already on the host (another callback fetched it): keep that value and
+        drop this step's pending tensors (nothing of it rides on the next check's transfer)."""
+        self._pending_losses = [(s, t) for s, t in self._pending_losses if s != step]
+        if not self.losses or self.losses[-1][0] != step:  # else a check at this step brought it already
+            self.losses.append((step, value))
 
     def record_lr(self, step: int, lr: float) -> None:
         if not self.lrs or self.lrs[-1][0] != step:
@@ -261,9 +272,9 @@ class CauseProbe:
     ) -> Onset:
         """A loss or gradient-norm jump between the last healthy check and the first flagged one."""
         start = healthy_before if healthy_before is not None else -1
-        jump = causes.recent_jump("loss", list(self.losses), start, first_flagged, loss_factor)
+        jump = causes.recent_jump("loss", sorted(self.losses), start, first_flagged, loss_factor)
         if jump is None:
-            jump = causes.recent_jump("grad_norm", list(self.norms), start, first_flagged, norm_factor)
+            jump = causes.recent_jump("grad_norm", sorted(self.norms), start, first_flagged, norm_factor)
         at = jump.step if jump is not None else first_flagged
         lr = next((v for s, v in reversed(self.lrs) if s <= at), None)
         if jump is None:

@@ -21,12 +21,13 @@ from lightning_clip.callbacks import _vanishing_messages as messages
 from lightning_clip.callbacks._base import LightningClipCallback
 from lightning_clip.callbacks._vanishing_probe import CauseProbe, Evidence, TimeTap
 from lightning_clip.callbacks.adaptive_clipping import AdaptiveGradientClipping
+from lightning_clip.callbacks.explosion_guard import _LOSS_RIDER as GUARD_LOSS_RIDER
 from lightning_clip.callbacks.explosion_guard import ExplosionGuard
 from lightning_clip.diagnosis import Onset
 from lightning_clip.exceptions import VanishingGradientWarning
 from lightning_clip.functional import health
 from lightning_clip.functional.norms import grad_norms, group_norms
-from lightning_clip.step import optimizer_params
+from lightning_clip.step import StepState, optimizer_params
 
 __all__ = ["VanishingGradientMonitor"]
 
@@ -314,13 +315,24 @@ class VanishingGradientMonitor(LightningClipCallback):
         if not self._stepped:
             return
         state = self.step_tracker.current if self.step_tracker is not None else None
-        measured = state.measurements.get(2.0) if state is not None else None
-        if self.measure_causes and measured is not None and id(state) != self._norm_seen:
-            self._norm_seen = id(state)  # measured by some lightning-clip callback: keep it, no transfer
-            self.probe.record_norm(state.step, measured.total)  # type: ignore[union-attr]
+        if self.measure_causes and state is not None and id(state) != self._norm_seen:
+            self._norm_seen = id(state)
+            self._share_step(state)
         self._stepped = False  # the step is over: profiles and figures no check consumed are stale
         self._tap.clear()
         self.probe.end_step()
+
+    def _share_step(self, state: StepState) -> None:
+        """What the other lightning-clip callbacks measured at this step, for the blow-up signal: the
+        gradient norm (a host value if one of them read it, else the tensor, no transfer) and the training
+        loss when ``ExplosionGuard`` brought it to the host (then the monitor's own copy is dropped)."""
+        measured = state.measurements.get(2.0)
+        if measured is not None:
+            host = measured.fetched_total_norm
+            self.probe.record_norm(state.step, host if host is not None else measured.total)
+        loss = state.fetched_rider(GUARD_LOSS_RIDER)
+        if loss is not None:
+            self.probe.known_loss(state.step, loss)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

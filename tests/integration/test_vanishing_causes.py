@@ -267,3 +267,19 @@ def test_the_documentation_examples_name_their_causes() -> None:
     for case, cause in expected.items():
         [msg] = example.run(case, quick=True)
         assert cause_lines(msg)[0] == cause, case
+
+
+def test_the_blowup_signal_is_shared_with_the_guard(tmp_path: Any) -> None:
+    """With ExplosionGuard in the Trainer the step's loss and gradient norm are already on the host: the
+    monitor takes those values (its own copy of the loss is dropped, nothing rides on its transfer) and its
+    series equal the model's own record of its losses."""
+    model = MLP("relu", depth=4)
+    monitor, messages = fit(tmp_path, model, mlp_loader(), 30, callbacks=(ExplosionGuard(),))
+    assert messages == []
+    assert monitor.probe._pending_losses == [] and monitor.probe._pending_norms == []
+    assert [s for s, _ in monitor.probe.losses] == list(range(30))
+    assert [v for _, v in monitor.probe.losses] == pytest.approx([v for _, v in model.losses], rel=1e-6)
+    assert [s for s, _ in monitor.probe.norms] == list(range(30))  # the guard reads every step's norm
+    alone, _ = fit(tmp_path / "alone", MLP("relu", depth=4), mlp_loader(), 30)
+    # alone, only its own check steps are measured; the last one's norm still waits for the next transfer
+    assert [s for s, _ in [*alone.probe.norms, *alone.probe._pending_norms]] == [0, 25]
