@@ -6,6 +6,9 @@
 * `thresholds`: the running statistics that turn a stream of norms into
   clipping thresholds (``mean``, ZClip's ``zscore``, AutoClip's ``percentile``).
 * `health`: per-layer and through-time gradient health, spectral radii.
+* `causes`: what makes gradients vanish, measured: activation sites of the autograd graph, their
+  derivatives, dead units, weight scales, residual connections, a recent loss or norm jump.
+* `gates`: the gates of recurrent layers, recomputed from their input, output and weights.
 
 Examples:
     >>> import torch
@@ -20,7 +23,7 @@ Examples:
     True
 """
 
-from lightning_clip.functional import clipping, health, norms, thresholds
+from lightning_clip.functional import causes, clipping, gates, health, norms, thresholds
 from lightning_clip.functional.clipping import EPS, clip_coef, clip_grads_, scale_grads_
 from lightning_clip.functional.health import spectral_radius
 from lightning_clip.functional.norms import all_finite, collect_grads, grad_norms, group_norms, total_norm
@@ -41,10 +44,12 @@ __all__ = [
     "ThresholdRule",
     "ZScoreThreshold",
     "all_finite",
+    "causes",
     "clip_coef",
     "clip_grads_",
     "clipping",
     "collect_grads",
+    "gates",
     "grad_norms",
     "group_norms",
     "health",
