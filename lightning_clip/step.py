@@ -47,6 +47,7 @@ from lightning_clip.functional.clipping import EPS, scale_grads_
 from lightning_clip.functional.norms import grad_norms
 
 __all__ = [
+    "LOSS_RIDER",
     "GradMeasurement",
     "LossWindow",
     "StepState",
@@ -54,6 +55,9 @@ __all__ = [
     "optimizer_params",
     "share_step_tracker",
 ]
+
+LOSS_RIDER = "loss"
+"""The rider key of the step's mean training loss (registered by `ExplosionGuard`, read by the monitor too)."""
 
 Provider = Callable[[], "torch.Tensor | None"]
 """Returns a 0-d tensor to bring to the host with the step's norm, or None for nothing."""

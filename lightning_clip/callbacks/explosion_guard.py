@@ -31,14 +31,13 @@ from lightning_clip.guard.snapshot import (
     restore,
     scale_learning_rates,
 )
-from lightning_clip.step import GradMeasurement, LossWindow, StepState
+from lightning_clip.step import LOSS_RIDER, GradMeasurement, LossWindow, StepState
 
 __all__ = ["ExplosionGuard"]
 
 log = logging.getLogger(__name__)
 
 ACTIONS = ("rollback", "skip", "raise")
-_LOSS_RIDER = "ExplosionGuard.loss"
 
 
 class ExplosionGuard(LightningClipCallback):
@@ -264,7 +263,7 @@ class ExplosionGuard(LightningClipCallback):
     ) -> None:
         self._losses.add(loss)
         if self.step_tracker is not None:
-            self.step_tracker.ride_along(_LOSS_RIDER, self._losses.mean)
+            self.step_tracker.ride_along(LOSS_RIDER, self._losses.mean)
 
     @override
     def on_before_optimizer_step(
@@ -273,7 +272,7 @@ class ExplosionGuard(LightningClipCallback):
         self._stepped = True
         state = self.step_state(_compat.unwrap_optimizer(optimizer), trainer.global_step)
         measurement = state.measure(2.0)
-        loss = self._losses.take(state, _LOSS_RIDER)
+        loss = self._losses.take(state, LOSS_RIDER)
         scaler = _compat.gradient_scaler(trainer)
         local = D.LocalSignals(
             nonfinite_loss=loss is not None and not math.isfinite(loss),

@@ -21,13 +21,12 @@ from lightning_clip.callbacks import _vanishing_messages as messages
 from lightning_clip.callbacks._base import LightningClipCallback
 from lightning_clip.callbacks._vanishing_probe import CauseProbe, Evidence, TimeTap
 from lightning_clip.callbacks.adaptive_clipping import AdaptiveGradientClipping
-from lightning_clip.callbacks.explosion_guard import _LOSS_RIDER as GUARD_LOSS_RIDER
 from lightning_clip.callbacks.explosion_guard import ExplosionGuard
 from lightning_clip.diagnosis import Onset
 from lightning_clip.exceptions import VanishingGradientWarning
 from lightning_clip.functional import health
 from lightning_clip.functional.norms import grad_norms, group_norms
-from lightning_clip.step import StepState, optimizer_params
+from lightning_clip.step import LOSS_RIDER, StepState, optimizer_params
 
 __all__ = ["VanishingGradientMonitor"]
 
@@ -330,7 +329,7 @@ class VanishingGradientMonitor(LightningClipCallback):
         if measured is not None:
             host = measured.fetched_total_norm
             self.probe.record_norm(state.step, host if host is not None else measured.total)
-        loss = state.fetched_rider(GUARD_LOSS_RIDER)
+        loss = state.fetched_rider(LOSS_RIDER)
         if loss is not None:
             self.probe.known_loss(state.step, loss)
 
