@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint docs campaign bench clean
+.PHONY: demo test lint docs campaign bench compat clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,11 @@ docs: $(STAMP)
 test: lint docs
 	$(BIN)/python -m pytest -n 2 -q
 
+# fresh virtualenvs with only `lightning` (2.6.6, 2.5.6, and lightning.pytorch alone) or only
+# `pytorch-lightning` (2.6.6, 2.5.6): README quick-start, examples/lightning_cli, tests/namespaces
+compat:
+	PY=$(PY) bash .ci/compat.sh
+
 campaign: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 -m slow --run-slow -p no:cacheprovider tests/reliability
 
@@ -39,4 +44,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/scaling.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site build/compat

@@ -5,14 +5,17 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from typing_extensions import override
 
 from lightning_clip._validation import check_choice, check_int
+from lightning_clip.callbacks._base import CallbackBase
+
+if TYPE_CHECKING:
+    from lightning_clip._compat import LightningModule, Trainer
 
 __all__ = ["FaultInjector"]
 
@@ -44,7 +47,7 @@ def _poison_(obj: Any, value: float) -> int:
     return len(filled)
 
 
-class FaultInjector(pl.Callback):
+class FaultInjector(CallbackBase):
     """Inject NaN or Inf into the loss, the gradients, the weights or the input batch, on chosen steps.
 
     Attach it next to `ExplosionGuard` to check in CI that a training setup
@@ -134,27 +137,27 @@ class FaultInjector(pl.Callback):
         self._active = False
         self._step = -1
         self._batch = -1
-        self._wrapped: pl.LightningModule | None = None
+        self._wrapped: LightningModule | None = None
 
-    def _fires(self, trainer: pl.Trainer, batch_idx: int) -> bool:
+    def _fires(self, trainer: Trainer, batch_idx: int) -> bool:
         if self.rank is not None and trainer.global_rank != self.rank:
             return False
         if self.steps is not None:
             return trainer.global_step in self.steps
         return self.batches is not None and batch_idx in self.batches
 
-    def _params(self, pl_module: pl.LightningModule) -> list[tuple[str, torch.nn.Parameter]]:
+    def _params(self, pl_module: LightningModule) -> list[tuple[str, torch.nn.Parameter]]:
         pattern = None if self.param_pattern is None else re.compile(self.param_pattern)
         return [(n, p) for n, p in pl_module.named_parameters() if pattern is None or pattern.search(n)]
 
-    def _note(self, trainer: pl.Trainer) -> None:
+    def _note(self, trainer: Trainer) -> None:
         self.injected.append(
             {"step": self._step, "batch": self._batch, "target": self.target, "rank": trainer.global_rank}
         )
 
     @override
     def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._step, self._batch = trainer.global_step, batch_idx
         self._active = self._fires(trainer, batch_idx)
@@ -164,21 +167,17 @@ class FaultInjector(pl.Callback):
             self._wrap_training_step(pl_module)
 
     @override
-    def on_before_backward(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
-    ) -> None:
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         if self._active and self.target == "loss":
             if self._wrapped is None:  # manual optimization
                 loss.mul_(self.value)
             self._note(trainer)
 
     @override
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._unwrap()
 
-    def _wrap_training_step(self, pl_module: pl.LightningModule) -> None:
+    def _wrap_training_step(self, pl_module: LightningModule) -> None:
         original = pl_module.training_step
         value = self.value
 
@@ -199,7 +198,7 @@ class FaultInjector(pl.Callback):
             self._wrapped = None
 
     @override
-    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not (self._active and self.target == "grad"):
             return
         hit = False
@@ -212,7 +211,7 @@ class FaultInjector(pl.Callback):
 
     @override
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self._active and self.target == "weight":
             with torch.no_grad():

@@ -165,3 +165,33 @@ class TwoOptimizerModel(pl.LightningModule):
         opt1 = torch.optim.SGD(self.head.parameters(), lr=0.05, momentum=0.9)
         self.recorders = [StepNormRecorder(opt0), StepNormRecorder(opt1)]
         return [opt0, opt1]
+
+
+class ShardedRegressionModel(RegressionModel):
+    """RegressionModel sharded with FSDP2 in ``configure_model`` (for ``ModelParallelStrategy``): every
+    ``nn.Linear`` and the whole net are ``fully_shard``-ed over the data-parallel mesh, so parameters,
+    gradients and optimizer states are ``DTensor`` shards."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+
+def rank_loader(rank: int, world: int = 2, n: int = 64, batch_size: int = 4) -> DataLoader:
+    """Rank ``rank``'s part of :func:`regression_loader`'s data (samples ``rank::world``), so a test knows
+    exactly which samples make up each global batch (use with ``use_distributed_sampler=False``)."""
+    x, y = regression_loader(n=n).dataset.tensors  # type: ignore[attr-defined]
+    return DataLoader(TensorDataset(x[rank::world], y[rank::world]), batch_size=batch_size, shuffle=False)
+
+
+def global_batches(
+    world: int = 2, n: int = 64, batch_size: int = 4
+) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """For each step, the ranks' batches of :func:`rank_loader` (the global batch, split as the ranks see it)."""
+    loaders = [list(rank_loader(r, world, n, batch_size)) for r in range(world)]
+    return [list(step) for step in zip(*loaders, strict=True)]

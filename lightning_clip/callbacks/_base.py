@@ -1,19 +1,38 @@
-"""Shared base of lightning-clip's callbacks: the cached ``state_key`` and the shared step tracker."""
+"""Shared base of lightning-clip's callbacks: the namespace base, the cached ``state_key``, the shared step
+tracker and the strategy check."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
 from typing_extensions import override
 
+from lightning_clip import _compat
 from lightning_clip.step import StepState, StepTracker, share_step_tracker
 
+if (
+    TYPE_CHECKING
+):  # what type checkers see: a Callback of both namespaces (as at run time with both installed)
+    import lightning.pytorch as L
+    import pytorch_lightning as pl
 
-class LightningClipCallback(pl.Callback):
+    from lightning_clip._compat import LightningModule, Trainer
+
+    class CallbackBase(pl.Callback, L.Callback):  # type: ignore[misc, unused-ignore]
+        """``Callback`` of every installed Lightning namespace."""
+
+else:
+    CallbackBase = _compat.callback_base()
+
+
+class LightningClipCallback(CallbackBase):
     """Base of every lightning-clip callback.
 
+    * It is a genuine ``Callback`` of every installed Lightning namespace (``pytorch_lightning`` and
+      ``lightning.pytorch``), so either namespace's ``Trainer`` and ``LightningCLI`` accept it.
+    * At ``setup`` it refuses a strategy whose gradients it cannot measure
+      (`lightning_clip._compat.strategy_problem`): DeepSpeed, FSDP1's ``FSDPStrategy``, XLA.
     * `ExplosionGuard` snapshots and restores the ``state_dict`` of every other
       callback of this type, so a rollback also rewinds e.g. the clipping statistics.
     * At ``setup`` the lightning-clip callbacks of a Trainer are handed one
@@ -42,8 +61,11 @@ class LightningClipCallback(pl.Callback):
         return self._lc_state_key
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        siblings = [cb for cb in trainer.callbacks if isinstance(cb, LightningClipCallback)]  # type: ignore[attr-defined]
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        problem = _compat.strategy_problem(trainer.strategy)
+        if problem is not None:
+            raise ValueError(f"{type(self).__name__}: {problem}")
+        siblings = [cb for cb in trainer.callbacks if isinstance(cb, LightningClipCallback)]  # type: ignore[attr-defined, union-attr, unused-ignore]
         if self not in siblings:  # driven by a wrapper callback: keep the tracker it was given
             if self.step_tracker is None:
                 self.step_tracker = StepTracker()
@@ -60,7 +82,7 @@ class LightningClipCallback(pl.Callback):
         return self.step_tracker.begin(optimizer, step)
 
     @staticmethod
-    def _sum_over_ranks(trainer: pl.Trainer, flags: list[int]) -> list[int]:
+    def _sum_over_ranks(trainer: Trainer, flags: list[int]) -> list[int]:
         """Sum integer ``flags`` over the ranks (one small all-reduce; nothing on a single process), so a
         decision taken from them is the same on every rank."""
         if trainer.world_size <= 1:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
+from lightning_utilities.core.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_clip import _compat
@@ -15,6 +14,9 @@ from lightning_clip.callbacks._base import LightningClipCallback
 from lightning_clip.exceptions import LightningClipWarning
 from lightning_clip.functional.thresholds import RULE_DEFAULTS, ThresholdRule, check_max_norm, make_rule
 from lightning_clip.step import GradMeasurement
+
+if TYPE_CHECKING:
+    from lightning_clip._compat import LightningModule, Trainer
 
 RULE_ARGS = ("mode", *RULE_DEFAULTS)
 """The arguments that make the threshold rule (`make_rule`)."""
@@ -75,8 +77,10 @@ class AdaptiveGradientClipping(LightningClipCallback):
     Notes:
         AMP: under ``16-mixed`` the gradients are already unscaled in the hook; a non-finite norm there
         (GradScaler calibration) is ignored and the scaler skips the step. DDP: gradients are all-reduced
-        before the hook, so every rank computes the same threshold. Sharded strategies (FSDP, DeepSpeed)
-        are not supported: the norm would be local to each shard. ``Trainer(gradient_clip_val=...)`` still
+        before the hook, so every rank computes the same threshold. FSDP2 / tensor parallelism
+        (``ModelParallelStrategy``, ``DTensor`` gradients): the norm is the full gradients' (each rank's
+        shards, one small all-reduce), so thresholds and clipping are identical on every rank. DeepSpeed,
+        FSDP1 (``FSDPStrategy``) and XLA are refused at setup. ``Trainer(gradient_clip_val=...)`` still
         applies after this callback (a warning says so).
 
     Examples:
@@ -148,7 +152,7 @@ class AdaptiveGradientClipping(LightningClipCallback):
 
     # ----------------------------------------------------------------------------------------- hooks
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and trainer.gradient_clip_val:
             rank_zero_warn(
@@ -160,7 +164,7 @@ class AdaptiveGradientClipping(LightningClipCallback):
             )
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The optimizers exist only from here on (`setup` runs before `configure_optimizers`).
         if _compat.gradient_scaler(trainer) is not None:
             for opt in trainer.optimizers:
@@ -175,7 +179,7 @@ class AdaptiveGradientClipping(LightningClipCallback):
 
     @override
     def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         index = _compat.optimizer_index(trainer, optimizer)
         state = self.step_state(_compat.unwrap_optimizer(optimizer), trainer.global_step)

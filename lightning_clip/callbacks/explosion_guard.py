@@ -10,14 +10,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import pytorch_lightning as pl
 import torch
 from typing_extensions import override
 
 from lightning_clip import _compat
-from lightning_clip._validation import check_choice, check_int, check_number
+from lightning_clip._validation import check_bool, check_choice, check_int, check_number
 from lightning_clip.callbacks._base import LightningClipCallback
 from lightning_clip.exceptions import GradientExplosionError
 from lightning_clip.functional.thresholds import MeanThreshold
@@ -32,6 +31,9 @@ from lightning_clip.guard.snapshot import (
     scale_learning_rates,
 )
 from lightning_clip.step import LOSS_RIDER, GradMeasurement, LossWindow, StepState
+
+if TYPE_CHECKING:
+    from lightning_clip._compat import LightningModule, Trainer
 
 __all__ = ["ExplosionGuard"]
 
@@ -68,7 +70,9 @@ class ExplosionGuard(LightningClipCallback):
       snapshot (taken at train start and every ``snapshot_every_n_steps`` good steps, copied to the CPU) or
       the newest file of the Trainer's ``ModelCheckpoint``, whichever has the higher ``global_step``. A
       state with non-finite weights or optimizer state is never used; an unreadable or truncated file gives
-      a warning and the next older state is tried. Then every learning rate is multiplied by
+      a warning and the next older state is tried. Files are read with ``weights_only=True``; one that
+      needs more (pickled objects, e.g. in its hyper-parameters) gives a warning naming the types and is
+      skipped, unless ``trust_checkpoints=True``. Then every learning rate is multiplied by
       ``lr_factor`` (param groups and the schedulers' ``base_lrs``, so the schedule continues from the
       lowered value) and the next ``skip_batches`` batches are not learned from. Loop counters
       (``global_step``, epoch, batch) do not go back.
@@ -89,6 +93,9 @@ class ExplosionGuard(LightningClipCallback):
             step whose gradients include one of them is not applied (PaLM, Chowdhery et al. 2022).
         lr_factor: after a rollback, multiply every learning rate by this (in ``(0, 1]``; OPT, Zhang et al.
             2022). Cumulative: after ``k`` rollbacks the learning rates are ``lr_factor**k`` × the original.
+        trust_checkpoints: read checkpoint files as rollback sources with ``weights_only=False`` (any pickled
+            object, so arbitrary code: only for files you trust). Default False: ``weights_only=True``,
+            which loads everything Lightning itself writes.
 
     Raises:
         ValueError / TypeError: at construction, for an argument out of range or of the wrong type.
@@ -120,10 +127,15 @@ class ExplosionGuard(LightningClipCallback):
         rank takes the same decision (a fault on one rank makes all of them skip or roll back) and after a
         rollback every rank holds the same weights. Under 16-mixed the same all-reduce says whether any
         rank's GradScaler overflowed; if so every rank's scaler skips the step and lowers its scale alike.
-        Sharded strategies (FSDP, DeepSpeed) are not supported.
+        FSDP2 / tensor parallelism (``ModelParallelStrategy``): the norm is the global one (the same on every
+        rank; one more small all-reduce per step), a fault on one rank's shards makes every rank take the
+        same action, each rank snapshots only its own shards (about ``(1 + k) / shards`` × the parameter
+        bytes of CPU memory per rank, ``k`` optimizer state tensors per parameter: 2 for Adam), and rollback
+        also reads the distributed checkpoint directories ``ModelCheckpoint`` writes there. DeepSpeed,
+        FSDP1 (``FSDPStrategy``) and XLA are refused at setup.
         Structure: the hooks only gather and route; `decide` turns a step's observation into a
         `Decision` (pure, testable on its own).
-        Memory: a snapshot is a CPU copy of the model and optimizer states.
+        Memory: a snapshot is a CPU copy of the model and optimizer states (of this rank's shards when sharded).
 
     Examples:
         >>> import pytorch_lightning as pl
@@ -146,6 +158,7 @@ class ExplosionGuard(LightningClipCallback):
         max_rollbacks: int = 5,
         skip_batches: int = 0,
         lr_factor: float = 1.0,
+        trust_checkpoints: bool = False,
     ) -> None:
         super().__init__()
         self.action = check_choice("action", action, ACTIONS)
@@ -158,6 +171,7 @@ class ExplosionGuard(LightningClipCallback):
         self.max_rollbacks = check_int("max_rollbacks", max_rollbacks, low=0)
         self.skip_batches = check_int("skip_batches", skip_batches, low=0)
         self.lr_factor = check_number("lr_factor", lr_factor, low=0.0, high=1.0, low_inclusive=False)
+        self.trust_checkpoints = check_bool("trust_checkpoints", trust_checkpoints)
         # counters (saved)
         self.events = 0
         self.rollbacks = 0
@@ -167,7 +181,7 @@ class ExplosionGuard(LightningClipCallback):
         self._overflow_streak = 0
         self._spike = self._make_spike_rule()
         # transient
-        self._known_good = KnownGoodStates(self.snapshot_every_n_steps)
+        self._known_good = KnownGoodStates(self.snapshot_every_n_steps, trust=self.trust_checkpoints)
         self._losses = LossWindow()
         self._pending: EventRecord | None = None  # a rollback due at the end of the batch
         self._stepped = False
@@ -187,6 +201,13 @@ class ExplosionGuard(LightningClipCallback):
 
     def _state_key_args(self) -> dict[str, Any]:
         return dict(action=self.action, spike_factor=self.spike_factor)
+
+    @property
+    def snapshot_nbytes(self) -> int:
+        """CPU bytes of model and optimizer state the in-memory snapshot holds on this rank (0 without one).
+        Under FSDP2 each rank holds only its own shards."""
+        snapshot = self._known_good.snapshot
+        return snapshot.nbytes() if snapshot is not None else 0
 
     @property
     def events_path(self) -> str | None:
@@ -222,7 +243,7 @@ class ExplosionGuard(LightningClipCallback):
 
     # ----------------------------------------------------------------------------------------- hooks
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
@@ -239,17 +260,17 @@ class ExplosionGuard(LightningClipCallback):
         self._events_path = os.path.join(_compat.log_dir(trainer), EVENTS_FILENAME)
 
     @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._names = {id(p): name for name, p in pl_module.named_parameters()}
         self._pending, self._tainted = None, False
         self._losses.clear()
         self._known_good.reset()
         if self._snapshots_on:
-            self._known_good.take(trainer, self._siblings(trainer), self.lr_scale)
+            self._known_good.take(trainer, self._siblings(trainer), self.lr_scale, agree=self._agree(trainer))
 
     @override
     def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._batch_idx = batch_idx
         self._stepped = False
@@ -258,16 +279,14 @@ class ExplosionGuard(LightningClipCallback):
             self._skip_remaining -= 1
 
     @override
-    def on_before_backward(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
-    ) -> None:
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         self._losses.add(loss)
         if self.step_tracker is not None:
             self.step_tracker.ride_along(LOSS_RIDER, self._losses.mean)
 
     @override
     def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         self._stepped = True
         state = self.step_state(_compat.unwrap_optimizer(optimizer), trainer.global_step)
@@ -294,7 +313,7 @@ class ExplosionGuard(LightningClipCallback):
 
     @override
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self._pending is not None:
             record, self._pending = self._pending, None
@@ -315,13 +334,13 @@ class ExplosionGuard(LightningClipCallback):
             )
 
     @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._weights_bad(trainer, pl_module):
             self._act(trainer, self._weights_record(trainer, pl_module.named_parameters()), deferred=False)
 
     @override
     def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         self._known_good.last_checkpoint_step = trainer.global_step
         local_bad = not (
@@ -346,8 +365,8 @@ class ExplosionGuard(LightningClipCallback):
 
     def _act_on_step(
         self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
+        trainer: Trainer,
+        pl_module: LightningModule,
         state: StepState,
         decision: D.Decision,
         loss: float | None,
@@ -382,7 +401,7 @@ class ExplosionGuard(LightningClipCallback):
     def _is_spike(self, m: GradMeasurement) -> bool:
         return m.finite and self._spike is not None and m.total_norm > self._spike.current()
 
-    def _snapshot_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _snapshot_step(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """A snapshot step: check the weights (every rank joins this all-reduce: the branch depends only on
         values identical on all ranks), then snapshot, unless in the middle of a run of fp16 overflows."""
         if self._weights_bad(trainer, pl_module):
@@ -390,12 +409,12 @@ class ExplosionGuard(LightningClipCallback):
         elif self._overflow_streak > 0:
             pass  # retry next step
         elif self._snapshots_on:
-            self._known_good.take(trainer, self._siblings(trainer), self.lr_scale)
+            self._known_good.take(trainer, self._siblings(trainer), self.lr_scale, agree=self._agree(trainer))
         else:
             self._known_good.postpone(trainer.global_step)
 
     # --------------------------------------------------------------------------------- actions
-    def _act(self, trainer: pl.Trainer, record: EventRecord, deferred: bool) -> None:
+    def _act(self, trainer: Trainer, record: EventRecord, deferred: bool) -> None:
         """Apply the action to an event: raise, skip (the update is already dropped) or roll back.
 
         ``deferred``: called from ``on_before_optimizer_step``, the rollback waits for ``on_train_batch_end``.
@@ -417,7 +436,7 @@ class ExplosionGuard(LightningClipCallback):
         else:
             self._rollback(trainer, record)
 
-    def _rollback(self, trainer: pl.Trainer, record: EventRecord) -> None:
+    def _rollback(self, trainer: Trainer, record: EventRecord) -> None:
         if self.rollbacks >= self.max_rollbacks:
             self._fail(
                 trainer,
@@ -425,7 +444,7 @@ class ExplosionGuard(LightningClipCallback):
                 f"The rollback budget is spent: {self.rollbacks} rollback(s) already done"
                 f" (max_rollbacks={self.max_rollbacks}, counted across resumes).",
             )
-        state = self._known_good.newest(trainer, self.state_key)
+        state = self._known_good.newest(trainer, self.state_key, self._agree(trainer))
         if state is None:
             self._fail(
                 trainer,
@@ -444,18 +463,24 @@ class ExplosionGuard(LightningClipCallback):
         if (
             self._snapshots_on
         ):  # the restored state (LRs lowered) is the new snapshot; its step is the content's
-            self._known_good.take(trainer, self._siblings(trainer), self.lr_scale, label=state.step)
+            self._known_good.take(
+                trainer, self._siblings(trainer), self.lr_scale, label=state.step, agree=self._agree(trainer)
+            )
 
     @property
     def _snapshots_on(self) -> bool:
         return self.action == "rollback" and self.snapshot_every_n_steps > 0
 
-    def _siblings(self, trainer: pl.Trainer) -> list[LightningClipCallback]:
+    def _agree(self, trainer: Trainer) -> Any:
+        """Sums integer flags over the ranks (the decisions that rest on each rank's shards)."""
+        return lambda flags: self._sum_over_ranks(trainer, flags)
+
+    def _siblings(self, trainer: Trainer) -> list[LightningClipCallback]:
         """The other lightning-clip callbacks: their state is snapshotted and restored with the model's."""
-        return [cb for cb in trainer.callbacks if isinstance(cb, LightningClipCallback) and cb is not self]  # type: ignore[attr-defined]
+        return [cb for cb in trainer.callbacks if isinstance(cb, LightningClipCallback) and cb is not self]  # type: ignore[attr-defined, union-attr, unused-ignore]
 
     # ------------------------------------------------------------------------------- gathering
-    def _weights_bad(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    def _weights_bad(self, trainer: Trainer, pl_module: LightningModule) -> bool:
         local = not all_finite([p.detach() for p in pl_module.parameters()])
         return bool(self._sum_over_ranks(trainer, [int(local)])[0])
 
@@ -470,7 +495,7 @@ class ExplosionGuard(LightningClipCallback):
 
     # --------------------------------------------------------------------------------- records
     def _record(
-        self, trainer: pl.Trainer, kinds: list[str], norm: float | None, loss: float | None
+        self, trainer: Trainer, kinds: list[str], norm: float | None, loss: float | None
     ) -> EventRecord:
         self.events += 1
         return EventRecord(
@@ -483,12 +508,12 @@ class ExplosionGuard(LightningClipCallback):
             loss=loss,
         )
 
-    def _weights_record(self, trainer: pl.Trainer, named: Any) -> EventRecord:
+    def _weights_record(self, trainer: Trainer, named: Any) -> EventRecord:
         record = self._record(trainer, [D.NONFINITE_WEIGHTS], None, None)
         record.params = nonfinite_names(named, self.max_param_names)
         return record
 
-    def _write(self, trainer: pl.Trainer, record: EventRecord) -> None:
+    def _write(self, trainer: Trainer, record: EventRecord) -> None:
         record.rollbacks, record.lr_scale = self.rollbacks, self.lr_scale
         line = record.to_json()
         self.records.append(line)
@@ -496,7 +521,7 @@ class ExplosionGuard(LightningClipCallback):
         if trainer.is_global_zero and self._events_path is not None:
             EventLog(self._events_path).write(line)
 
-    def _fail(self, trainer: pl.Trainer, record: EventRecord, reason: str) -> NoReturn:
+    def _fail(self, trainer: Trainer, record: EventRecord, reason: str) -> NoReturn:
         record.action = "raise" if self.action == "raise" else "error"
         self._write(trainer, record)
         raise GradientExplosionError(failure_message(record, reason, self._events_path or EVENTS_FILENAME))

@@ -6,12 +6,10 @@ import logging
 import math
 import os
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
+from lightning_utilities.core.rank_zero import rank_zero_only, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -31,6 +29,9 @@ from lightning_clip.step import LOSS_RIDER, StepState, optimizer_params
 __all__ = ["VanishingGradientMonitor"]
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from lightning_clip._compat import LightningModule, Trainer
 
 MAX_LISTED = messages.MAX_LISTED
 OTHER_LAYER = "<unowned>"
@@ -151,8 +152,11 @@ class VanishingGradientMonitor(LightningClipCallback):
         DDP: gradients are all-reduced, so every rank sees the same depth figures; through-time profiles and
         causes are per rank (the warning comes from rank zero; causes never change a decision).
         Bidirectional recurrent modules are checked through depth only. Activations inside compiled
-        regions (``torch.compile``) or recomputed by activation checkpointing are not seen. Sharded
-        strategies (FSDP, DeepSpeed) are not supported.
+        regions (``torch.compile``) or recomputed by activation checkpointing are not seen. FSDP2 / tensor
+        parallelism (``ModelParallelStrategy``): per-layer gradient and weight norms are those of the full
+        parameters (one small all-reduce each on check steps), spectral radii are computed from the full
+        recurrent weights (gathered on check steps). DeepSpeed, FSDP1 (``FSDPStrategy``) and XLA are
+        refused at setup.
 
     Examples:
         >>> import pytorch_lightning as pl
@@ -238,7 +242,7 @@ class VanishingGradientMonitor(LightningClipCallback):
 
     # ----------------------------------------------------------------------------------------- hooks
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._layers = health.model_layers(pl_module)
         self._layer_of = health.param_layer_index(self._layers)
         names = [name for name, _ in self._layers]
@@ -263,7 +267,7 @@ class VanishingGradientMonitor(LightningClipCallback):
 
     @override
     def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         n_opt = max(1, len(trainer.optimizers))
         armed = any(self.steps.get(i, 0) % self.check_every_n_steps == 0 for i in range(n_opt))
@@ -279,7 +283,7 @@ class VanishingGradientMonitor(LightningClipCallback):
 
     @override
     def on_before_backward(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+        self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor
     ) -> None:
         if self.measure_causes:  # every step: the loss stays a tensor until the next check's transfer
             self.probe.record_loss(trainer.global_step, loss)
@@ -287,7 +291,7 @@ class VanishingGradientMonitor(LightningClipCallback):
 
     @override
     def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         index = _compat.optimizer_index(trainer, optimizer)
         count = self.steps.get(index, 0)
@@ -309,7 +313,7 @@ class VanishingGradientMonitor(LightningClipCallback):
 
     @override
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if not self._stepped:
             return
@@ -334,13 +338,13 @@ class VanishingGradientMonitor(LightningClipCallback):
             self.probe.known_loss(state.step, loss)
 
     @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._remove_hooks()
         if self.save_figure and self.history:
             self._save_figure(trainer)
 
     @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._remove_hooks()
 
     def _remove_hooks(self) -> None:
@@ -410,7 +414,9 @@ class VanishingGradientMonitor(LightningClipCallback):
         radius_names: dict[str, list[str]] = {}
         for name, mod in self._recurrent.items():
             may_warn = any(self.tracker.may_alert(f"{kind}:{name}") for kind in ("depth", "time"))
-            if name in present_names and (self.log_layer_metrics or may_warn):
+            # sharded weights are gathered (collective): then on every check step, whatever this rank's state
+            sharded = any(_compat.is_dtensor(p) for p in mod.parameters())
+            if name in present_names and (self.log_layer_metrics or may_warn or sharded):
                 radius_names[name], radii = health.spectral_radii(mod)
                 pieces.append(radii.to(device))
         pieces += [p.to(device) for p in profiles.values()]
@@ -571,7 +577,7 @@ class VanishingGradientMonitor(LightningClipCallback):
 
     # ----------------------------------------------------------------------------------- figure
     @rank_zero_only
-    def _save_figure(self, trainer: pl.Trainer) -> None:
+    def _save_figure(self, trainer: Trainer) -> None:
         try:
             from lightning_clip.report.plot import plot_gradient_flow
 
@@ -587,7 +593,6 @@ class VanishingGradientMonitor(LightningClipCallback):
         fig.savefig(path, dpi=100)
         log.info("Gradient-flow figure saved to %s", path)
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_figure(
-                    "grad_health/gradient_flow", fig, global_step=trainer.global_step
-                )
+            if _compat.is_tensorboard_logger(logger):  # either namespace's TensorBoardLogger
+                experiment: Any = logger.experiment  # type: ignore[attr-defined, union-attr, unused-ignore]
+                experiment.add_figure("grad_health/gradient_flow", fig, global_step=trainer.global_step)

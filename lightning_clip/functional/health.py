@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_clip._compat import is_dtensor
+
 __all__ = [
     "RECURRENT_GATES",
     "Episode",
@@ -170,6 +172,9 @@ def recurrent_blocks(module: nn.RNNBase) -> list[tuple[str, torch.Tensor]]:
     (gates ``r z n``) and ``nn.LSTM`` (``i f g o``). With ``proj_size > 0`` the block is
     ``W_h{gate} @ W_hr`` (the map from one hidden state to the next gate pre-activation).
 
+    A sharded weight (``DTensor``, FSDP2) is gathered first (``full_tensor()``, collective: every rank must
+    call this for the same module).
+
     Examples:
         >>> [name for name, w in recurrent_blocks(nn.GRU(3, 5))]
         ['l0.r', 'l0.z', 'l0.n']
@@ -178,13 +183,19 @@ def recurrent_blocks(module: nn.RNNBase) -> list[tuple[str, torch.Tensor]]:
     out = []
     for layer in range(module.num_layers):
         for suffix in ("", "_reverse")[: 2 if module.bidirectional else 1]:
-            w = getattr(module, f"weight_hh_l{layer}{suffix}").detach()
+            w = _full(getattr(module, f"weight_hh_l{layer}{suffix}").detach())
             proj = getattr(module, f"weight_hr_l{layer}{suffix}", None)
+            proj = None if proj is None else _full(proj.detach())
             for gate, block in zip(gates, w.chunk(len(gates), dim=0), strict=True):
-                square = block @ proj.detach() if proj is not None else block
+                square = block @ proj if proj is not None else block
                 name = f"l{layer}{suffix}" if len(gates) == 1 else f"l{layer}{suffix}.{gate}"
                 out.append((name, square))
     return out
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a ``DTensor`` (an all-gather), else ``t``."""
+    return t.full_tensor() if is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
 def spectral_radii(module: nn.RNNBase) -> tuple[list[str], torch.Tensor]:

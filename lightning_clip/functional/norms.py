@@ -7,6 +7,14 @@ p-norm of the per-tensor norms, so it overflows to ``inf`` once a per-tensor 2-n
 0-size tensor has norm 0 for every p (torch refuses its inf-norm). ``None`` gradients are skipped;
 nothing here calls ``.item()``.
 
+Sharded tensors (``DTensor``: FSDP2's ``fully_shard``, tensor parallelism, e.g. under Lightning's
+``ModelParallelStrategy``): `grad_norms` returns the norms of the *full* tensors, the same on every
+rank. Each rank reduces its local shards in the same fused pass, then one all-reduce of the per-tensor
+partial results (sums of p-th powers, or maxima for the inf-norm) over the default process group combines
+them; a shard held by several ranks (a replicated placement, or ranks outside the tensor's device mesh) is
+counted once. Every rank of the default group must call it with the same list. `all_finite` looks at
+the local shards only (a caller that needs the global answer reduces the flag).
+
 Examples:
     >>> import torch
     >>> from lightning_clip.functional import collect_grads, grad_norms
@@ -25,7 +33,7 @@ from typing import Any
 
 import torch
 
-from lightning_clip._compat import group_tensors_by_device_and_dtype
+from lightning_clip._compat import group_tensors_by_device_and_dtype, is_dtensor, local_tensor, replication
 from lightning_clip._validation import check_norm_type
 
 __all__ = ["all_finite", "collect_grads", "grad_norms", "group_norms", "total_norm"]
@@ -71,6 +79,8 @@ def grad_norms(tensors: Sequence[torch.Tensor], norm_type: float = 2.0) -> tuple
     if len(tensors) == 0:
         zero = torch.zeros((), dtype=torch.float32)
         return zero, torch.zeros(0, dtype=torch.float32)
+    if any(is_dtensor(t) for t in tensors):
+        return _sharded_norms(tensors, norm_type)
     if math.isinf(norm_type) and any(t.numel() == 0 for t in tensors):
         # the inf-norm of an empty tensor has no identity in torch; here it is 0, as for every other p
         keep = [i for i, t in enumerate(tensors) if t.numel() > 0]
@@ -94,6 +104,33 @@ def grad_norms(tensors: Sequence[torch.Tensor], norm_type: float = 2.0) -> tuple
     return torch.linalg.vector_norm(per_tensor, norm_type), per_tensor
 
 
+def _sharded_norms(tensors: Sequence[torch.Tensor], norm_type: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`grad_norms` of DTensors (and plain tensors among them, taken as replicated on every rank):
+    local fused pass, then one all-reduce of the per-tensor partial results."""
+    import torch.distributed as dist
+
+    _, local = grad_norms([local_tensor(t) for t in tensors], norm_type)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return torch.linalg.vector_norm(local, norm_type), local
+    if math.isinf(norm_type):
+        dist.all_reduce(local, op=dist.ReduceOp.MAX)
+        return torch.linalg.vector_norm(local, norm_type), local
+    world = dist.get_world_size()
+    copies = [replication(t, world) for t in tensors]
+    if any(c is None for c in copies):
+        raise ValueError(
+            "cannot measure a DTensor with a `Partial` placement (its local part is a pending sum):"
+            " redistribute it first, e.g. `t.redistribute(placements=[Replicate()])`."
+        )
+    # partial sums of p-th powers in float64 (n small numbers), each shard counted once
+    powered = local.to(torch.float64).pow(norm_type) / torch.tensor(
+        copies, dtype=torch.float64, device=local.device
+    )
+    dist.all_reduce(powered)
+    per_tensor = powered.pow(1.0 / norm_type).to(torch.float32)
+    return torch.linalg.vector_norm(per_tensor, norm_type), per_tensor
+
+
 def total_norm(tensors: Sequence[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
     """The total p-norm of ``tensors`` (float32); see `grad_norms`."""
     return grad_norms(tensors, norm_type)[0]
@@ -111,7 +148,7 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         >>> bool(all_finite([torch.tensor([3e38, 3e38])]))  # a 1- or 2-norm would overflow here
         True
     """
-    nonempty: list[Any] = [t for t in tensors if t.numel() > 0]
+    nonempty: list[Any] = [local for local in map(local_tensor, tensors) if local.numel() > 0]
     if len(nonempty) == 0:
         return torch.tensor(True)
     device = nonempty[0].device

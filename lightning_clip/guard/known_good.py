@@ -9,12 +9,13 @@ newer (`checkpoints`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
-
-from lightning_clip.guard.checkpoints import CheckpointFiles
+from lightning_clip.guard.checkpoints import Agree, CheckpointFiles
 from lightning_clip.guard.snapshot import TrainingState, capture
+
+if TYPE_CHECKING:
+    from lightning_clip._compat import Trainer
 
 __all__ = ["KnownGoodStates"]
 
@@ -24,14 +25,15 @@ class KnownGoodStates:
 
     Args:
         every_n_steps: a snapshot every N optimizer steps (0: checkpoint files only).
+        trust: read checkpoint files with ``weights_only=False`` (see `CheckpointFiles`).
     """
 
-    def __init__(self, every_n_steps: int) -> None:
+    def __init__(self, every_n_steps: int, trust: bool = False) -> None:
         self.every_n_steps = every_n_steps
         self.snapshot: TrainingState | None = None
         self.next_snapshot_step = 0
         self.last_checkpoint_step = -1
-        self.files = CheckpointFiles()
+        self.files = CheckpointFiles(trust=trust)
 
     def reset(self) -> None:
         """A new fit: no snapshot, no file written yet, no file known bad."""
@@ -48,21 +50,33 @@ class KnownGoodStates:
         self.next_snapshot_step = step + self.every_n_steps
 
     def take(
-        self, trainer: pl.Trainer, callbacks: Sequence[Any], lr_scale: float, label: int | None = None
+        self,
+        trainer: Trainer,
+        callbacks: Sequence[Any],
+        lr_scale: float,
+        label: int | None = None,
+        agree: Agree | None = None,
     ) -> None:
         """Snapshot the live state (kept only when finite). ``label``: the step the content is from, after
-        a rollback (the restored state becomes the new snapshot)."""
+        a rollback (the restored state becomes the new snapshot). ``agree`` sums flags over the ranks: a
+        sharded state is checked shard by shard, so the ranks agree before keeping it."""
         state = capture(trainer, callbacks, lr_scale=lr_scale)
         if label is not None:
             state.step = label
-        if state.finite():
+        bad = not state.finite()
+        if state.sharded and agree is not None:
+            bad = bool(agree([int(bad)])[0])
+        if not bad:
             self.snapshot = state
         self.postpone(trainer.global_step)
 
-    def newest(self, trainer: pl.Trainer, own_state_key: str) -> TrainingState | None:
-        """The snapshot or the newest good checkpoint file, whichever is newer (None: neither)."""
+    def newest(
+        self, trainer: Trainer, own_state_key: str, agree: Agree | None = None
+    ) -> TrainingState | None:
+        """The snapshot or the newest good checkpoint file, whichever is newer (None: neither). ``agree``:
+        see `CheckpointFiles.newest_good`."""
         snap = self.snapshot
         best = snap.step if snap is not None else -1
         if snap is not None and self.last_checkpoint_step <= best:
             return snap  # no file newer than the snapshot was written by this run
-        return self.files.newest_good(trainer, best, own_state_key) or snap
+        return self.files.newest_good(trainer, best, own_state_key, agree) or snap

@@ -1,4 +1,4 @@
-"""Known-good training states for `ExplosionGuard`: capture, check, restore.
+r"""Known-good training states for `ExplosionGuard`: capture, check, restore.
 
 Reading a state from a checkpoint file is `lightning_clip.guard.checkpoints`.
 
@@ -10,48 +10,137 @@ or from a checkpoint file written by the Trainer's ``ModelCheckpoint``.
 
 Restoring always loads from a fresh copy: ``Optimizer.load_state_dict`` and
 ``LRScheduler.load_state_dict`` keep references to the tensors they are given.
+
+Sharded training (FSDP2 / tensor parallelism under ``ModelParallelStrategy``): parameters and optimizer
+states are ``DTensor`` shards. Each rank copies only its own shards (:class:`LocalShard`: the local tensor
+on the CPU plus what rebuilds the ``DTensor``), so a snapshot costs each rank about
+``(1 + k) × parameter bytes / shards`` of CPU memory (``k`` optimizer state tensors per parameter, 2 for
+Adam). Restoring rebuilds the ``DTensor``\ s and loads them into the module directly:
+``ModelParallelStrategy.load_model_state_dict`` does nothing (it expects its own ``load_checkpoint``).
+Finite checks look at local shards; the guard reduces them over the ranks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
 
 from lightning_clip import _compat
 from lightning_clip.functional import norms
 
+if TYPE_CHECKING:
+    from lightning_clip._compat import Trainer
+
 __all__ = [
+    "LocalShard",
     "TrainingState",
     "all_finite",
     "capture",
     "copy_to_cpu",
     "float_tensors",
+    "materialize",
+    "nbytes",
     "nonfinite_names",
     "restore",
     "scale_learning_rates",
 ]
 
 
+class LocalShard:
+    """A CPU copy of this rank's shard of a ``DTensor`` and what rebuilds the ``DTensor`` from it."""
+
+    __slots__ = ("local", "mesh", "placements", "shape", "stride")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.local = t.to_local().detach().to("cpu", copy=True)  # type: ignore[attr-defined]
+        self.mesh = t.device_mesh  # type: ignore[attr-defined]
+        self.placements = tuple(t.placements)  # type: ignore[attr-defined]
+        self.shape = t.shape
+        self.stride = t.stride()
+
+    def copy(self) -> LocalShard:
+        out = object.__new__(LocalShard)
+        out.local = self.local.clone()
+        out.mesh, out.placements, out.shape, out.stride = self.mesh, self.placements, self.shape, self.stride
+        return out
+
+    def to_dtensor(self, device: torch.device | str) -> torch.Tensor:
+        """A new ``DTensor`` on ``device`` holding a copy of the shard."""
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(
+            self.local.to(device, copy=True),
+            self.mesh,
+            self.placements,
+            run_check=False,
+            shape=self.shape,
+            stride=self.stride,
+        )
+
+
+def _map(obj: Any, fn: Any) -> Any:
+    """``fn`` applied to every tensor and :class:`LocalShard` inside nested dicts, lists and tuples."""
+    if isinstance(obj, (torch.Tensor, LocalShard)):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, _map(v, fn)) for k, v in obj.items())
+    if isinstance(obj, list):
+        return [_map(v, fn) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_map(v, fn) for v in obj)
+    return obj
+
+
+def _copy(t: Any) -> Any:
+    if isinstance(t, LocalShard):
+        return t.copy()
+    if _compat.is_dtensor(t):
+        return LocalShard(t)
+    return t.detach().to("cpu", copy=True)
+
+
 def copy_to_cpu(obj: Any) -> Any:
     """A deep copy of ``obj`` (nested collections) whose tensors are new CPU tensors (``tensor.to("cpu")`` of
-    a CPU tensor would be an alias)."""
-    return apply_to_collection(obj, torch.Tensor, lambda t: t.detach().to("cpu", copy=True))
+    a CPU tensor would be an alias); a ``DTensor`` becomes a :class:`LocalShard` (this rank's shard only)."""
+    return _map(obj, _copy)
+
+
+def materialize(obj: Any, device: torch.device | str) -> Any:
+    """A copy of ``obj`` ready to load: every :class:`LocalShard` rebuilt as a new ``DTensor`` on
+    ``device``, every tensor a new CPU tensor (``load_state_dict`` casts it to the parameter's device)."""
+    return _map(obj, lambda t: t.to_dtensor(device) if isinstance(t, LocalShard) else _copy(t))
+
+
+def _local(t: Any) -> torch.Tensor:
+    return t.local if isinstance(t, LocalShard) else _compat.local_tensor(t)
 
 
 def float_tensors(obj: Any) -> list[torch.Tensor]:
-    """Every real floating-point tensor inside ``obj`` (nested collections), in order."""
+    """Every real floating-point tensor inside ``obj`` (nested collections; of a ``DTensor`` or
+    :class:`LocalShard`, the local shard), in order."""
     found: list[torch.Tensor] = []
-    apply_to_collection(obj, torch.Tensor, lambda t: found.append(t) if t.is_floating_point() else None)
+    _map(obj, lambda t: found.append(_local(t)) if _local(t).is_floating_point() else None)
     return found
 
 
+def nbytes(obj: Any) -> int:
+    """Bytes held by the tensors inside ``obj`` (local shards only)."""
+    total = 0
+
+    def add(t: Any) -> None:
+        nonlocal total
+        local = _local(t)
+        total += local.numel() * local.element_size()
+
+    _map(obj, add)
+    return total
+
+
 def all_finite(obj: Any) -> bool:
-    """True when no floating-point tensor inside ``obj`` holds a NaN or Inf (one fused pass)."""
+    """True when no floating-point tensor inside ``obj`` holds a NaN or Inf (one fused pass; local shards)."""
     tensors = float_tensors(obj)
     return bool(norms.all_finite(tensors)) if tensors else True
 
@@ -60,6 +149,7 @@ def nonfinite_names(named: Iterable[tuple[str, torch.Tensor]], limit: int = 5) -
     """The first ``limit`` names whose tensor holds a NaN or Inf (event path only)."""
     out = []
     for name, t in named:
+        t = _local(t)
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             out.append(name)
             if len(out) >= limit:
@@ -82,11 +172,20 @@ class TrainingState:
     path: str | None = None
 
     def finite(self) -> bool:
-        """No NaN/Inf in the weights nor in the optimizer states."""
+        """No NaN/Inf in the weights nor in the optimizer states (this rank's shards, when sharded)."""
         return all_finite(self.model) and all_finite(self.optimizers)
 
+    @property
+    def sharded(self) -> bool:
+        """True when the state holds ``DTensor`` shards (FSDP2 / tensor parallelism)."""
+        return any(isinstance(v, LocalShard) for v in self.model.values())
 
-def capture(trainer: pl.Trainer, callbacks: Sequence[Any] = (), lr_scale: float = 1.0) -> TrainingState:
+    def nbytes(self) -> int:
+        """CPU bytes of the model and optimizer states held here (this rank's shards, when sharded)."""
+        return nbytes(self.model) + nbytes(self.optimizers)
+
+
+def capture(trainer: Trainer, callbacks: Sequence[Any] = (), lr_scale: float = 1.0) -> TrainingState:
     """Copy the live training state to the CPU, with the ``state_dict`` of ``callbacks`` (by ``state_key``)."""
     module = trainer.lightning_module
     saved_callbacks = {cb.state_key: copy_to_cpu(cb.state_dict()) for cb in callbacks}
@@ -103,20 +202,27 @@ def capture(trainer: pl.Trainer, callbacks: Sequence[Any] = (), lr_scale: float 
     )
 
 
-def restore(trainer: pl.Trainer, state: TrainingState, callbacks: Sequence[Any] = ()) -> None:
+def restore(trainer: Trainer, state: TrainingState, callbacks: Sequence[Any] = ()) -> None:
     """Load ``state`` into the live Trainer: model, optimizers, schedulers, precision plugin, ``callbacks``.
 
     Every piece is loaded from a fresh copy, so ``state`` stays valid for a later rollback.
     """
     strategy = trainer.strategy
-    strategy.load_model_state_dict({"state_dict": state.model}, strict=True)  # copies into the parameters
+    device = strategy.root_device
+    if state.sharded:  # ModelParallelStrategy.load_model_state_dict is a no-op: load into the module
+        trainer.lightning_module.load_state_dict(materialize(state.model, device), strict=True)
+    else:
+        strategy.load_model_state_dict({"state_dict": state.model}, strict=True)  # copies into the parameters
     if len(state.optimizers) != len(trainer.optimizers):
         raise ValueError(
             f"the saved state has {len(state.optimizers)} optimizer(s), the Trainer {len(trainer.optimizers)}"
         )
     for opt, saved in zip(trainer.optimizers, state.optimizers, strict=True):
-        opt.load_state_dict(copy_to_cpu(saved))  # casts the state to each parameter's device and dtype
-    for cfg, saved in zip(trainer.lr_scheduler_configs, state.schedulers, strict=True):
+        opt.load_state_dict(
+            materialize(saved, device)
+        )  # casts the state to each parameter's device and dtype
+    configs: list[Any] = list(trainer.lr_scheduler_configs)
+    for cfg, saved in zip(configs, state.schedulers, strict=True):
         cfg.scheduler.load_state_dict(copy_to_cpu(saved))
     if state.precision:
         trainer.precision_plugin.load_state_dict(copy_to_cpu(state.precision))
@@ -126,7 +232,7 @@ def restore(trainer: pl.Trainer, state: TrainingState, callbacks: Sequence[Any] 
             cb.load_state_dict(copy_to_cpu(saved_cb))
 
 
-def scale_learning_rates(trainer: pl.Trainer, factor: float) -> None:
+def scale_learning_rates(trainer: Trainer, factor: float) -> None:
     """Multiply every learning rate by ``factor``: the optimizers' param groups (``lr`` and the schedule
     anchors ``initial_lr``, ``max_lr``, ``min_lr``) and the schedulers' ``base_lrs``, so a schedule goes on
     from the lowered value."""

@@ -53,6 +53,7 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     "max_rollbacks": st.integers(0, 10),
     "skip_batches": st.integers(0, 5),
     "lr_factor": st.floats(0.01, 1.0),
+    "trust_checkpoints": st.booleans(),
     "check_every_n_steps": st.integers(1, 50),
     "patience": st.integers(1, 10),
     "depth_threshold": st.floats(1e-9, 0.99),

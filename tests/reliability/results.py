@@ -33,7 +33,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     recovered = sum(1 for r in rows if r["outcome"] == "completed" and r.get("events", 0) > 0)
     return {
         "scenarios": len(rows),
-        "ddp_scenarios": sum(1 for r in rows if r.get("ddp")),
+        "ddp_scenarios": sum(1 for r in rows if r.get("ddp") and not r.get("fsdp")),
+        "fsdp_scenarios": sum(1 for r in rows if r.get("fsdp")),
         "faults_injected": sum(r.get("faults_injected", 0) for r in rows),
         "events_detected": sum(r.get("events", 0) for r in rows),
         "rollbacks": sum(r.get("rollbacks", 0) for r in rows),

@@ -118,6 +118,19 @@ class ScenarioModel(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+class ShardedScenarioModel(ScenarioModel):
+    """:class:`ScenarioModel` sharded with FSDP2: every Linear / Conv2d, then the whole module."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for module in list(self.modules()):
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                fully_shard(module, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
 def make_data(arch: str, n: int = 48, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     shape = {"mlp": (8,), "gru": (6, 4), "cnn": (1, 6, 6)}[arch]
@@ -201,6 +214,7 @@ class Scenario:
     corrupt_at: int | None  # truncate the newest checkpoint file when this global step's batch starts
     order: tuple[int, ...]  # permutation of the callbacks
     ddp: bool = False
+    fsdp: bool = False  # 2 ranks under ModelParallelStrategy + fully_shard (ddp is True too)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
@@ -209,17 +223,25 @@ class Scenario:
             f"seed={self.seed} {self.arch}/{self.optimizer}/{self.scheduler}/{self.precision} acc={self.accumulate}"
             f" steps={self.max_steps} ckpt={self.ckpt_every} action={self.action} snap={self.snapshot_every}"
             f" budget={self.max_rollbacks} skip={self.skip_batches} lr_factor={self.lr_factor}"
-            f" spike={self.spike_factor} agc={self.agc} corrupt_at={self.corrupt_at} ddp={self.ddp}; {faults}"
+            f" spike={self.spike_factor} agc={self.agc} corrupt_at={self.corrupt_at} ddp={self.ddp}"
+            f" fsdp={self.fsdp}; {faults}"
         )
 
 
-def generate(seed: int, ddp: bool = False) -> Scenario:
-    """Draw one scenario from ``random.Random(seed)`` (``ddp``: a 2-rank scenario with rank-local faults)."""
+def generate(seed: int, ddp: bool = False, fsdp: bool = False) -> Scenario:
+    """Draw one scenario from ``random.Random(seed)`` (``ddp``: a 2-rank scenario with rank-local faults;
+    ``fsdp``: the same under FSDP2, ``ModelParallelStrategy`` + ``fully_shard``: MLP or CNN, fp32 or
+    bf16-mixed, and a truncated checkpoint is one rank's shard file of a distributed checkpoint)."""
+    ddp = ddp or fsdp
     rng = random.Random(seed)
     arch = rng.choice(ARCHS)
+    if fsdp and arch == "gru":
+        arch = "mlp"  # nn.GRU's flattened weights do not go through fully_shard
     optimizer = rng.choice(OPTIMIZERS)
     lr = {"sgd": 0.02, "adam": 0.01, "adamw": 0.01}[optimizer]
     precision = rng.choice(PRECISIONS)
+    if fsdp and precision == "16-mixed":
+        precision = "bf16-mixed"  # a GradScaler for sharded gradients is out of scope
     accumulate = rng.choice((1, 1, 2, 3))
     max_steps = rng.randint(8, 12) if ddp else rng.randint(10, 16)
     ckpt_every = rng.choice((None, 2, 3, 4, 5))
@@ -295,6 +317,7 @@ def generate(seed: int, ddp: bool = False) -> Scenario:
         corrupt_at=corrupt_at,
         order=tuple(rng.sample(range(3 + len(faults)), 3 + len(faults))),
         ddp=ddp,
+        fsdp=fsdp,
     )
 
 
@@ -318,14 +341,30 @@ def _model_checkpoint_bound(name: str) -> bool:
     return name.startswith(".callbacks.ModelCheckpoint") and name.endswith(".kth_value")
 
 
+def _load_any(path: Path) -> Any:
+    """A checkpoint file, or a distributed checkpoint directory (FSDP2) converted to one in memory."""
+    if not path.is_dir():
+        return torch.load(path, weights_only=True, map_location="cpu")
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    converted = path.parent / f".{path.name}.scan.pt"
+    dcp_to_torch_save(path, converted)  # one process, no process group: every rank's shards assembled
+    try:
+        ckpt = torch.load(converted, weights_only=False, map_location="cpu")  # our own conversion
+    finally:
+        converted.unlink()
+    ckpt.update(torch.load(path / "meta.pt", weights_only=True, map_location="cpu"))
+    return ckpt
+
+
 def scan_checkpoints(root: Path, skip: set[str]) -> int:
-    """Load every ``.ckpt`` under ``root`` (except the deliberately truncated ones) and check that every
-    floating-point tensor in it is finite. Returns how many files were scanned."""
+    """Load every ``.ckpt`` under ``root`` (files, and the directories FSDP2 writes; except the deliberately
+    truncated ones) and check that every floating-point tensor in it is finite. Returns how many were scanned."""
     scanned = 0
     for path in sorted(root.rglob("*.ckpt")):
         if str(path) in skip:
             continue
-        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+        ckpt = _load_any(path)
         bad = [
             name
             for name, t in float_tensors(ckpt)
@@ -350,10 +389,13 @@ class TruncateNewestCheckpoint(pl.Callback):
         if not files or trainer.global_rank != 0:
             return
         newest = files[-1]
+        if newest.is_dir():  # a distributed checkpoint (FSDP2): cut rank 1's shard file only
+            self.truncated[str(newest)] = -1
+            newest = newest / "__1_0.distcp"
         data = newest.read_bytes()
         offset = self.rng.randrange(len(data))
         newest.write_bytes(data[:offset])
-        self.truncated[str(newest)] = offset
+        self.truncated.setdefault(str(files[-1]), offset)
         (self.dirpath.parent / "truncated.json").write_text(json.dumps(self.truncated))  # DDP: from the child
 
 
@@ -441,8 +483,8 @@ def detectable(sc: Scenario, injected: list[dict[str, Any]]) -> bool:
 
 def build(sc: Scenario, root: Path) -> tuple[pl.Trainer, ScenarioModel, Any, dict[str, Any]]:
     pl.seed_everything(sc.seed, verbose=False)
-    model = ScenarioModel(sc.arch, sc.optimizer, sc.lr, sc.scheduler)
-    guard = (ReportingGuard if sc.ddp else ExplosionGuard)(
+    model = (ShardedScenarioModel if sc.fsdp else ScenarioModel)(sc.arch, sc.optimizer, sc.lr, sc.scheduler)
+    guard = (ReportingGuard if sc.ddp and not sc.fsdp else ExplosionGuard)(
         action=sc.action,
         spike_factor=sc.spike_factor,
         snapshot_every_n_steps=sc.snapshot_every,
@@ -472,7 +514,11 @@ def build(sc: Scenario, root: Path) -> tuple[pl.Trainer, ScenarioModel, Any, dic
         kwargs["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]
     else:
         kwargs["precision"] = sc.precision
-    if sc.ddp:
+    if sc.fsdp:  # each forked rank builds its own Trainer (tests/distributed/launch.py)
+        from pytorch_lightning.strategies import ModelParallelStrategy
+
+        kwargs.update(devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
+    elif sc.ddp:
         kwargs.update(devices=2, strategy="ddp_fork")
         report = RankReport(root, guard, injectors)
         guard.report = report  # type: ignore[attr-defined]
@@ -608,6 +654,83 @@ def run_ddp_scenario(sc: Scenario, root: Path) -> dict[str, Any]:
     return {
         "seed": sc.seed,
         "ddp": True,
+        "outcome": outcome,
+        "faults_injected": injected,
+        "events": reports[0]["events"],
+        "rollbacks": reports[0]["rollbacks"],
+        "skipped_steps": reports[0]["skipped_steps"],
+        "checkpoints_scanned": scanned,
+        "checkpoints_truncated": len(truncated),
+        **warn_counts,
+    }
+
+
+def _fsdp_rank(rank: int, sc: Scenario, root: Path) -> dict[str, Any]:
+    """One rank of an FSDP2 scenario: fit, then report the end, the full (gathered) weights and the warnings."""
+    trainer, model, loader, parts = build(sc, root)
+    guard: ExplosionGuard = parts["guard"]
+    error: GradientExplosionError | None = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            trainer.fit(model, loader)
+        except GradientExplosionError as err:  # any other exception type fails the scenario
+            error = err
+    weights = {
+        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+        for k, v in model.state_dict().items()
+    }  # collective: both ranks get here only if they ended at the same point
+    return {
+        "rank": rank,
+        "global_step": trainer.global_step,
+        "error": None if error is None else str(error),
+        "events": guard.events,
+        "rollbacks": guard.rollbacks,
+        "skipped_steps": guard.skipped_steps,
+        "injected": sum(len(i.injected) for i in parts["injectors"]),
+        "records": [(r["step"], r["kind"], r["action"]) for r in guard.records],
+        "weights": weights,
+        "warnings": [(w.category, str(w.message)) for w in caught],
+    }
+
+
+def run_fsdp_scenario(sc: Scenario, root: Path) -> dict[str, Any]:
+    """Fit a 2-rank FSDP2 scenario (forked ranks): both ranks must end the same way, with the same full
+    weights and the same event records; every checkpoint directory must hold finite values only."""
+    from tests.distributed.launch import run_ranks
+
+    assert sc.fsdp
+    reports = run_ranks(_fsdp_rank, sc, root, timeout=150)
+    truncated = truncated_files(root)
+    reasons = {classify(r["error"]) if r["error"] else None for r in reports}
+    assert len(reasons) == 1 and len({r["error"] is None for r in reports}) == 1, (
+        f"the ranks ended differently: {reports}"
+    )
+    reason = reasons.pop()
+    if reports[0]["error"] is None:
+        outcome = "completed"
+        assert [r["global_step"] for r in reports] == [sc.max_steps] * 2
+        assert all(r["rollbacks"] <= sc.max_rollbacks for r in reports)
+    else:
+        outcome = reason or "unknown"
+        check_error(sc, reason, reports[0]["error"], reports[0]["rollbacks"])
+    for name, w in reports[0]["weights"].items():
+        assert torch.equal(w, reports[1]["weights"][name]), f"ranks diverged: {name}"
+        if reports[0]["error"] is None:
+            assert torch.isfinite(w).all(), name
+    assert reports[0]["records"] == reports[1]["records"], reports
+    injected = sum(r["injected"] for r in reports)
+    if injected and sc.spike_factor is None:
+        assert reports[0]["events"] >= 1, "an injected fault went unnoticed"
+    if not injected and sc.spike_factor is None:
+        assert reports[0]["events"] == 0
+    scanned = scan_checkpoints(root, truncated)
+    caught = [warnings.WarningMessage(text, cat, "", 0) for cat, text in reports[0]["warnings"]]
+    warn_counts = check_warnings(sc, caught, bool(truncated))
+    return {
+        "seed": sc.seed,
+        "ddp": True,
+        "fsdp": True,
         "outcome": outcome,
         "faults_injected": injected,
         "events": reports[0]["events"],

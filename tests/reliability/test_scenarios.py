@@ -1,6 +1,7 @@
 """The reliability campaign: seeded scenarios with injected faults (see ``scenarios.py`` for what is drawn
-and what each end must look like). 20 single-process scenarios and one 2-rank DDP scenario run in the
-normal suite; the full campaign (300 single-process + 30 DDP scenarios) is marked ``slow``:
+and what each end must look like). 20 single-process scenarios, one 2-rank DDP and one 2-rank FSDP2
+scenario run in the normal suite; the full campaign (300 single-process + 30 DDP + 30 FSDP2 scenarios) is
+marked ``slow``:
 
     .venv/bin/python -m pytest -m slow --run-slow tests/reliability -n 2 -p no:cacheprovider
 
@@ -16,12 +17,14 @@ from typing import Any
 import pytest
 
 from tests.reliability.results import record
-from tests.reliability.scenarios import Scenario, generate, run_ddp_scenario, run_scenario
+from tests.reliability.scenarios import Scenario, generate, run_ddp_scenario, run_fsdp_scenario, run_scenario
 
 NORMAL = range(20)
 CAMPAIGN = range(1000, 1300)
 DDP_NORMAL = (7,)
 DDP_CAMPAIGN = range(2000, 2030)
+FSDP_NORMAL = (3001,)
+FSDP_CAMPAIGN = range(3000, 3030)
 
 
 def _run(sc: Scenario, tmp_path: Path, runner: Callable[[Scenario, Path], dict[str, Any]]) -> None:
@@ -32,6 +35,7 @@ def _run(sc: Scenario, tmp_path: Path, runner: Callable[[Scenario, Path], dict[s
             {
                 "seed": sc.seed,
                 "ddp": sc.ddp,
+                "fsdp": sc.fsdp,
                 "outcome": "other",
                 "error": f"{type(err).__name__}: {err}"[:500],
             }
@@ -66,3 +70,18 @@ def test_campaign_scenario(tmp_path: Path, seed: int) -> None:
 @pytest.mark.parametrize("seed", DDP_CAMPAIGN)
 def test_campaign_ddp_scenario(tmp_path: Path, seed: int) -> None:
     _run(generate(seed, ddp=True), tmp_path, run_ddp_scenario)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("seed", FSDP_NORMAL)
+def test_fsdp_scenario(tmp_path: Path, seed: int) -> None:
+    _run(generate(seed, fsdp=True), tmp_path, run_fsdp_scenario)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("seed", FSDP_CAMPAIGN)
+def test_campaign_fsdp_scenario(tmp_path: Path, seed: int) -> None:
+    _run(generate(seed, fsdp=True), tmp_path, run_fsdp_scenario)
