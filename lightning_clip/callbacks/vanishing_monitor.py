@@ -282,9 +282,7 @@ class VanishingGradientMonitor(LightningClipCallback):
         return any(self.tracker.may_alert(k) for k in keys)
 
     @override
-    def on_before_backward(
-        self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor
-    ) -> None:
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         if self.measure_causes:  # every step: the loss stays a tensor until the next check's transfer
             self.probe.record_loss(trainer.global_step, loss)
             self.probe.read_graph(loss)

@@ -337,3 +337,66 @@ def test_the_fsdp2_example_runs_and_the_ranks_agree(tmp_path: Any) -> None:
     # the snapshot holds each rank's shards: (1 + 2) x 14,657 fp32 parameters (AdamW) / 2 ranks
     params = 32 * 64 + 64 + 3 * (64 * 64 + 64) + 64 + 1
     assert r0["snapshot_mib_this_rank"] == pytest.approx(3 * params * 4 / 2 / 2**20, rel=0.02)
+
+
+# ---------------------------------------------------------------------------- the monitor's warning path
+class DeepSigmoid(RegressionModel):
+    """A 30-layer sigmoid MLP (vanishing gradients through depth), sharded per Linear with FSDP2."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.1)
+        layers: list[nn.Module] = [nn.Linear(8, 16), nn.Sigmoid()]
+        for _ in range(28):
+            layers += [nn.Linear(16, 16), nn.Sigmoid()]
+        self.net = nn.Sequential(*layers, nn.Linear(16, 1))
+
+    configure_model = ShardedRegressionModel.configure_model
+
+
+def _vanishing(rank: int, tmp_path: Any) -> dict[str, Any]:
+    import warnings
+
+    from lightning_clip.exceptions import VanishingGradientWarning
+
+    pl.seed_everything(0, verbose=False)
+    monitor = VanishingGradientMonitor(check_every_n_steps=1, patience=2, save_figure=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fsdp_trainer(tmp_path, [monitor], 2).fit(DeepSigmoid(), rank_loader(rank))
+    warned = [str(w.message) for w in caught if issubclass(w.category, VanishingGradientWarning)]
+    return {"warned": warned, "layers": monitor.layer_names, "history": monitor.history}
+
+
+def _vanishing_reference(steps: int = 2) -> list[list[float]]:
+    """Per-layer gradient 2-norms of the unsharded model at each step (naive float64), SGD as the model's."""
+    pl.seed_everything(0, verbose=False)
+    model = DeepSigmoid()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    layers = [m for m in model.net if isinstance(m, nn.Linear)]
+    out = []
+    for batches in global_batches()[:steps]:
+        opt.zero_grad()
+        loss = sum(nn.functional.mse_loss(model(x), y) for x, y in batches) / len(batches)
+        loss.backward()
+        out.append([naive_norm([m.weight.grad, m.bias.grad]) for m in layers])
+        opt.step()
+    return out
+
+
+def test_the_monitor_warns_from_the_full_gradients(tmp_path: Any) -> None:
+    """A 30-layer sigmoid MLP under FSDP2: the per-layer figures of every check are the unsharded model's,
+    and rank zero warns, naming as many vanishing layers as the reference has."""
+    r0, r1 = run_ranks(_vanishing, tmp_path)
+    reference = _vanishing_reference()
+    for r in (r0, r1):
+        assert [h["step"] for h in r["history"]] == [0, 1]
+        for h, ref in zip(r["history"], reference, strict=True):
+            assert [r["layers"][i] for i in h["layers"]] == [f"net.{2 * k}" for k in range(30)]
+            for got, want in zip(h["norms"], ref, strict=True):
+                # norms are accumulated in float32 (sharded or not): squares of gradients below ~1e-19
+                # underflow, so the tiniest layers read 0 where the float64 reference reads ~1e-24
+                assert got == pytest.approx(want, rel=1e-4, abs=1e-18)
+    flagged = sum(1 for n in reference[1] if n / max(reference[1]) < 1e-5)
+    [warning] = r0["warned"]
+    assert f"at step 1: {flagged} of 30 layers get less than 1e-05" in warning
+    assert r1["warned"] == []  # warnings come from rank zero
