@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from typing_extensions import override
 
-from lightning_clip import _compat
+from lightning_clip import _namespace
 from lightning_clip.step import StepState, StepTracker, share_step_tracker
 
 if (
@@ -23,7 +23,7 @@ if (
         """``Callback`` of every installed Lightning namespace."""
 
 else:
-    CallbackBase = _compat.callback_base()
+    CallbackBase = _namespace.callback_base()
 
 
 class LightningClipCallback(CallbackBase):
@@ -32,7 +32,7 @@ class LightningClipCallback(CallbackBase):
     * It is a genuine ``Callback`` of every installed Lightning namespace (``pytorch_lightning`` and
       ``lightning.pytorch``), so either namespace's ``Trainer`` and ``LightningCLI`` accept it.
     * At ``setup`` it refuses a strategy whose gradients it cannot measure
-      (`lightning_clip._compat.strategy_problem`): DeepSpeed, FSDP1's ``FSDPStrategy``, XLA.
+      (`lightning_clip._namespace.strategy_problem`): DeepSpeed, FSDP1's ``FSDPStrategy``, XLA.
     * `ExplosionGuard` snapshots and restores the ``state_dict`` of every other
       callback of this type, so a rollback also rewinds e.g. the clipping statistics.
     * At ``setup`` the lightning-clip callbacks of a Trainer are handed one
@@ -62,7 +62,7 @@ class LightningClipCallback(CallbackBase):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        problem = _compat.strategy_problem(trainer.strategy)
+        problem = _namespace.strategy_problem(trainer.strategy)
         if problem is not None:
             raise ValueError(f"{type(self).__name__}: {problem}")
         siblings = [cb for cb in trainer.callbacks if isinstance(cb, LightningClipCallback)]  # type: ignore[attr-defined, union-attr, unused-ignore]

@@ -13,7 +13,7 @@ from lightning_utilities.core.rank_zero import rank_zero_only, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_clip import _compat, diagnosis
+from lightning_clip import _compat, _namespace, diagnosis
 from lightning_clip._validation import check_bool, check_int, check_number
 from lightning_clip.callbacks import _vanishing_messages as messages
 from lightning_clip.callbacks._base import LightningClipCallback
@@ -591,6 +591,6 @@ class VanishingGradientMonitor(LightningClipCallback):
         fig.savefig(path, dpi=100)
         log.info("Gradient-flow figure saved to %s", path)
         for logger in trainer.loggers:
-            if _compat.is_tensorboard_logger(logger):  # either namespace's TensorBoardLogger
+            if _namespace.is_tensorboard_logger(logger):  # either namespace's TensorBoardLogger
                 experiment: Any = logger.experiment  # type: ignore[attr-defined, union-attr, unused-ignore]
                 experiment.add_figure("grad_health/gradient_flow", fig, global_step=trainer.global_step)

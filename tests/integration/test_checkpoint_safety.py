@@ -13,7 +13,7 @@ import torch
 from pytorch_lightning import strategies as S
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from lightning_clip import _compat
+from lightning_clip import _namespace
 from lightning_clip.callbacks.adaptive_clipping import AdaptiveGradientClipping
 from lightning_clip.callbacks.explosion_guard import ExplosionGuard
 from lightning_clip.callbacks.vanishing_monitor import VanishingGradientMonitor
@@ -115,7 +115,7 @@ def custom_parallel_strategy() -> type:
     ],
 )
 def test_strategy_check(strategy: Any, expected: str | None) -> None:
-    problem = _compat.strategy_problem(strategy)
+    problem = _namespace.strategy_problem(strategy)
     if expected is None:
         assert problem is None
     else:

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_clip import AdaptiveGradientClipping, ExplosionGuard, VanishingGradientMonitor, _compat
+from lightning_clip import AdaptiveGradientClipping, ExplosionGuard, VanishingGradientMonitor, _namespace
 from lightning_clip.testing import FaultInjector
 
-NAMESPACES = sorted(_compat.lightning_namespaces())
+NAMESPACES = sorted(_namespace.lightning_namespaces())
 PUBLIC = (AdaptiveGradientClipping, ExplosionGuard, VanishingGradientMonitor, FaultInjector)
 
 
@@ -116,8 +116,8 @@ def test_fit_rollback_and_resume_in_the_namespace(name: str, tmp_path: Any) -> N
 def test_tensorboard_logger_of_the_namespace_is_recognised(name: str, tmp_path: Any) -> None:
     pytest.importorskip("tensorboard")
     logger = ns(name).loggers.TensorBoardLogger(str(tmp_path))
-    assert _compat.is_tensorboard_logger(logger)
-    assert not _compat.is_tensorboard_logger(ns(name).loggers.CSVLogger(str(tmp_path)))
+    assert _namespace.is_tensorboard_logger(logger)
+    assert not _namespace.is_tensorboard_logger(ns(name).loggers.CSVLogger(str(tmp_path)))
 
 
 @pytest.mark.parametrize("name", NAMESPACES)
@@ -165,9 +165,9 @@ def test_lightning_cli_class_path(name: str, tmp_path: Any) -> None:
 @pytest.mark.parametrize("name", NAMESPACES)
 def test_unsupported_strategy_of_the_namespace_is_named(name: str) -> None:
     strategies = ns(name).strategies
-    assert _compat.strategy_problem(strategies.DDPStrategy()) is None
-    assert _compat.strategy_problem(strategies.ModelParallelStrategy()) is None
-    problem = _compat.strategy_problem(strategies.FSDPStrategy())
+    assert _namespace.strategy_problem(strategies.DDPStrategy()) is None
+    assert _namespace.strategy_problem(strategies.ModelParallelStrategy()) is None
+    problem = _namespace.strategy_problem(strategies.FSDPStrategy())
     assert problem is not None and "`FSDPStrategy`" in problem and "ModelParallelStrategy" in problem
 
 
