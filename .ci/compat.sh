@@ -83,7 +83,7 @@ ns, both = sys.argv[1], sys.argv[2] == "1"
 have = {m: importlib.util.find_spec(m) is not None for m in ("pytorch_lightning", "lightning")}
 want = {"pytorch_lightning": ns == "pytorch_lightning" or both, "lightning": ns == "lightning"}
 assert have == want, f"namespaces installed {have}, expected {want}"
-import lightning_clip, lightning_clip._compat as c
+import lightning_clip, lightning_clip._namespace as c
 print("namespaces:", sorted(c.lightning_namespaces()), "| lightning_clip from", lightning_clip.__file__)
 PYEOF
     # the README quick-start for this namespace
