@@ -72,6 +72,8 @@ for cell in $CELLS; do
     lightning-alone) ns=lightning; expect_both=0 ;;
     *) ns=lightning; expect_both=1 ;;
   esac
+  # `set -e` holds inside the subshell only when its status is not tested by || or if: test it after.
+  set +e
   (
     set -e
     cd "$work"
@@ -108,7 +110,10 @@ PYEOF
     grep -q "max_steps=12" cli.log && echo "examples/lightning_cli: 12 steps with $([ "$ns" = lightning ] && echo lightning.pytorch || echo pytorch_lightning).cli.LightningCLI"
     # the namespace tests, against the installed wheel (no conftest: it would put the source tree first)
     OMP_NUM_THREADS=1 "$py" -m pytest -q -p no:cacheprovider --noconftest -o addopts="" "$ROOT/tests/namespaces"
-  ) || { echo "compat cell $cell FAILED"; failed=1; }
+  )
+  rc=$?
+  set -e
+  if [ "$rc" -ne 0 ]; then echo "compat cell $cell FAILED (exit $rc)"; failed=1; fi
   rm -rf "$work"
 done
 echo "compat: done in $(( $(date +%s) - start )) s"
