@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["percentile_of_sorted"]
+__all__ = ["median", "percentile_of_sorted"]
 
 
 def percentile_of_sorted(ordered: Sequence[float], q: float) -> float:
@@ -24,3 +24,13 @@ def percentile_of_sorted(ordered: Sequence[float], q: float) -> float:
     lo = math.floor(pos)
     hi = min(lo + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def median(values: Sequence[float]) -> float:
+    """The median (the 50th percentile, the mean of the middle two for an even count); NaN when empty.
+
+    Examples:
+        >>> median([3.0, 1.0, 2.0]), median([4.0, 1.0, 2.0, 3.0])
+        (2.0, 2.5)
+    """
+    return percentile_of_sorted(sorted(values), 50.0)

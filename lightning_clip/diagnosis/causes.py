@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from lightning_clip._numbers import median
 from lightning_clip.diagnosis.records import (
     CAP,
     DEAD_SHARE,
@@ -24,7 +25,7 @@ from lightning_clip.diagnosis.records import (
     ScaleFigures,
     SiteFigures,
 )
-from lightning_clip.diagnosis.text import fmt_num, fmt_pct, median, plural, tenth_power
+from lightning_clip.diagnosis.text import fmt_num, fmt_pct, plural, tenth_power
 
 
 # ---------------------------------------------------------------------------------------- the causes

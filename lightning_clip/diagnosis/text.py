@@ -36,12 +36,6 @@ def tenth_power(decades: float) -> str:
     return fmt_num(10.0 ** (-decades)) if decades < 307 else f"1e-{decades:.0f}"
 
 
-def median(values: Sequence[float]) -> float:
-    s = sorted(values)
-    n = len(s)
-    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
-
-
 # ---------------------------------------------------------------------------------------------- text
 def generic_fixes(facts: ModelFacts, through_time: bool) -> list[Fix]:
     """When nothing measured stands out: the usual fixes, only those the model lacks."""

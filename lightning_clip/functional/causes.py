@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from lightning_clip import _compat
+from lightning_clip._numbers import median
 
 __all__ = [
     "FLAT",
@@ -378,15 +379,9 @@ def recent_jump(
     history: list[float] = []
     for step, value in series:
         if start < step <= end and len(history) >= min_history:
-            base = _median(history[-window:])
+            base = median(history[-window:])
             if base > 0 and (not math.isfinite(value) or (value > factor * base and value > max(history))):
                 return Jump(what, step, base, value, len(history[-window:]))
         if math.isfinite(value):
             history.append(value)
     return None
-
-
-def _median(values: Sequence[float]) -> float:
-    s = sorted(values)
-    n = len(s)
-    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])

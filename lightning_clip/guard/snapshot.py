@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 
 from lightning_clip import _compat
 from lightning_clip.functional import norms
@@ -82,16 +83,8 @@ class LocalShard:
 
 
 def _map(obj: Any, fn: Any) -> Any:
-    """``fn`` applied to every tensor and :class:`LocalShard` inside nested dicts, lists and tuples."""
-    if isinstance(obj, (torch.Tensor, LocalShard)):
-        return fn(obj)
-    if isinstance(obj, dict):
-        return type(obj)((k, _map(v, fn)) for k, v in obj.items())
-    if isinstance(obj, list):
-        return [_map(v, fn) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_map(v, fn) for v in obj)
-    return obj
+    """``fn`` applied to every tensor and :class:`LocalShard` inside nested collections."""
+    return apply_to_collection(obj, (torch.Tensor, LocalShard), fn)
 
 
 def _copy(t: Any) -> Any:
