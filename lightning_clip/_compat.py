@@ -45,6 +45,7 @@ __all__ = [
     "is_dtensor",
     "local_tensor",
     "log_dir",
+    "loss_scale_tensor",
     "norm_modules",
     "optimizer_index",
     "precision_checkpoint_key",
@@ -160,6 +161,13 @@ def optimizer_index(trainer: Any, optimizer: Any) -> int:
 def gradient_scaler(trainer: Any) -> Any:
     """The precision plugin's ``GradScaler`` (16-mixed), or None."""
     return getattr(trainer.precision_plugin, "scaler", None)
+
+
+def loss_scale_tensor(scaler: Any) -> torch.Tensor | None:
+    """The GradScaler's current scale as the device tensor it keeps (``_scale``; no host transfer, unlike
+    ``get_scale()``), or None before its first ``scale()`` or without a scaler."""
+    scale = getattr(scaler, "_scale", None) if scaler is not None else None
+    return scale if isinstance(scale, torch.Tensor) else None
 
 
 def precision_checkpoint_key(trainer: Any) -> str:

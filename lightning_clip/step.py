@@ -2,9 +2,10 @@
 
 Lifecycle, for each optimizer step (``on_before_optimizer_step`` of one optimizer):
 
-1. **Riders** (before the step). A callback that needs a scalar on the host at this step (the guard's
+1. **Riders** (before the step). A callback that needs a scalar on the host at this step (the step's
    training loss) registers it with `StepTracker.ride_along` from an earlier hook
-   (``on_before_backward``); it waits for the next step.
+   (``on_before_backward``); it waits for the next step. A callback whose decision needs values summed
+   over the DDP ranks registers them with `StepTracker.contribute` the same way.
 2. **Begin.** The first lightning-clip callback whose hook runs calls `StepTracker.begin` with the
    optimizer and ``global_step``; it creates the `StepState`. Every later call for the same
    optimizer and step returns the same object, whatever the callbacks' order.
@@ -12,10 +13,16 @@ Lifecycle, for each optimizer step (``on_before_optimizer_step`` of one optimize
    ``_foreach_norm`` pass) and returns a `GradMeasurement`; every callback sees the pre-clip
    figures. The first host read (`GradMeasurement.total_norm`) brings the norm and every rider to
    the host in one device-to-host transfer.
-4. **Act.** Clipping callbacks call `GradMeasurement.clip_`: gradients are scaled only as far as the
+4. **Reduce.** The first read of `StepState.mean_loss` or `StepState.summed` does the step's
+   one all-reduce (only under DDP): the local loss and every contribution, summed over the ranks in one
+   collective, so the loss-aware threshold and the guard's decision are the same on every rank.
+5. **Act.** Clipping callbacks call `GradMeasurement.clip_`: gradients are scaled only as far as the
    tightest bound asks. A callback that drops the update calls `StepState.skip` (the step's fate).
-5. **Fate.** The step is over at ``on_train_batch_end`` (or when the next step begins). Statistics that
+6. **Fate.** The step is over at ``on_train_batch_end`` (or when the next step begins). Statistics that
    must only count applied updates read `StepState.skipped` then.
+
+`StepState.divergence` carries `ExplosionGuard`'s reading of the step (healthy / elevated /
+diverged, with the loss's and the norm's excess over their healthy levels) for the other callbacks.
 
 The tracker holds no state worth saving: nothing of it goes into checkpoints.
 
@@ -48,8 +55,10 @@ from lightning_clip.functional.norms import grad_norms
 
 __all__ = [
     "LOSS_RIDER",
+    "Contributor",
     "GradMeasurement",
     "LossWindow",
+    "Reducer",
     "StepState",
     "StepTracker",
     "optimizer_params",
@@ -57,10 +66,17 @@ __all__ = [
 ]
 
 LOSS_RIDER = "loss"
-"""The rider key of the step's mean training loss (registered by `ExplosionGuard`, read by the monitor too)."""
+"""The rider key of the step's mean training loss, unscaled under 16-mixed (registered by `ExplosionGuard`
+and by `AdaptiveGradientClipping` in ``mode="mean"``, read by the monitor too)."""
 
 Provider = Callable[[], "torch.Tensor | None"]
 """Returns a 0-d tensor to bring to the host with the step's norm, or None for nothing."""
+
+Contributor = Callable[["StepState"], "Sequence[float]"]
+"""Returns this rank's values to be summed over the ranks at the step (the same length on every rank)."""
+
+Reducer = Callable[["list[float]"], "list[float]"]
+"""Sums a list of floats over the ranks (one collective); None on a single process."""
 
 
 def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -157,6 +173,12 @@ class StepState:
         riders: scalars to bring to the host with the first norm read (key -> provider).
         scale: the factor the gradients have been scaled by so far (1.0: untouched).
         skipped: the update will not be applied.
+        contributors: values to sum over the ranks in the step's one all-reduce (key -> contributor).
+        reducer: the sum over the ranks (None: one process, nothing to reduce).
+        divergence: `ExplosionGuard`'s `lightning_clip.functional.divergence.Reading` of this
+            step (None until the guard judged it, or without a guard): its ``verdict`` (``"healthy"``,
+            ``"elevated"``, ``"diverged"``) and ``loss_excess`` / ``norm_excess``, the log of the smoothed
+            loss (norm) over its healthy level.
     """
 
     optimizer: torch.optim.Optimizer
@@ -164,8 +186,12 @@ class StepState:
     riders: dict[str, Provider] = field(default_factory=dict)
     scale: float = 1.0
     skipped: bool = False
+    contributors: dict[str, Contributor] = field(default_factory=dict, repr=False)
+    reducer: Reducer | None = field(default=None, repr=False)
+    divergence: Any = None
     measurements: dict[float, GradMeasurement] = field(default_factory=dict, repr=False)
     _rider_values: dict[str, float] | None = field(default=None, repr=False)
+    _summed: dict[str, list[float]] | None = field(default=None, repr=False)
 
     def measure(self, norm_type: float = 2.0) -> GradMeasurement:
         """The measurement of the gradients with ``norm_type`` (one fused pass per distinct p, cached)."""
@@ -203,6 +229,56 @@ class StepState:
         """
         return (self._rider_values or {}).get(key)
 
+    @property
+    def mean_loss(self) -> float | None:
+        """The step's training loss (the mean of the losses back-propagated since the last step, rider
+        `LOSS_RIDER`), averaged over the ranks: the same value on every rank. Under DDP the first read
+        does the step's one all-reduce (see `summed`); None when no loss was registered on any rank.
+
+        Examples:
+            >>> p = torch.nn.Parameter(torch.ones(1))
+            >>> p.grad = torch.ones(1)
+            >>> tracker = StepTracker()
+            >>> tracker.ride_along(LOSS_RIDER, lambda: torch.tensor(0.25))
+            >>> tracker.begin(torch.optim.SGD([p], lr=0.1), step=0).mean_loss
+            0.25
+        """
+        total, count = self._reduce()["__loss__"]
+        return total / count if count > 0 else None
+
+    def summed(self, key: str) -> list[float] | None:
+        """The values the contributor ``key`` gave, summed over the ranks (rides on the step's one
+        all-reduce, with the loss); None when ``key`` was not registered for this step.
+
+        Examples:
+            >>> p = torch.nn.Parameter(torch.ones(1))
+            >>> p.grad = torch.ones(1)
+            >>> tracker = StepTracker()
+            >>> tracker.contribute("flags", lambda state: [1.0, 0.0])
+            >>> tracker.begin(torch.optim.SGD([p], lr=0.1), step=0).summed("flags")
+            [1.0, 0.0]
+        """
+        return self._reduce().get(key)
+
+    def _reduce(self) -> dict[str, list[float]]:
+        """Gather the local loss and every contribution, sum them over the ranks in one collective (none on
+        a single process), once per step."""
+        if self._summed is None:
+            loss = self.rider(LOSS_RIDER)
+            values = {"__loss__": [0.0, 0.0] if loss is None else [float(loss), 1.0]}
+            for key, contributor in self.contributors.items():
+                values[key] = [float(v) for v in contributor(self)]
+            if self.reducer is not None:
+                flat = [v for vs in values.values() for v in vs]
+                summed = self.reducer(flat)
+                out, i = {}, 0
+                for key, vs in values.items():
+                    out[key] = [float(v) for v in summed[i : i + len(vs)]]
+                    i += len(vs)
+                values = out
+            self._summed = values
+        return self._summed
+
     def skip(self) -> None:
         """Drop the update: every gradient of the optimizer is set to None (parameters and optimizer state
         stay bit-identical), and the step is marked skipped for every callback."""
@@ -237,7 +313,9 @@ class StepTracker:
 
     def __init__(self) -> None:
         self.current: StepState | None = None
+        self.reducer: Reducer | None = None
         self._waiting: dict[str, Provider] = {}
+        self._contributors: dict[str, Contributor] = {}
 
     def ride_along(self, key: str, provider: Provider) -> None:
         """Ask for a scalar to come to the host with the next step's norm (one transfer for both).
@@ -246,12 +324,20 @@ class StepTracker:
         """
         self._waiting[key] = provider
 
+    def contribute(self, key: str, contributor: Contributor) -> None:
+        """Ask for values to be summed over the ranks at the next step, in the step's one all-reduce
+        (read them with `StepState.summed`). ``contributor`` is called with the `StepState` when the
+        reduction happens."""
+        self._contributors[key] = contributor
+
     def begin(self, optimizer: torch.optim.Optimizer, step: int) -> StepState:
         """The `StepState` of ``optimizer`` at ``step``: new for a new step, else the same object."""
         current = self.current
         if current is None or current.optimizer is not optimizer or current.step != step:
-            current = StepState(optimizer, step, riders=self._waiting)
-            self._waiting = {}
+            current = StepState(
+                optimizer, step, riders=self._waiting, contributors=self._contributors, reducer=self.reducer
+            )
+            self._waiting, self._contributors = {}, {}
             self.current = current
         return current
 
@@ -275,6 +361,8 @@ class LossWindow:
 
     def __init__(self) -> None:
         self._losses: list[torch.Tensor] = []
+        #: returns the loss scale to divide by (16-mixed), or None; set by the callback at fit start
+        self.scale: Callable[[], torch.Tensor | None] | None = None
 
     def add(self, loss: torch.Tensor) -> None:
         """Record a loss handed to ``backward`` (detached; shares storage, so it sees later in-place edits)."""
@@ -290,12 +378,29 @@ class LossWindow:
         device = self._losses[0].device
         return torch.stack([t.float().mean().to(device) for t in self._losses]).mean()
 
+    def unscaled_mean(self) -> torch.Tensor | None:
+        """`mean` divided by `scale` when one is set (the GradScaler's scale under 16-mixed, where
+        ``backward`` receives the scaled loss), on the device: the provider of the loss rider.
+
+        Examples:
+            >>> window = LossWindow()
+            >>> window.add(torch.tensor(8.0))
+            >>> window.scale = lambda: torch.tensor(4.0)
+            >>> float(window.unscaled_mean())
+            2.0
+        """
+        mean = self.mean()
+        factor = None if self.scale is None else self.scale()
+        if mean is None or factor is None:
+            return mean
+        return mean / factor.to(mean.device, torch.float32)
+
     def take(self, state: StepState, rider: str) -> float | None:
         """The mean loss on the host, from the step's transfer (``rider``: the key it was registered
         under), or fetched apart when it was registered too late for it; then the window is emptied."""
         value = state.rider(rider)
         if value is None and self._losses:
-            mean = self.mean()
+            mean = self.unscaled_mean()
             value = None if mean is None else float(mean.item())
         self.clear()
         return value

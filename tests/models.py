@@ -148,11 +148,13 @@ class TwoOptimizerModel(pl.LightningModule):
         self.encoder = nn.Sequential(nn.Linear(8, 16), nn.Tanh())
         self.head = nn.Linear(16, 1)
         self.pre: dict[int, list[float]] = {0: [], 1: []}
+        self.losses: list[float] = []
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         opt0, opt1 = self.optimizers()
         x, y = batch
         loss = nn.functional.mse_loss(self.head(self.encoder(x)), y)
+        self.losses.append(float(loss.detach()))
         opt0.zero_grad()
         opt1.zero_grad()
         self.manual_backward(loss)
@@ -195,3 +197,76 @@ def global_batches(
     """For each step, the ranks' batches of :func:`rank_loader` (the global batch, split as the ranks see it)."""
     loaders = [list(rank_loader(r, world, n, batch_size)) for r in range(world)]
     return [list(step) for step in zip(*loaders, strict=True)]
+
+
+class LossBlowUp(RegressionModel):
+    """A `RegressionModel` whose training loss (and with it every gradient) is multiplied by ``factor`` on
+    the batches of the global steps in ``steps``: a finite blow-up at known steps. ``value_only``: only the
+    loss's value is multiplied, its gradient stays the same (a loss that is elevated, training unchanged)."""
+
+    def __init__(
+        self, steps: tuple[int, ...] = (), factor: float = 1e3, value_only: bool = False, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self.blow_steps = set(steps)
+        self.factor = factor
+        self.value_only = value_only
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if self.global_step not in self.blow_steps:
+            return loss
+        if self.value_only:
+            return loss + (self.factor - 1.0) * loss.detach()
+        return loss * self.factor
+
+
+def adding_batch(
+    batch_size: int, seq_len: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adding problem (two marked values to sum over a sequence of ``seq_len`` pairs)."""
+    values = torch.rand(batch_size, seq_len, generator=generator)
+    markers = torch.zeros(batch_size, seq_len)
+    rows = torch.arange(batch_size)
+    half = seq_len // 2
+    markers[rows, torch.randint(0, half, (batch_size,), generator=generator)] = 1.0
+    markers[rows, torch.randint(half, seq_len, (batch_size,), generator=generator)] = 1.0
+    return torch.stack([values, markers], dim=-1), (values * markers).sum(dim=1, keepdim=True)
+
+
+def adding_loader(steps: int, batch_size: int = 64, seq_len: int = 20, seed: int = 0) -> DataLoader:
+    """``steps`` fresh batches of the adding problem (one batch per step)."""
+    g = torch.Generator().manual_seed(seed)
+    batches = [adding_batch(batch_size, seq_len, g) for _ in range(steps)]
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+class ExplodingRNN(pl.LightningModule):
+    """The demo's exploding case: a 32-unit tanh RNN whose recurrent weights are ``radius`` × a random
+    orthogonal matrix, trained with plain SGD on the adding problem (lr 0.2, radius 1.2: the loss runs
+    away within ten steps without clipping). Records the training loss of every step in ``losses``."""
+
+    def __init__(self, radius: float = 1.2, lr: float = 0.2, hidden: int = 32) -> None:
+        super().__init__()
+        self.rnn = nn.RNN(2, hidden, nonlinearity="tanh", batch_first=True)
+        with torch.no_grad():
+            q, _ = torch.linalg.qr(torch.randn(hidden, hidden))
+            self.rnn.weight_hh_l0.copy_(radius * q)
+        self.head = nn.Linear(hidden, 1)
+        self.lr = lr
+        self.losses: list[float] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), y)
+        self.losses.append(float(loss.detach()))
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)

@@ -75,6 +75,153 @@ def mean_thresholds(
     return out
 
 
+def loss_band_readings(losses: list[float | None]) -> list[tuple[float, float, float] | None]:
+    """Per value: ``(excess, elevated threshold, calm threshold)`` of `loss_band_excess`'s band, the
+    thresholds as they stood before the value (None: not judged). Thresholds: ``σ_f = σ·√((1−d)/(1+d))``,
+    elevated ``= clip(5 σ_f, ln 1.25, ln 2)``, calm ``= clip(3 σ_f, ln 1.1, ln(2)/2)``."""
+    out: list[tuple[float, float, float] | None] = []
+    ema = weight = 0.0
+    ref = last = None
+    noise_sum, noise_n = 0.0, 0
+    for loss in losses:
+        if loss is None or not math.isfinite(loss) or loss <= 0:
+            out.append(None)
+            continue
+        x = math.log(min(loss, 3.4028234663852886e38))
+        sigma = 0.0 if noise_n == 0 else (math.pi**0.5 / 2) * noise_sum / (1 - 0.98**noise_n)
+        n = max(9.0, (5 * sigma / math.log(2.0)) ** 2)
+        d = 1 - 2 / (n + 1)
+        sigma_fast = sigma * math.sqrt((1 - d) / (1 + d))
+        elevated = min(max(math.log(1.25), 5 * sigma_fast), math.log(2.0))
+        calm = min(max(math.log(1.1), 3 * sigma_fast), math.log(2.0) / 2)
+        fast = (d * ema + (1 - d) * x) / (d * weight + (1 - d))
+        new_ref = fast if ref is None else min(fast, ref + 0.001)
+        excess = fast - new_ref
+        out.append((excess, elevated, calm))
+        if last is not None and excess <= math.log(2.0) / 2:
+            jump = abs(x - last)
+            if noise_n >= 5:
+                jump = min(jump, 4 * noise_sum / (1 - 0.98**noise_n))
+            noise_sum = 0.98 * noise_sum + 0.02 * jump
+            noise_n += 1
+        sigma = 0.0 if noise_n == 0 else (math.pi**0.5 / 2) * noise_sum / (1 - 0.98**noise_n)
+        n = max(9.0, (5 * sigma / math.log(2.0)) ** 2)
+        d = 1 - 2 / (n + 1)
+        ema, weight = d * ema + (1 - d) * x, d * weight + (1 - d)
+        ref, last = new_ref, x
+    return out
+
+
+def loss_band_excess(losses: list[float | None]) -> list[float | None]:
+    """`lightning_clip.functional.divergence.LossBand`'s excess per value, written out from its
+    documentation (None: the value is not judged).
+
+    ``x = ln(loss)``; noise ``s`` = √π/2 × the bias-corrected EMA (0.98) of ``|x_t − x_{t−1}|`` over calm
+    steps (excess ≤ ln(2)/2; after 5 of them each capped at 4 × their bias-corrected mean); smoothing
+    ``n = max(9, (5 s / ln 2)²)``, ``d = 1 − 2/(n + 1)``; ``fast`` = EMA with weight-sum bias correction;
+    ``ref = min(fast, ref + 0.001)``; excess = ``fast − ref``.
+    """
+    out: list[float | None] = []
+    ema = weight = 0.0
+    ref = last = None
+    noise_sum, noise_n = 0.0, 0
+    for loss in losses:
+        if loss is None or not math.isfinite(loss) or loss <= 0:
+            out.append(None)
+            continue
+        x = math.log(min(loss, 3.4028234663852886e38))
+        sigma = 0.0 if noise_n == 0 else (math.pi**0.5 / 2) * noise_sum / (1 - 0.98**noise_n)
+        n = max(9.0, (5 * sigma / math.log(2.0)) ** 2)
+        d = 1 - 2 / (n + 1)
+        fast = (d * ema + (1 - d) * x) / (d * weight + (1 - d))
+        new_ref = fast if ref is None else min(fast, ref + 0.001)
+        excess = fast - new_ref
+        out.append(excess)
+        if last is not None and excess <= math.log(2.0) / 2:
+            jump = abs(x - last)
+            if noise_n >= 5:
+                jump = min(jump, 4 * noise_sum / (1 - 0.98**noise_n))
+            noise_sum = 0.98 * noise_sum + 0.02 * jump
+            noise_n += 1
+        sigma = 0.0 if noise_n == 0 else (math.pi**0.5 / 2) * noise_sum / (1 - 0.98**noise_n)
+        n = max(9.0, (5 * sigma / math.log(2.0)) ** 2)
+        d = 1 - 2 / (n + 1)
+        ema, weight = d * ema + (1 - d) * x, d * weight + (1 - d)
+        ref, last = new_ref, x
+    return out
+
+
+def loss_aware_thresholds(
+    norms: list[float],
+    losses: list[float | None],
+    factor: float = 1.5,
+    decay: float = 0.97,
+    warmup_steps: int = 1,
+    max_norm: float | None = None,
+) -> list[float]:
+    """The default ``mean`` rule (loss-aware ceiling), written out from its documentation: the threshold
+    per step for the pre-clip ``norms`` and the step ``losses`` (None: no loss), every step applied.
+
+    Ceiling: 0.1 x the first finite norm; an episode while the loss excess is above its elevated threshold
+    (`loss_band_readings`; base = the threshold in force, re-based after 10 steps, 3 bases at most; ceiling
+    cut to ``base * max(exp(-excess), 1e-3)``, slow-start level = base / 2); otherwise, with the excess at
+    most its calm threshold (or no loss) and the norm above the ceiling, the ceiling grows by ``2**0.1``
+    below the slow-start level, by ``1.0005`` above it. The mean term is `mean_thresholds`'s, fed without
+    the ceiling.
+    """
+    cap = math.inf if max_norm is None else max_norm
+    readings = loss_band_readings(losses)
+    out = []
+    m, t = 0.0, 0  # running mean of the norms (plain rule)
+    ceiling, slow, base, age, bases = math.inf, math.inf, None, 0, 0
+    for n, reading in zip(norms, readings, strict=True):
+        excess, elevated, calm = (None, math.inf, math.inf) if reading is None else reading
+        mean_term = cap if t < warmup_steps else min(factor * m / (1.0 - decay**t), cap)
+        if t == 0 and ceiling == math.inf and math.isfinite(n) and n > 0:
+            ceiling = 0.1 * n
+        if excess is not None and excess > elevated:
+            if base is None or (age >= 10 and bases < 3):
+                current = min(ceiling, mean_term)
+                if math.isfinite(current):
+                    base, age, bases = current, 0, bases + 1
+                    slow = 0.5 * base
+            if base is not None:
+                ceiling = min(ceiling, base * max(math.exp(-excess), 1e-3))
+            age = age + 1 if base is not None else 0
+        else:
+            base, age, bases = None, 0, 0
+        threshold = min(mean_term, ceiling)
+        out.append(threshold)
+        healthy = excess is None or excess <= calm
+        if base is None and healthy and math.isfinite(n) and n > ceiling:
+            ceiling *= 2.0**0.1 if ceiling < slow else 1.0005
+        if math.isfinite(n) and n > 0:
+            t += 1
+            m = decay * m + (1.0 - decay) * min(n, mean_term)
+    return out
+
+
+class StepLosses(pl.Callback):
+    """The mean training loss of each optimizer step (every micro-batch since the last step), recorded
+    from ``on_before_backward``, divided by the GradScaler's scale under 16-mixed (``backward`` gets the
+    scaled loss there); list it anywhere."""
+
+    def __init__(self) -> None:
+        self._window: list[float] = []
+        self.losses: list[float] = []
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scale = 1.0 if scaler is None else float(scaler.get_scale())
+        self._window.append(float(loss.detach().double()) / scale)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        self.losses.append(sum(self._window) / len(self._window) if self._window else math.nan)
+        self._window = []
+
+
 def expected_applied(norms: list[float], thresholds: list[float]) -> list[float]:
     """``min(n, c)``, with the clip coefficient's eps as in ``clip_grad_norm_``."""
     return [n * c / (n + EPS) if n > c else n for n, c in zip(norms, thresholds, strict=True)]

@@ -3,13 +3,27 @@ tracker and the strategy check."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from typing_extensions import override
 
 from lightning_clip import _namespace
-from lightning_clip.step import StepState, StepTracker, share_step_tracker
+from lightning_clip.step import Reducer, StepState, StepTracker, share_step_tracker
+
+
+def _rank_sum(trainer: Any) -> Reducer | None:
+    """The sum of a list of floats over the Trainer's ranks, in one collective (None on one process)."""
+    if trainer.world_size <= 1:
+        return None
+
+    def reduce(values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float32, device=trainer.strategy.root_device)
+        return [float(v) for v in trainer.strategy.reduce(t, reduce_op="sum").tolist()]
+
+    return reduce
+
 
 if (
     TYPE_CHECKING
@@ -71,7 +85,8 @@ class LightningClipCallback(CallbackBase):
                 self.step_tracker = StepTracker()
             return
         current = [cb.step_tracker for cb in siblings if cb._tracker_of == id(trainer)]
-        share_step_tracker(siblings, next((t for t in current if t is not None), None))
+        tracker = share_step_tracker(siblings, next((t for t in current if t is not None), None))
+        tracker.reducer = _rank_sum(trainer)
         for cb in siblings:
             cb._tracker_of = id(trainer)
 
@@ -80,6 +95,15 @@ class LightningClipCallback(CallbackBase):
         if self.step_tracker is None:  # hooks driven without `setup` (e.g. a test calling a hook directly)
             self.step_tracker = StepTracker()
         return self.step_tracker.begin(optimizer, step)
+
+    def before_rollback(self) -> Any:
+        """Called by `ExplosionGuard` just before it restores a known-good state into this callback
+        (whose ``state_dict`` it also restores): whatever the callback wants to carry across the rollback."""
+        return None
+
+    def after_rollback(self, memo: Any, kinds: Sequence[str]) -> None:
+        """Called by `ExplosionGuard` after the rollback, with `before_rollback`'s ``memo`` and the
+        event's kinds (e.g. ``"divergence"``), before the restored state is snapshotted again."""
 
     @staticmethod
     def _sum_over_ranks(trainer: Trainer, flags: list[int]) -> list[int]:

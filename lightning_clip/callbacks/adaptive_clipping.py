@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -12,8 +13,15 @@ from lightning_clip import _compat
 from lightning_clip._validation import check_norm_type
 from lightning_clip.callbacks._base import LightningClipCallback
 from lightning_clip.exceptions import LightningClipWarning
-from lightning_clip.functional.thresholds import RULE_DEFAULTS, ThresholdRule, check_max_norm, make_rule
-from lightning_clip.step import GradMeasurement
+from lightning_clip.functional.thresholds import (
+    RULE_DEFAULTS,
+    LossAwareMeanThreshold,
+    ThresholdRule,
+    check_max_norm,
+    make_rule,
+)
+from lightning_clip.guard.decision import DIVERGENCE
+from lightning_clip.step import LOSS_RIDER, GradMeasurement, LossWindow
 
 if TYPE_CHECKING:
     from lightning_clip._compat import LightningModule, Trainer
@@ -33,10 +41,14 @@ class AdaptiveGradientClipping(LightningClipCallback):
 
     Modes (``threshold_t`` is the threshold applied to step ``t``'s norm ``n_t``; only finite norms count):
 
-    * ``"mean"`` (default): ``min(factor · μ̂_{t−1}, max_norm)`` where ``μ̂`` is the bias-corrected EMA
-      of the norms as applied, ``min(n_t, threshold_t)`` (Pascanu et al. 2013 suggest the average norm as
-      the threshold). A spike never inflates its own statistics; ``factor > 1`` lets the mean follow norms
-      that grow steadily.
+    * ``"mean"`` (default): ``min(factor · μ̂_{t−1}, ceiling_t, max_norm)`` where ``μ̂`` is the
+      bias-corrected EMA of the norms as the plain rule applies them (Pascanu et al. 2013 suggest the average
+      norm as the threshold; a spike never inflates its own statistics) and ``ceiling`` an absolute bound
+      learned from the training loss (`~lightning_clip.functional.thresholds.LossAwareMeanThreshold`):
+      it starts at a tenth of the first norm, widens while the loss stays in its band, and is cut by the
+      factor the smoothed loss rose when it climbs above twice its healthy level. No statistic of the norms
+      alone can bound a runaway (the mean of clipped norms follows it up); the loss can. With
+      ``loss_aware=False`` the first release's plain rule, ``min(factor · μ̂_{t−1}, max_norm)``.
     * ``"zscore"``: ZClip (Kumar et al. 2025) — reproduces ``zclip.ZClip`` 1.0.0 (``mode="zscore"``,
       ``clip_option="adaptive_scaling"``, ``clip_factor=1``); pass ``warmup_steps=25, max_norm=1.0`` for
       ZClip's defaults.
@@ -56,6 +68,8 @@ class AdaptiveGradientClipping(LightningClipCallback):
         warmup_steps: steps (``≥ 1``) before the mode's own rule applies; None: 1, or 25 for ``zscore``.
         max_norm: optional absolute cap (``> 0``), applied always, also during warm-up.
         norm_type: p of the p-norm, any ``p > 0`` or ``float("inf")``.
+        loss_aware: ``mean`` mode: also follow the training loss (the ceiling above). False for a loss that
+            rises for good by design (adversarial or curriculum objectives) or that is not positive.
 
     Raises:
         ValueError / TypeError: at construction, for an argument out of range or of the wrong type.
@@ -76,8 +90,12 @@ class AdaptiveGradientClipping(LightningClipCallback):
 
     Notes:
         AMP: under ``16-mixed`` the gradients are already unscaled in the hook; a non-finite norm there
-        (GradScaler calibration) is ignored and the scaler skips the step. DDP: gradients are all-reduced
-        before the hook, so every rank computes the same threshold. FSDP2 / tensor parallelism
+        (GradScaler calibration) is ignored and the scaler skips the step; the loss is unscaled too. DDP:
+        gradients are all-reduced before the hook and the loss is averaged over the ranks in one small
+        all-reduce per step (shared with `ExplosionGuard`'s when both are attached), so every rank
+        computes the same threshold. The loss is the mean of the losses handed to ``backward`` since the
+        last optimizer step (every micro-batch of an accumulation window); it rides on the step's single
+        device-to-host transfer. FSDP2 / tensor parallelism
         (``ModelParallelStrategy``, ``DTensor`` gradients): the norm is the full gradients' (each rank's
         shards, one small all-reduce), so thresholds and clipping are identical on every rank. DeepSpeed,
         FSDP1 (``FSDPStrategy``) and XLA are refused at setup. ``Trainer(gradient_clip_val=...)`` still
@@ -100,6 +118,7 @@ class AdaptiveGradientClipping(LightningClipCallback):
         warmup_steps: int | None = None,
         max_norm: float | None = None,
         norm_type: float = 2.0,
+        loss_aware: bool = True,
     ) -> None:
         super().__init__()
         self.mode = mode
@@ -111,17 +130,25 @@ class AdaptiveGradientClipping(LightningClipCallback):
         self.warmup_steps = warmup_steps
         self.max_norm = check_max_norm(max_norm)
         self.norm_type = check_norm_type("norm_type", norm_type)
+        self.loss_aware = loss_aware
         self._new_rule()  # validates every argument of the rule
         self._rules: dict[int, ThresholdRule] = {}
         self._saved: dict[int, dict[str, Any]] = {}  # loaded states of rules not created yet
         self._multi = False
-        # optimizer index -> (the step's measurement, its threshold), until the step's fate is known
-        self._uncommitted: dict[int, tuple[GradMeasurement, float]] = {}
+        self._losses = LossWindow()  # mode="mean": the losses back-propagated since the last step
+        self._last_loss: float | None = None
+        # optimizer index -> (the step's measurement, its threshold, its loss), until the step's fate is known
+        self._uncommitted: dict[int, tuple[GradMeasurement, float, float | None]] = {}
         #: figures of the last step, per optimizer index: (norm, threshold, coef)
         self.last: dict[int, tuple[float, float, float]] = {}
 
     def _new_rule(self) -> ThresholdRule:
         return make_rule(**{name: getattr(self, name) for name in RULE_ARGS})
+
+    @property
+    def uses_loss(self) -> bool:
+        """``mode="mean"`` with ``loss_aware``: the threshold also follows the training loss (its ceiling)."""
+        return self.mode == "mean" and self.loss_aware is True
 
     def _state_key_args(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in (*RULE_ARGS, "norm_type")}
@@ -176,6 +203,17 @@ class AdaptiveGradientClipping(LightningClipCallback):
                         " (e.g. `fused=False`) or precision='bf16-mixed'."
                     )
         self._multi = len(trainer.optimizers) > 1
+        scaler = _compat.gradient_scaler(trainer)
+        self._losses.clear()
+        self._last_loss = None
+        self._losses.scale = None if scaler is None else (lambda: _compat.loss_scale_tensor(scaler))
+
+    @override
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        if self.uses_loss:
+            self._losses.add(loss)
+            if self.step_tracker is not None:
+                self.step_tracker.ride_along(LOSS_RIDER, self._losses.unscaled_mean)
 
     @override
     def on_before_optimizer_step(
@@ -183,7 +221,16 @@ class AdaptiveGradientClipping(LightningClipCallback):
     ) -> None:
         index = _compat.optimizer_index(trainer, optimizer)
         state = self.step_state(_compat.unwrap_optimizer(optimizer), trainer.global_step)
-        norm, threshold, coef = self.clip(state.measure(self.norm_type), index)
+        measurement = state.measure(self.norm_type)
+        loss = None
+        if self.uses_loss:
+            _ = measurement.total_norm  # the step's one host transfer, the loss riding along
+            loss = state.mean_loss  # averaged over the ranks (rides on the step's one all-reduce)
+            if loss is None:  # no backward since the last step (manual optimization: several optimizers
+                loss = self._last_loss  # stepped after one backward): that backward's loss
+            self._last_loss = loss
+            self._losses.clear()
+        norm, threshold, coef = self.clip(measurement, index, loss)
         if _compat.should_update_logs(trainer):
             suffix = f"_opt{index}" if self._multi else ""
             pl_module.log_dict(
@@ -200,8 +247,11 @@ class AdaptiveGradientClipping(LightningClipCallback):
     def on_train_batch_end(self, *args: Any) -> None:
         self._commit()
 
-    def clip(self, measurement: GradMeasurement, index: int = 0) -> tuple[float, float, float]:
-        """Clip in place to optimizer ``index``'s threshold for the measured pre-clip norm.
+    def clip(
+        self, measurement: GradMeasurement, index: int = 0, loss: float | None = None
+    ) -> tuple[float, float, float]:
+        """Clip in place to optimizer ``index``'s threshold for the measured pre-clip norm and the step's
+        ``loss`` (its mean over the ranks; used by ``mode="mean"`` only).
 
         Returns ``(norm, threshold, coef)``, also kept in `last`. A non-finite norm is not clipped
         (the step is left to `ExplosionGuard` or the GradScaler). Another clipping
@@ -215,9 +265,9 @@ class AdaptiveGradientClipping(LightningClipCallback):
         """
         self._commit(index)
         norm = measurement.total_norm
-        threshold = self.rule(index).threshold(norm)
+        threshold = self.rule(index).threshold(norm, loss)
         coef = measurement.clip_(threshold)
-        self._uncommitted[index] = (measurement, threshold)
+        self._uncommitted[index] = (measurement, threshold, loss)
         self.last[index] = (norm, threshold, coef)
         return norm, threshold, coef
 
@@ -226,4 +276,23 @@ class AdaptiveGradientClipping(LightningClipCallback):
         for i in [index] if index is not None else list(self._uncommitted):
             pending = self._uncommitted.pop(i, None)
             if pending is not None and not pending[0].skipped:
-                self.rule(i).update(pending[0].total_norm, pending[1])
+                measurement, threshold, loss = pending
+                self.rule(i).update(measurement.total_norm, threshold, loss)
+
+    # -------------------------------------------------------------------------------- rollbacks
+    @override
+    def before_rollback(self) -> dict[int, float]:
+        """The threshold each optimizer's rule is at when `ExplosionGuard` rolls back (committed state)."""
+        self._commit()
+        return {i: r.current() for i, r in self._rules.items() if isinstance(r, LossAwareMeanThreshold)}
+
+    @override
+    def after_rollback(self, memo: dict[int, float], kinds: Sequence[str]) -> None:
+        """After a rollback for a divergence, clip tighter than when it happened: each loss-aware rule's
+        ceiling goes to half the threshold it was at (`LossAwareMeanThreshold.tighten`)."""
+        if DIVERGENCE not in kinds:
+            return
+        for i, bound in memo.items():
+            rule = self.rule(i)
+            if isinstance(rule, LossAwareMeanThreshold):
+                rule.tighten(bound)

@@ -1,4 +1,5 @@
-"""ExplosionGuard: detect NaN/Inf (and optional spikes) and roll back to the last known-good state.
+"""ExplosionGuard: detect NaN/Inf, finite divergence (and optional spikes) and roll back to the last
+known-good state.
 
 The hooks only gather and route. What a step's observations mean is decided by the pure
 `lightning_clip.guard.decision.decide`; known-good states, checkpoint files and the event log live in
@@ -19,6 +20,7 @@ from lightning_clip import _compat
 from lightning_clip._validation import check_bool, check_choice, check_int, check_number
 from lightning_clip.callbacks._base import LightningClipCallback
 from lightning_clip.exceptions import GradientExplosionError
+from lightning_clip.functional.divergence import DIVERGED, DivergenceDetector, Reading
 from lightning_clip.functional.thresholds import MeanThreshold
 from lightning_clip.guard import decision as D
 from lightning_clip.guard.checkpoints import write_state
@@ -40,10 +42,12 @@ __all__ = ["ExplosionGuard"]
 log = logging.getLogger(__name__)
 
 ACTIONS = ("rollback", "skip", "raise")
+GUARD_FLAGS = "ExplosionGuard.flags"
+"""The guard's per-rank flags in the step's one all-reduce (`StepTracker.contribute`)."""
 
 
 class ExplosionGuard(LightningClipCallback):
-    r"""Detect exploding training (NaN/Inf, optional spikes) and skip the update or roll back.
+    r"""Detect exploding training (NaN/Inf, finite divergence, optional spikes) and skip the update or roll back.
 
     Detection (the bad update is never applied: decided in ``on_before_optimizer_step``, where the
     gradients are accumulated and AMP-unscaled, its gradients are then set to ``None``):
@@ -52,6 +56,10 @@ class ExplosionGuard(LightningClipCallback):
       `AdaptiveGradientClipping`);
     * a non-finite training loss (the tensor handed to ``backward``, captured in ``on_before_backward``;
       automatic and manual optimization, every micro-batch of an accumulation window);
+    * a finite **divergence** (kind ``"divergence"``): the step's training loss, averaged over the ranks,
+      smoothed to more than 4 times its healthy level, or the gradient norm to more than 1,000 times its
+      own (`lightning_clip.functional.divergence.DivergenceDetector`; one high batch is no divergence, a
+      loss that stays up is);
     * with ``spike_factor``: a norm above ``spike_factor`` × the bias-corrected running mean of the recent
       finite, non-spike norms (EMA decay ``spike_decay`` = 0.97, after ``spike_warmup_steps`` = 10 steps);
     * non-finite weights (or optimizer state): checked every ``snapshot_every_n_steps`` steps, before a
@@ -62,8 +70,8 @@ class ExplosionGuard(LightningClipCallback):
 
     * ``"skip"``: the update is not applied; weights and optimizer state stay bit-identical. The LR
       scheduler and ``global_step`` still advance (the schedule stays tied to ``global_step``). A skip
-      cannot repair a state that is already bad (non-finite weights, collapsed loss scale): those raise
-      `GradientExplosionError`.
+      cannot repair a state that is already bad (non-finite weights, collapsed loss scale, a divergence):
+      those raise `GradientExplosionError`.
     * ``"rollback"``: the update is not applied, and in ``on_train_batch_end`` (before ``ModelCheckpoint``
       runs) the model, every optimizer, every LR scheduler, the precision plugin (GradScaler) and the
       state of the other lightning-clip callbacks go back to the newest known-good state: the in-memory
@@ -72,7 +80,13 @@ class ExplosionGuard(LightningClipCallback):
       state with non-finite weights or optimizer state is never used; an unreadable or truncated file gives
       a warning and the next older state is tried. Files are read with ``weights_only=True``; one that
       needs more (pickled objects, e.g. in its hyper-parameters) gives a warning naming the types and is
-      skipped, unless ``trust_checkpoints=True``. Then every learning rate is multiplied by
+      skipped, unless ``trust_checkpoints=True``. A state taken during a runaway is never a known-good
+      state: a snapshot is taken only after 10 healthy steps in a row (the loss at most twice its healthy
+      level, or every step since the start), otherwise it waits for them, and a checkpoint file written
+      while training was not healthy is passed over. The divergence detector is rewound with the state;
+      after a ``divergence`` rollback `AdaptiveGradientClipping` (``mode="mean"``) halves the
+      threshold it was at (its ceiling), so training resumes with a tighter clip. Then every learning rate
+      is multiplied by
       ``lr_factor`` (param groups and the schedulers' ``base_lrs``, so the schedule continues from the
       lowered value) and the next ``skip_batches`` batches are not learned from. Loop counters
       (``global_step``, epoch, batch) do not go back.
@@ -115,15 +129,18 @@ class ExplosionGuard(LightningClipCallback):
     Each event is also written (rank zero) as one JSON line to ``lightning_clip_events.jsonl`` in the run's
     log directory (the first logger's ``log_dir``, else ``default_root_dir``): ``step``, ``epoch``,
     ``batch``, ``optimizer``, ``kind``, ``kinds``, ``norm``, ``loss``, ``params`` (the first parameters whose
-    gradients, or weights, went bad), ``action``, ``restored`` (``source``, ``step``, ``path``), ``rollbacks``,
-    ``lr_scale``. Non-finite numbers are the strings ``"nan"``, ``"inf"``, ``"-inf"``.
+    gradients, or weights, went bad; for a divergence or a spike the largest), ``action``, ``restored``
+    (``source``, ``step``, ``path``), ``rollbacks``, ``lr_scale``, and for a divergence ``loss_ratio`` /
+    ``norm_ratio`` (the smoothed loss and norm as multiples of their healthy levels). Non-finite numbers
+    are the strings ``"nan"``, ``"inf"``, ``"-inf"``.
 
     Notes:
         16-mixed: a non-finite gradient norm is the GradScaler's normal loss-scale calibration (it skips
         that step and halves its scale), so it is not an event. What triggers there: a non-finite loss,
         non-finite weights, the scale falling below ``min_loss_scale`` (2⁻⁸), or ``overflow_patience`` (20)
         consecutive overflow steps. Under bf16-mixed and fp32 a non-finite norm is an event.
-        DDP: the kinds seen on each rank are summed in one small all-reduce per optimizer step, so every
+        DDP: the kinds seen on each rank are summed in one small all-reduce per optimizer step (the loss's
+        mean over the ranks rides on it, for the divergence detector and the clipper), so every
         rank takes the same decision (a fault on one rank makes all of them skip or roll back) and after a
         rollback every rank holds the same weights. Under 16-mixed the same all-reduce says whether any
         rank's GradScaler overflowed; if so every rank's scaler skips the step and lowers its scale alike.
@@ -180,6 +197,7 @@ class ExplosionGuard(LightningClipCallback):
         self._skip_remaining = 0
         self._overflow_streak = 0
         self._spike = self._make_spike_rule()
+        self._detector = DivergenceDetector()
         # transient
         self._known_good = KnownGoodStates(self.snapshot_every_n_steps, trust=self.trust_checkpoints)
         self._losses = LossWindow()
@@ -188,6 +206,8 @@ class ExplosionGuard(LightningClipCallback):
         self._tainted = False
         self._batch_idx = -1
         self._names: dict[int, str] = {}
+        self._has_scaler = False
+        self._signals: tuple[StepState, D.LocalSignals] | None = None  # this step's local signals
         self._events_path: str | None = None
         #: every event of this run as written to the event log (also on ranks that do not write the file)
         self.records: list[dict[str, Any]] = []
@@ -226,6 +246,8 @@ class ExplosionGuard(LightningClipCallback):
             "skip_remaining": self._skip_remaining,
             "overflow_streak": self._overflow_streak,
             "spike": None if self._spike is None else self._spike.state_dict(),
+            "divergence": self._detector.state_dict(),
+            "healthy": self._detector.snapshot_ok,
         }
 
     @override
@@ -240,6 +262,8 @@ class ExplosionGuard(LightningClipCallback):
         spike = state_dict.get("spike")
         if self._spike is not None and spike:
             self._spike.load_state_dict(spike)
+        self._detector = DivergenceDetector()
+        self._detector.load_state_dict(state_dict.get("divergence", {}))
 
     # ----------------------------------------------------------------------------------------- hooks
     @override
@@ -262,11 +286,22 @@ class ExplosionGuard(LightningClipCallback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._names = {id(p): name for name, p in pl_module.named_parameters()}
-        self._pending, self._tainted = None, False
+        self._pending, self._tainted, self._signals = None, False, None
+        scaler = _compat.gradient_scaler(trainer)
+        self._has_scaler = scaler is not None
         self._losses.clear()
+        self._losses.scale = None if scaler is None else (lambda: _compat.loss_scale_tensor(scaler))
         self._known_good.reset()
+        # the state a fit starts (or resumes) from is known-good, whatever the restored detector says:
+        # the in-memory snapshots of the interrupted run are gone
         if self._snapshots_on:
-            self._known_good.take(trainer, self._siblings(trainer), self.lr_scale, agree=self._agree(trainer))
+            self._known_good.take(
+                trainer,
+                self._siblings(trainer),
+                self.lr_scale,
+                agree=self._agree(trainer),
+                guard=self._own_state(),
+            )
 
     @override
     def on_train_batch_start(
@@ -282,7 +317,8 @@ class ExplosionGuard(LightningClipCallback):
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         self._losses.add(loss)
         if self.step_tracker is not None:
-            self.step_tracker.ride_along(LOSS_RIDER, self._losses.mean)
+            self.step_tracker.ride_along(LOSS_RIDER, self._losses.unscaled_mean)
+            self.step_tracker.contribute(GUARD_FLAGS, lambda state: self._local_signals(state).flags())
 
     @override
     def on_before_optimizer_step(
@@ -291,16 +327,15 @@ class ExplosionGuard(LightningClipCallback):
         self._stepped = True
         state = self.step_state(_compat.unwrap_optimizer(optimizer), trainer.global_step)
         measurement = state.measure(2.0)
-        loss = self._losses.take(state, LOSS_RIDER)
+        local = self._local_signals(state)
+        reduced = state.summed(GUARD_FLAGS)  # the step's one all-reduce (with the loss), whoever asked first
+        if reduced is None:  # no backward registered the flags (e.g. a step without one): reduce them apart
+            reduced = [float(v) for v in self._sum_over_ranks(trainer, local.flags())]
+        mean_loss = state.mean_loss
+        self._losses.clear()
         scaler = _compat.gradient_scaler(trainer)
-        local = D.LocalSignals(
-            nonfinite_loss=loss is not None and not math.isfinite(loss),
-            nonfinite_norm=not measurement.finite,
-            spike=self._is_spike(measurement),
-            has_scaler=scaler is not None,
-        )
-        reduced = self._sum_over_ranks(trainer, local.flags())  # the step's one all-reduce
         any_overflow = scaler is not None and reduced[-1] > 0
+        reading = self._divergence_reading(state, reduced, local, mean_loss)
         obs = D.Observation.from_flags(
             reduced,
             local,
@@ -308,8 +343,12 @@ class ExplosionGuard(LightningClipCallback):
             overflow_streak=self._overflow_streak,
             tainted=self._tainted,
             rollback_pending=self._pending is not None,
+            divergence=reading is not None and reading.verdict == DIVERGED,
         )
-        self._act_on_step(trainer, pl_module, state, self.decide(obs), loss, scaler)
+        decision = self.decide(obs)
+        if decision.applied and reading is not None:
+            self._detector.update(mean_loss, measurement.total_norm)
+        self._act_on_step(trainer, pl_module, state, decision, mean_loss, scaler, reading)
 
     @override
     def on_train_batch_end(
@@ -363,6 +402,45 @@ class ExplosionGuard(LightningClipCallback):
         rules = D.GuardRules(overflow_patience=self.overflow_patience, min_loss_scale=self.min_loss_scale)
         return D.decide(obs, rules, self.action)
 
+    def _local_signals(self, state: StepState) -> D.LocalSignals:
+        """What this rank saw at the step (computed once per step: the all-reduce contribution and the
+        hook use the same object)."""
+        if self._signals is None or self._signals[0] is not state:
+            measurement = state.measure(2.0)
+            loss = state.rider(LOSS_RIDER)
+            if loss is None:  # the loss was registered after the step's transfer: fetch it apart
+                mean = self._losses.unscaled_mean()
+                loss = None if mean is None else float(mean.item())
+            signals = D.LocalSignals(
+                nonfinite_loss=loss is not None and not math.isfinite(loss),
+                nonfinite_norm=not measurement.finite,
+                spike=self._is_spike(measurement),
+                has_scaler=self._has_scaler,
+            )
+            self._signals = (state, signals)
+        return self._signals[1]
+
+    def _divergence_reading(
+        self, state: StepState, reduced: list[float], local: D.LocalSignals, mean_loss: float | None
+    ) -> Reading | None:
+        """The divergence detector's view of the step, from values identical on every rank (the loss's mean
+        over the ranks, the all-reduced gradients' norm); None when the step is not judged (a non-finite
+        loss or norm anywhere: another kind covers it). Shared with the other callbacks as
+        ``StepState.divergence``."""
+        norm = state.measure(2.0).total_norm
+        if any(v > 0 for v in reduced) or not math.isfinite(norm):
+            return None
+        if mean_loss is not None and not math.isfinite(mean_loss):
+            return None
+        reading = self._detector.peek(mean_loss, norm)
+        state.divergence = reading
+        return reading
+
+    def _own_state(self) -> dict[str, Any]:
+        """What of the guard's own state a known-good state keeps: its divergence detector (rewound by a
+        rollback, so the restored state starts from the healthy band it was taken in)."""
+        return {"divergence": self._detector.state_dict(), "healthy": self._detector.snapshot_ok}
+
     def _act_on_step(
         self,
         trainer: Trainer,
@@ -371,6 +449,7 @@ class ExplosionGuard(LightningClipCallback):
         decision: D.Decision,
         loss: float | None,
         scaler: Any,
+        reading: Reading | None = None,
     ) -> None:
         """Carry out the step's decision: the GradScaler, the spike statistics, the skip, the event."""
         measurement = state.measure(2.0)
@@ -387,10 +466,9 @@ class ExplosionGuard(LightningClipCallback):
         self.skipped_steps += 1
         if not decision.kinds:
             return
-        loss_value = (
-            None if loss is None else (loss / float(scaler.get_scale()) if scaler is not None else loss)
-        )
-        record = self._record(trainer, list(decision.kinds), measurement.total_norm, loss_value)
+        record = self._record(trainer, list(decision.kinds), measurement.total_norm, loss)
+        if D.DIVERGENCE in decision.kinds and reading is not None:
+            record.loss_ratio, record.norm_ratio = reading.loss_ratio, reading.norm_ratio
         record.params = self._grad_param_names(measurement, decision.kinds)
         record.optimizer = _compat.optimizer_index(trainer, state.optimizer)
         if self._weights_bad(trainer, pl_module):
@@ -409,7 +487,14 @@ class ExplosionGuard(LightningClipCallback):
         elif self._overflow_streak > 0:
             pass  # retry next step
         elif self._snapshots_on:
-            self._known_good.take(trainer, self._siblings(trainer), self.lr_scale, agree=self._agree(trainer))
+            if self._detector.snapshot_ok:  # never a state taken during a runaway: retry next step
+                self._known_good.take(
+                    trainer,
+                    self._siblings(trainer),
+                    self.lr_scale,
+                    agree=self._agree(trainer),
+                    guard=self._own_state(),
+                )
         else:
             self._known_good.postpone(trainer.global_step)
 
@@ -452,19 +537,31 @@ class ExplosionGuard(LightningClipCallback):
                 "There is no known-good state to go back to: no finite in-memory snapshot and no readable,"
                 " finite checkpoint file at or before this step.",
             )
-        restore(trainer, state, self._siblings(trainer))
+        siblings = self._siblings(trainer)
+        memos = [(cb, cb.before_rollback()) for cb in siblings]
+        restore(trainer, state, siblings)
+        self._detector = DivergenceDetector()  # rewound with the state (fresh when the state has none)
+        if state.guard is not None:
+            self._detector.load_state_dict(state.guard.get("divergence", {}))
         self.rollbacks += 1
         self.lr_scale *= self.lr_factor
         scale_learning_rates(trainer, self.lr_scale / state.lr_scale)
         self._skip_remaining = self.skip_batches
         self._overflow_streak = 0
+        for cb, memo in memos:  # e.g. after a divergence, AdaptiveGradientClipping clips tighter
+            cb.after_rollback(memo, tuple(record.kinds))
         record.restored = {"source": state.source, "step": state.step, "path": state.path}
         self._write(trainer, record)
         if (
             self._snapshots_on
         ):  # the restored state (LRs lowered) is the new snapshot; its step is the content's
             self._known_good.take(
-                trainer, self._siblings(trainer), self.lr_scale, label=state.step, agree=self._agree(trainer)
+                trainer,
+                siblings,
+                self.lr_scale,
+                label=state.step,
+                agree=self._agree(trainer),
+                guard=self._own_state(),
             )
 
     @property
@@ -487,7 +584,7 @@ class ExplosionGuard(LightningClipCallback):
     def _grad_param_names(self, m: GradMeasurement, kinds: tuple[str, ...]) -> list[str]:
         if not m.finite:
             idx = m.nonfinite_indices()
-        elif D.SPIKE in kinds and len(m.params):
+        elif (D.SPIKE in kinds or D.DIVERGENCE in kinds) and len(m.params):
             idx = torch.topk(m.per_param, min(self.max_param_names, len(m.params))).indices.tolist()
         else:
             return []

@@ -4,7 +4,9 @@
   pass, and the finite check.
 * `clipping`: clip coefficients and fused in-place scaling.
 * `thresholds`: the running statistics that turn a stream of norms into
-  clipping thresholds (``mean``, ZClip's ``zscore``, AutoClip's ``percentile``).
+  clipping thresholds (``mean``, loss-aware by default, ZClip's ``zscore``, AutoClip's ``percentile``).
+* `divergence`: where the training loss (or a norm) stands against its healthy level, and the finite
+  divergence detector of `ExplosionGuard`.
 * `health`: per-layer and through-time gradient health, spectral radii.
 * `causes`: what makes gradients vanish, measured: activation sites of the autograd graph, their
   derivatives, dead units, weight scales, residual connections, a recent loss or norm jump.
@@ -23,12 +25,14 @@ Examples:
     True
 """
 
-from lightning_clip.functional import causes, clipping, gates, health, norms, thresholds
+from lightning_clip.functional import causes, clipping, divergence, gates, health, norms, thresholds
 from lightning_clip.functional.clipping import EPS, clip_coef, clip_grads_, scale_grads_
+from lightning_clip.functional.divergence import DivergenceDetector, LossBand
 from lightning_clip.functional.health import spectral_radius
 from lightning_clip.functional.norms import all_finite, collect_grads, grad_norms, group_norms, total_norm
 from lightning_clip.functional.thresholds import (
     MODES,
+    LossAwareMeanThreshold,
     MeanThreshold,
     PercentileThreshold,
     ThresholdRule,
@@ -39,6 +43,9 @@ from lightning_clip.functional.thresholds import (
 __all__ = [
     "EPS",
     "MODES",
+    "DivergenceDetector",
+    "LossAwareMeanThreshold",
+    "LossBand",
     "MeanThreshold",
     "PercentileThreshold",
     "ThresholdRule",
@@ -49,6 +56,7 @@ __all__ = [
     "clip_grads_",
     "clipping",
     "collect_grads",
+    "divergence",
     "gates",
     "grad_norms",
     "group_norms",

@@ -147,6 +147,7 @@ def _state(
         callbacks=callbacks,
         lr_scale=float(own.get("lr_scale", 1.0)) if isinstance(own, dict) else 1.0,
         path=os.fspath(path),
+        guard=own if isinstance(own, dict) and own else None,
     )
 
 
@@ -212,6 +213,8 @@ class CheckpointFiles:
         non-finite values gives a warning (once) and the next older file is tried. ``agree`` sums flags over
         the ranks: a file is taken only when every rank read it and found it finite, so the ranks always
         pick the same state (shards are checked where they are).
+        A file written while the guard did not judge training healthy (its saved state says ``healthy:
+        False``: during a runaway) is passed over, silently.
         """
         agree = agree or (lambda flags: flags)
         for path in checkpoint_candidates(trainer):
@@ -235,6 +238,8 @@ class CheckpointFiles:
                 continue
             if state.step <= newer_than:
                 return None
+            if state.guard is not None and state.guard.get("healthy", True) is False:
+                continue  # written during a runaway: never a known-good state
             if nonfinite:
                 self._refuse(key, "holds non-finite values")
                 continue

@@ -18,9 +18,11 @@ Examples:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 __all__ = [
+    "DIVERGENCE",
     "KINDS",
     "NEEDS_STATE",
     "NONFINITE_GRAD",
@@ -45,12 +47,22 @@ NONFINITE_LOSS = "nonfinite_loss"
 NONFINITE_GRAD = "nonfinite_grad"
 SCALE_COLLAPSE = "scale_collapse"
 PERSISTENT_OVERFLOW = "persistent_overflow"
+DIVERGENCE = "divergence"
 SPIKE = "spike"
-KINDS = (NONFINITE_WEIGHTS, NONFINITE_LOSS, NONFINITE_GRAD, SCALE_COLLAPSE, PERSISTENT_OVERFLOW, SPIKE)
+KINDS = (
+    NONFINITE_WEIGHTS,
+    NONFINITE_LOSS,
+    NONFINITE_GRAD,
+    SCALE_COLLAPSE,
+    PERSISTENT_OVERFLOW,
+    DIVERGENCE,
+    SPIKE,
+)
 STEP_KINDS = (NONFINITE_LOSS, NONFINITE_GRAD, SPIKE)
 """The kinds a rank can see on its own at a step (summed over the ranks in the step's all-reduce)."""
-NEEDS_STATE = (NONFINITE_WEIGHTS, SCALE_COLLAPSE, PERSISTENT_OVERFLOW)
-"""Kinds a skip cannot repair: the state itself is bad."""
+NEEDS_STATE = (NONFINITE_WEIGHTS, SCALE_COLLAPSE, PERSISTENT_OVERFLOW, DIVERGENCE)
+"""Kinds a skip cannot repair: the state itself is bad (a divergence: the weights are already in the
+runaway, skipping its steps would stall training)."""
 
 
 def sort_kinds(kinds: object) -> tuple[str, ...]:
@@ -98,6 +110,8 @@ class Observation:
         overflow_streak: consecutive overflow steps before this one.
         tainted: the batch is one of ``skip_batches`` after a rollback: not learned from.
         rollback_pending: a rollback is already due at the end of this batch.
+        divergence: the step's mean loss (over the ranks) or its norm is far above its healthy level,
+            while finite (`lightning_clip.functional.divergence.DivergenceDetector`).
     """
 
     kinds: frozenset[str]
@@ -108,9 +122,10 @@ class Observation:
     overflow_streak: int = 0
     tainted: bool = False
     rollback_pending: bool = False
+    divergence: bool = False
 
     @classmethod
-    def from_flags(cls, reduced: list[int], local: LocalSignals, **state: object) -> Observation:
+    def from_flags(cls, reduced: Sequence[float], local: LocalSignals, **state: object) -> Observation:
         """Build the observation from the all-reduced `LocalSignals.flags`."""
         *kinds, overflows = reduced
         seen = frozenset(k for k, v in zip(STEP_KINDS, kinds, strict=True) if v > 0)
@@ -183,11 +198,14 @@ def decide(obs: Observation, rules: GuardRules, guard_action: str = "rollback") 
       step and halves its scale. ``rules.overflow_patience`` overflows in a row are a
       ``persistent_overflow`` event, a scale below ``rules.min_loss_scale`` a ``scale_collapse``; both
       restart the streak.
+    * A finite divergence (``obs.divergence``) is a ``divergence`` event.
     * Any event, a tainted batch or a pending rollback means the guard drops the update.
     * While a rollback is pending, new kinds are no separate events (the rollback covers them).
     * The action is `action_for` the new kinds under ``guard_action``.
     """
     kinds = set(obs.kinds)
+    if obs.divergence:
+        kinds.add(DIVERGENCE)
     scaler_skips = obs.has_scaler and obs.any_overflow
     streak = 0
     if scaler_skips:

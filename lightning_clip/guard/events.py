@@ -59,6 +59,8 @@ class EventRecord:
         restored: after a rollback, ``{"source", "step", "path"}`` of the state restored.
         rollbacks, lr_scale: the guard's counters once the action is done.
         checkpoint_refused: a checkpoint about to be written held non-finite values and was not written.
+        loss_ratio, norm_ratio: a ``divergence``: the smoothed loss (gradient norm) as a multiple of its
+            healthy level (written for that kind only).
     """
 
     step: int
@@ -74,6 +76,8 @@ class EventRecord:
     rollbacks: int = 0
     lr_scale: float = 1.0
     checkpoint_refused: bool = False
+    loss_ratio: float | None = None
+    norm_ratio: float | None = None
 
     @property
     def kind(self) -> str:
@@ -86,6 +90,11 @@ class EventRecord:
         out["norm"], out["loss"] = json_number(self.norm), json_number(self.loss)
         if not self.checkpoint_refused:
             del out["checkpoint_refused"]
+        for key in ("loss_ratio", "norm_ratio"):
+            if out[key] is None:
+                del out[key]
+            else:
+                out[key] = json_number(out[key])
         return out
 
 
@@ -95,6 +104,7 @@ KIND_TEXT = {
     "nonfinite_grad": "non-finite gradient norm",
     "scale_collapse": "GradScaler loss scale collapsed",
     "persistent_overflow": "persistent fp16 gradient overflow",
+    "divergence": "finite divergence (training loss or gradient norm far above its healthy level)",
     "spike": "gradient-norm spike",
 }
 """What each event kind means, in words (the kinds are `lightning_clip.guard.decision`'s)."""

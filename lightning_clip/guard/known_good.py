@@ -56,11 +56,13 @@ class KnownGoodStates:
         lr_scale: float,
         label: int | None = None,
         agree: Agree | None = None,
+        guard: dict[str, Any] | None = None,
     ) -> None:
         """Snapshot the live state (kept only when finite). ``label``: the step the content is from, after
         a rollback (the restored state becomes the new snapshot). ``agree`` sums flags over the ranks: a
-        sharded state is checked shard by shard, so the ranks agree before keeping it."""
-        state = capture(trainer, callbacks, lr_scale=lr_scale)
+        sharded state is checked shard by shard, so the ranks agree before keeping it. ``guard``: the
+        guard's own state (its divergence detector), kept with the snapshot."""
+        state = capture(trainer, callbacks, lr_scale=lr_scale, guard=guard)
         if label is not None:
             state.step = label
         bad = not state.finite()

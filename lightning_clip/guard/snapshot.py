@@ -152,7 +152,8 @@ def nonfinite_names(named: Iterable[tuple[str, torch.Tensor]], limit: int = 5) -
 
 @dataclass
 class TrainingState:
-    """One known-good state. ``step`` is the ``global_step`` it was taken (or saved) at."""
+    """One known-good state. ``step`` is the ``global_step`` it was taken (or saved) at; ``guard`` the
+    guard's own ``state_dict`` at that time (its divergence detector is rewound from it), when known."""
 
     step: int
     source: str  # "snapshot" | "checkpoint"
@@ -163,6 +164,7 @@ class TrainingState:
     callbacks: dict[str, Any]
     lr_scale: float = 1.0
     path: str | None = None
+    guard: dict[str, Any] | None = None
 
     def finite(self) -> bool:
         """No NaN/Inf in the weights nor in the optimizer states (this rank's shards, when sharded)."""
@@ -178,8 +180,14 @@ class TrainingState:
         return nbytes(self.model) + nbytes(self.optimizers)
 
 
-def capture(trainer: Trainer, callbacks: Sequence[Any] = (), lr_scale: float = 1.0) -> TrainingState:
-    """Copy the live training state to the CPU, with the ``state_dict`` of ``callbacks`` (by ``state_key``)."""
+def capture(
+    trainer: Trainer,
+    callbacks: Sequence[Any] = (),
+    lr_scale: float = 1.0,
+    guard: dict[str, Any] | None = None,
+) -> TrainingState:
+    """Copy the live training state to the CPU, with the ``state_dict`` of ``callbacks`` (by ``state_key``)
+    and the ``guard``'s own state."""
     module = trainer.lightning_module
     saved_callbacks = {cb.state_key: copy_to_cpu(cb.state_dict()) for cb in callbacks}
     precision = trainer.precision_plugin.state_dict()
@@ -192,6 +200,7 @@ def capture(trainer: Trainer, callbacks: Sequence[Any] = (), lr_scale: float = 1
         precision=copy_to_cpu(precision) if precision else None,
         callbacks=saved_callbacks,
         lr_scale=lr_scale,
+        guard=copy_to_cpu(guard) if guard is not None else None,
     )
 
 

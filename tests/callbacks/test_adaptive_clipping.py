@@ -23,6 +23,7 @@ from tests.reference import (
     EPS,
     LastFigures,
     PreClipNorms,
+    StepLosses,
     assert_clipped_some,
     autoclip_applied,
     expected_applied,
@@ -63,6 +64,12 @@ from tests.reference import (
             TypeError,
             r"`norm_type` must be a real number > 0 or float\('inf'\), got 'l2'\.",
         ),
+        ({"loss_aware": 1}, TypeError, r"`loss_aware` must be True or False, got 1\."),
+        (
+            {"mode": "zscore", "loss_aware": "no"},
+            TypeError,
+            r"`loss_aware` must be True or False, got 'no'\.",
+        ),
     ],
 )
 def test_invalid_argument_message(kwargs: dict[str, Any], error: type[Exception], pattern: str) -> None:
@@ -80,8 +87,10 @@ def test_state_key_is_pinned() -> None:
     # a change here orphans the state in every existing checkpoint: add a CHANGELOG migration note
     assert AdaptiveGradientClipping().state_key == (
         "AdaptiveGradientClipping{'mode': 'mean', 'factor': 1.5, 'decay': 0.97, 'z_threshold': 2.5, "
-        "'percentile': 10.0, 'window': 1000, 'warmup_steps': None, 'max_norm': None, 'norm_type': 2.0}"
+        "'percentile': 10.0, 'window': 1000, 'warmup_steps': None, 'max_norm': None, 'loss_aware': True, "
+        "'norm_type': 2.0}"
     )
+    assert AdaptiveGradientClipping(loss_aware=False).state_key != AdaptiveGradientClipping().state_key
     assert AdaptiveGradientClipping(mode="zscore").state_key != AdaptiveGradientClipping().state_key
 
 
@@ -111,7 +120,7 @@ def test_gradient_clip_val_warns_and_both_apply_ours_first(tmp_path: Any) -> Non
     pl.seed_everything(0, verbose=False)
     model = RecordedModel(lr=0.2)
     pre = PreClipNorms()
-    clipper = AdaptiveGradientClipping(factor=1.2, decay=0.9)
+    clipper = AdaptiveGradientClipping(factor=1.2, decay=0.9, loss_aware=False)
     figures = LastFigures(clipper)
     trainer = make_trainer(tmp_path, callbacks=[pre, clipper, figures], max_steps=12, gradient_clip_val=9.0)
     with pytest.warns(
@@ -160,7 +169,7 @@ def test_fused_optimizer_under_fp16_grad_scaler_is_refused(tmp_path: Any) -> Non
 def test_logged_metrics_match_reference(tmp_path: Any, every: int) -> None:
     pl.seed_everything(0, verbose=False)
     pre = PreClipNorms()
-    clipper = AdaptiveGradientClipping(factor=1.2, decay=0.9)
+    clipper = AdaptiveGradientClipping(factor=1.2, decay=0.9, loss_aware=False)
     logger = CSVLogger(str(tmp_path), name="", version="")
     trainer = make_trainer(
         tmp_path, callbacks=[pre, clipper], max_steps=12, logger=logger, log_every_n_steps=every
@@ -228,7 +237,7 @@ def test_gradients_read_once_written_only_when_clipped(tmp_path: Any, model_cls:
     model = model_cls(lr=0.2)
     start = _StartCount()
     stop = _StopCount(start)
-    clipper = AdaptiveGradientClipping(factor=1.2, decay=0.9)
+    clipper = AdaptiveGradientClipping(factor=1.2, decay=0.9, loss_aware=False)
     figures = LastFigures(clipper)
     trainer = make_trainer(tmp_path, callbacks=[start, clipper, figures, stop], max_steps=12)
     trainer.fit(model, regression_loader())
@@ -246,7 +255,7 @@ def test_two_clippers_measure_once_and_the_tighter_bound_wins(tmp_path: Any) -> 
         pl.seed_everything(0, verbose=False)
         model = RecordedModel(lr=0.2)
         pre = PreClipNorms()
-        a = AdaptiveGradientClipping(factor=1.2, decay=0.9)
+        a = AdaptiveGradientClipping(factor=1.2, decay=0.9, loss_aware=False)
         b = AdaptiveGradientClipping(mode="percentile", percentile=50.0, window=3)
         clippers = [a, b] if order == 0 else [b, a]
         start = _StartCount()
@@ -301,7 +310,7 @@ def test_nonfinite_gradient_is_not_clipped_and_not_counted(tmp_path: Any) -> Non
     pl.seed_everything(0, verbose=False)
     model = NaNAtStep(lr=0.2)
     pre = PreClipNorms()
-    clipper = AdaptiveGradientClipping(factor=1.2, decay=0.9)
+    clipper = AdaptiveGradientClipping(factor=1.2, decay=0.9, loss_aware=False)
     figures = LastFigures(clipper)
     around = StateAround(clipper)
     trainer = make_trainer(tmp_path, callbacks=[pre, clipper, figures, around], max_steps=12)
@@ -355,19 +364,20 @@ def test_a_step_the_guard_skipped_never_enters_the_statistics(tmp_path: Any, cli
     """ExplosionGuard skips a spike; whatever the callbacks' order, the clipping statistics are those of a
     rule fed, by hand, only the norms of the steps that were applied."""
     from lightning_clip.callbacks.explosion_guard import ExplosionGuard
-    from lightning_clip.functional.thresholds import MeanThreshold
+    from lightning_clip.functional.thresholds import LossAwareMeanThreshold
 
     clipper = AdaptiveGradientClipping()
     guard = ExplosionGuard(action="skip", spike_factor=5.0)
     seen = NormsSeen(clipper)
+    losses = StepLosses()
     callbacks = [clipper, guard] if clipper_first else [guard, clipper]
-    trainer = make_trainer(tmp_path, callbacks=[*callbacks, seen], max_steps=16)
+    trainer = make_trainer(tmp_path, callbacks=[*callbacks, seen, losses], max_steps=16)
     trainer.fit(SpikeAt(spike_step=13), regression_loader(n=128))
     assert guard.skipped_steps == 1
-    reference = MeanThreshold()
-    for step, (norm, _) in enumerate(seen.norms):
-        threshold = reference.threshold(norm)
+    reference = LossAwareMeanThreshold()
+    for step, ((norm, _), loss) in enumerate(zip(seen.norms, losses.losses, strict=True)):
+        threshold = reference.threshold(norm, loss)
         if step != 13:
-            reference.update(norm, threshold)
+            reference.update(norm, threshold, loss)
     assert clipper.state_dict()["rules"]["0"] == reference.state_dict()
     assert reference.count == 15

@@ -47,6 +47,7 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     "warmup_steps": st.one_of(st.none(), st.integers(1, 50)),
     "max_norm": st.one_of(st.none(), st.floats(1e-3, 1e3)),
     "norm_type": st.one_of(st.just(float("inf")), st.floats(0.5, 4.0)),
+    "loss_aware": st.booleans(),
     "action": st.sampled_from(["rollback", "skip", "raise"]),
     "spike_factor": st.one_of(st.none(), st.floats(1.01, 100.0)),
     "snapshot_every_n_steps": st.integers(0, 100),

@@ -263,7 +263,7 @@ def test_spike_is_an_event_after_warmup_only(tmp_path: Any) -> None:
     norms = NormsOnStart()
     guard = ExplosionGuard(action="skip", spike_factor=4.0)
     assert guard.spike_warmup_steps == 10
-    callbacks = [norms, guard, ScaleGrads(3, 1e3), ScaleGrads(12, 1e3)]
+    callbacks = [norms, guard, ScaleGrads(3, 30.0), ScaleGrads(12, 1e3)]
     _trainer, _model, err = fit(
         tmp_path, callbacks, model=RegressionModel(optimizer="sgd", lr=1e-3), max_steps=14
     )

@@ -15,8 +15,10 @@ from tests.models import RecordedModel, make_trainer, regression_loader
 from tests.reference import (
     LastFigures,
     PreClipNorms,
+    StepLosses,
     assert_clipped_some,
     expected_applied,
+    loss_aware_thresholds,
     mean_thresholds,
 )
 
@@ -43,7 +45,7 @@ class WriteFigures(pl.Callback):
 def test_same_thresholds_on_both_ranks(tmp_path: Any) -> None:
     pl.seed_everything(0, verbose=False)
     pre = PreClipNorms()
-    clipper = AdaptiveGradientClipping(factor=1.1, decay=0.8)
+    clipper = AdaptiveGradientClipping(factor=1.1, decay=0.8, loss_aware=False)
     figures = LastFigures(clipper)
     trainer = make_trainer(
         tmp_path,
@@ -66,3 +68,89 @@ def test_same_thresholds_on_both_ranks(tmp_path: Any) -> None:
         assert_clipped_some(norms, thresholds)
         assert [f[1] for f in r["figures"]] == pytest.approx(thresholds, rel=1e-5)
         assert r["applied"] == pytest.approx(expected_applied(norms, thresholds), rel=1e-5)
+
+
+class CountReduces(pl.Callback):
+    """Counts the collectives run between each batch's start and its optimizer step's end (wraps the
+    strategy's ``reduce``, which the callbacks call; the real reduction still happens). List it first."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._inside = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+        real = trainer.strategy.reduce
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            self.calls += int(self._inside)
+            return real(*args, **kwargs)
+
+        trainer.strategy.reduce = counting  # type: ignore[method-assign]
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._inside = True
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self._inside = False
+
+
+class WriteLossAware(pl.Callback):
+    def __init__(
+        self, path: Any, pre: PreClipNorms, losses: StepLosses, figures: LastFigures, count: CountReduces
+    ) -> None:
+        self.path, self.pre, self.losses, self.figures, self.count = path, pre, losses, figures, count
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        out = {
+            "pre": self.pre.norms[0],
+            "losses": self.losses.losses,
+            "thresholds": [f[1] for f in self.figures.figures[0]],
+            "reduces": self.count.calls,
+        }
+        (self.path / f"rank{trainer.global_rank}.json").write_text(json.dumps(out))
+
+
+class RankLoss(RecordedModel):
+    """Rank 1's loss is 4x rank 0's on every batch (its gradient is not): the ranks' losses differ."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        loss = super().training_step(batch, batch_idx)
+        return loss + 3.0 * loss.detach() if self.global_rank == 1 else loss
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("with_guard", [False, True])
+def test_loss_aware_thresholds_use_the_mean_loss_of_the_ranks(tmp_path: Any, with_guard: bool) -> None:
+    """The default rule is fed the loss averaged over the ranks, in one all-reduce per step whatever the
+    callbacks (the guard's flags ride on it)."""
+    from lightning_clip.callbacks.explosion_guard import ExplosionGuard
+
+    pl.seed_everything(0, verbose=False)
+    pre, losses, count = PreClipNorms(), StepLosses(), CountReduces()
+    clipper = AdaptiveGradientClipping(factor=1.1, decay=0.8)
+    figures = LastFigures(clipper)
+    guards = [ExplosionGuard(snapshot_every_n_steps=0, action="skip")] if with_guard else []
+    trainer = make_trainer(
+        tmp_path,
+        callbacks=[
+            count,
+            pre,
+            losses,
+            *guards,
+            clipper,
+            figures,
+            WriteLossAware(tmp_path, pre, losses, figures, count),
+        ],
+        max_steps=STEPS,
+        devices=2,
+        strategy="ddp_fork",
+        deterministic=False,
+    )
+    trainer.fit(RankLoss(lr=0.2), regression_loader(n=64, batch_size=4))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["thresholds"] == ranks[1]["thresholds"]
+    assert ranks[0]["losses"] != ranks[1]["losses"]
+    mean = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"], strict=True)]
+    expected = loss_aware_thresholds(ranks[0]["pre"], mean, factor=1.1, decay=0.8)
+    assert ranks[0]["thresholds"] == pytest.approx(expected, rel=1e-5)
+    assert [r["reduces"] for r in ranks] == [STEPS, STEPS]

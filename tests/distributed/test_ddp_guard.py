@@ -74,3 +74,37 @@ def test_fault_on_rank_one_only(tmp_path: Any) -> None:
     # rank zero alone wrote the event log
     events = load_events(os.path.join(tmp_path, EVENTS_FILENAME))
     assert [(e["step"], e["kind"]) for e in events] == [(3, "nonfinite_grad"), (7, "nonfinite_weights")]
+
+
+class RankOneBlowsUp(RegressionModel):
+    """Rank 1's loss value is ×1e4 on the batches of steps 12-15 (its gradient is not): only the mean over
+    the ranks says the run diverged; rank 0 alone sees a normal loss."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if self.global_rank == 1 and 12 <= self.global_step < 16:
+            return loss + (1e4 - 1.0) * loss.detach()
+        return loss
+
+
+@pytest.mark.distributed
+def test_divergence_on_the_mean_loss_is_decided_alike_on_every_rank(tmp_path: Any) -> None:
+    guard = ExplosionGuard(snapshot_every_n_steps=4)
+    torch.manual_seed(0)
+    trainer = make_trainer(
+        tmp_path,
+        callbacks=[guard, SaveResult(str(tmp_path), guard)],
+        max_steps=20,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_fork",
+        deterministic=False,
+    )
+    trainer.fit(RankOneBlowsUp(optimizer="adam", lr=1e-3), regression_loader(n=64 * 20, batch_size=32))
+    r0 = torch.load(tmp_path / "rank0.pt")
+    r1 = torch.load(tmp_path / "rank1.pt")
+    assert r0["kinds"] == r1["kinds"]
+    assert r0["kinds"] and {k for _, k, _ in r0["kinds"]} == {"divergence"}
+    assert all(12 <= s < 16 for s, _, _ in r0["kinds"])
+    for name, w in r0["weights"].items():
+        assert torch.equal(w, r1["weights"][name]), name

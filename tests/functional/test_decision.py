@@ -9,6 +9,7 @@ import pytest
 
 from lightning_clip import ExplosionGuard
 from lightning_clip.guard.decision import (
+    DIVERGENCE,
     NONFINITE_GRAD,
     NONFINITE_LOSS,
     NONFINITE_WEIGHTS,
@@ -113,3 +114,22 @@ def test_the_callback_decides_with_its_own_settings() -> None:
         obs(overflow=True, local_overflow=True, has_scaler=True, loss_scale=64.0, overflow_streak=1)
     )
     assert (d.kinds, d.action) == ((PERSISTENT_OVERFLOW,), "error")
+
+
+@pytest.mark.parametrize(
+    ("action", "expected"), [("rollback", "rollback"), ("skip", "error"), ("raise", "raise")]
+)
+def test_a_finite_divergence_is_an_event_a_skip_cannot_repair(action: str, expected: str) -> None:
+    d = decide(obs(local_overflow=False, divergence=True), RULES, action)
+    assert (d.kinds, d.action, d.skip, d.applied, d.feed_spike_rule) == (
+        (DIVERGENCE,),
+        expected,
+        True,
+        False,
+        False,
+    )
+    # with a non-finite kind of the same step, that one leads (and a skip handles it)
+    d = decide(obs(NONFINITE_GRAD, local_overflow=False, divergence=True), RULES, "skip")
+    assert (d.kinds, d.action) == ((NONFINITE_GRAD, DIVERGENCE), "skip")
+    # a pending rollback covers it
+    assert decide(obs(local_overflow=False, divergence=True, rollback_pending=True), RULES).kinds == ()

@@ -22,12 +22,14 @@ from hypothesis import strategies as st
 from zclip import ZClip
 
 from lightning_clip.functional.thresholds import (
+    LossAwareMeanThreshold,
     MeanThreshold,
     PercentileThreshold,
     ThresholdRule,
     ZScoreThreshold,
     make_rule,
 )
+from tests.reference import loss_aware_thresholds
 
 SEEDS = [0, 1, 2]
 STEPS = 320
@@ -317,10 +319,75 @@ def test_mean_rule_matches_the_design_formula(factor, decay, warmup, max_norm, s
     got = [rule.step(n) for n in norms]
     expected = reference_mean_thresholds(norms, factor, decay, warmup, max_norm)
     assert got == pytest.approx(expected, rel=1e-12)
-    assert (
-        make_rule("mean", factor=factor, decay=decay, warmup_steps=warmup, max_norm=max_norm).step(norms[0])
-        == (expected[0])
+    plain = make_rule(
+        "mean", factor=factor, decay=decay, warmup_steps=warmup, max_norm=max_norm, loss_aware=False
     )
+    assert type(plain) is MeanThreshold and plain.step(norms[0]) == expected[0]
+
+
+LOSS_SHAPES = ("calm", "noisy", "runaway")
+
+
+def loss_sequence(seed: int, shape: str, steps: int = STEPS) -> list[float | None]:
+    """A training loss per step: decreasing with small noise, with large noise, or with two runaways (a
+    jump of x20 growing for 15 steps), plus a few steps without a loss and a NaN."""
+    rng = random.Random(seed)
+    losses: list[float | None] = []
+    level = 2.0
+    for t in range(steps):
+        level *= 0.995
+        noise = {"calm": 0.05, "noisy": 0.8, "runaway": 0.2}[shape]
+        value = level * math.exp(rng.gauss(0.0, noise))
+        if shape == "runaway" and (60 <= t < 75 or 200 <= t < 215):
+            value *= 20.0 * 1.3 ** (t % 20)
+        losses.append(value)
+    losses[7], losses[40] = None, math.nan
+    return losses
+
+
+@pytest.mark.parametrize(
+    ("factor", "decay", "warmup", "max_norm"),
+    [(1.5, 0.97, 1, None), (2.0, 0.9, 1, 30.0), (1.2, 0.5, 7, None), (3.0, 0.0, 3, 100.0)],
+)
+@pytest.mark.parametrize("shape", LOSS_SHAPES)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_loss_aware_rule_matches_its_documented_formula(factor, decay, warmup, max_norm, shape, seed):
+    norms = norm_sequence(seed)
+    norms[17] = math.nan
+    norms[18] = math.inf
+    losses = loss_sequence(seed, shape)
+    rule = make_rule("mean", factor=factor, decay=decay, warmup_steps=warmup, max_norm=max_norm)
+    assert type(rule) is LossAwareMeanThreshold
+    got = [rule.step(n, loss) for n, loss in zip(norms, losses, strict=True)]
+    expected = loss_aware_thresholds(norms, losses, factor, decay, warmup, max_norm)
+    assert got == pytest.approx(expected, rel=1e-9)
+    if shape == "runaway":  # the ceiling was cut, well below the plain rule
+        assert rule.cuts > 0
+        plain = reference_mean_thresholds(norms, factor, decay, warmup, max_norm)
+        assert min(g / p for g, p in zip(got[60:80], plain[60:80], strict=True)) < 0.2
+    if shape == "calm":
+        assert rule.cuts == 0
+
+
+def test_loss_aware_first_steps_and_a_cut_by_hand():
+    rule = LossAwareMeanThreshold()
+    assert rule.step(10.0, loss=1.0) == pytest.approx(1.0)  # a tenth of the first norm
+    assert rule.step(10.0, loss=1.0) == pytest.approx(2**0.1)  # binding, loss in band: widened by 2^0.1
+    # smoothed log loss after ln 1, ln 1, ln 50: 0.2·ln 50 / (1 − 0.8³); the reference: 0 relaxed by 0.001
+    excess = 0.2 * math.log(50.0) / (1 - 0.8**3) - 0.001
+    expected = 2**0.2 * math.exp(-excess)  # base = the ceiling in force, shrunk by the loss ratio
+    assert rule.step(10.0, loss=50.0) == pytest.approx(expected, rel=1e-12)
+    assert rule.cuts == 1 and rule.slow_start == pytest.approx(0.5 * 2**0.2)
+
+
+def test_loss_aware_ceiling_never_collapses_to_zero():
+    rule = LossAwareMeanThreshold()
+    loss = 1.0
+    for t in range(3000):  # a loss that keeps exploding: every episode cuts
+        loss = 1.0 if t % 40 < 20 else loss * 1e3
+        threshold = rule.step(5.0, loss)
+        assert threshold > 0.0 and math.isfinite(threshold)
+    assert rule.ceiling >= 1.1754943508222875e-38
 
 
 def test_mean_rule_hand_example():
@@ -332,10 +399,24 @@ def test_mean_rule_hand_example():
     assert rule.step(1.0) == pytest.approx(40.0 / 3.0, rel=1e-15)
 
 
+def test_loss_aware_rule_follows_a_steadily_growing_norm():
+    """With a healthy loss the ceiling widens on the steps it binds: it trails a norm that grows for good,
+    clipping a few steps by a few percent, and a spike on top is still clipped."""
+    rng = random.Random(0)
+    norms = [1.01**t * math.exp(rng.gauss(0.0, 0.02)) for t in range(600)]
+    rule = make_rule("mean")
+    thresholds = [rule.step(n, loss=1.0) for n in norms]
+    late = list(zip(norms[100:], thresholds[100:], strict=True))
+    assert sum(n > c for n, c in late) / len(late) < 0.2
+    assert min(c / n for n, c in late) > 0.9  # never by more than 10%
+    assert thresholds[-1] > 0.95 * norms[-1]  # it grew ~390x along with the norm
+    assert rule.step(10 * norms[-1], loss=1.0) < 2 * norms[-1]
+
+
 def test_mean_rule_follows_a_steadily_growing_norm():
     rng = random.Random(0)
     norms = [1.01**t * math.exp(rng.gauss(0.0, 0.02)) for t in range(600)]  # +1% a step for 600 steps
-    rule = make_rule("mean")  # factor 1.5, decay 0.97
+    rule = make_rule("mean", loss_aware=False)  # factor 1.5, decay 0.97
     thresholds = [rule.step(n) for n in norms]
     clipped = sum(n > c for n, c in zip(norms, thresholds, strict=True))
     assert clipped / len(norms) < 0.02
@@ -395,7 +476,11 @@ def test_percentile_load_state_dict_keeps_only_the_window():
 # ------------------------------------------------------------------------------------------ make_rule
 @pytest.mark.parametrize(
     ("mode", "cls", "default_warmup"),
-    [("mean", MeanThreshold, 1), ("zscore", ZScoreThreshold, 25), ("percentile", PercentileThreshold, 1)],
+    [
+        ("mean", LossAwareMeanThreshold, 1),
+        ("zscore", ZScoreThreshold, 25),
+        ("percentile", PercentileThreshold, 1),
+    ],
 )
 def test_make_rule_defaults(mode, cls, default_warmup):
     rule = make_rule(mode)
@@ -403,8 +488,9 @@ def test_make_rule_defaults(mode, cls, default_warmup):
     assert rule.warmup_steps == default_warmup
     assert rule.max_norm is None
     assert make_rule(mode, warmup_steps=3).warmup_steps == 3
+    assert type(make_rule(mode, loss_aware=False)) is (MeanThreshold if mode == "mean" else cls)
     # warm-up length observed, not only stored: max_norm holds for exactly that many steps
-    capped = make_rule(mode, max_norm=1e9)
+    capped = make_rule(mode, max_norm=1e9, loss_aware=False)
     thresholds = [capped.step(10.0 + 0.1 * i) for i in range(default_warmup + 1)]
     assert thresholds[:default_warmup] == [1e9] * default_warmup
     assert thresholds[default_warmup] < 1e9
@@ -435,7 +521,10 @@ def test_norms_beyond_float32_range_cannot_overflow_the_statistics(factory):
     thresholds = [rule.step(n) for n in [1e200, 1.7976931348623157e308, *norm_sequence(5, steps=40), 1e300]]
     assert all(not math.isnan(t) for t in thresholds)
     assert all(math.isfinite(t) for t in thresholds[12:])
-    assert all(math.isfinite(v) for v in _flatten(rule.state_dict()))
+    state = rule.state_dict()
+    if isinstance(rule, LossAwareMeanThreshold):
+        assert state.pop("slow_start") == math.inf  # documented: no episode yet
+    assert all(math.isfinite(v) for v in _flatten(state))
     zero_decay = ZScoreThreshold(decay=0.0, warmup_steps=2, max_norm=10.0)
     assert all(math.isfinite(zero_decay.step(n)) for n in [1e200, 1e250, 1e300, 3.0, 1e300])
 

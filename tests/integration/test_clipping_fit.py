@@ -14,13 +14,22 @@ import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
 
 from lightning_clip.callbacks.adaptive_clipping import AdaptiveGradientClipping
-from tests.models import RecordedModel, RegressionModel, make_trainer, regression_loader
+from tests.models import (
+    ExplodingRNN,
+    RecordedModel,
+    RegressionModel,
+    adding_loader,
+    make_trainer,
+    regression_loader,
+)
 from tests.reference import (
     LastFigures,
     PreClipNorms,
+    StepLosses,
     assert_clipped_some,
     autoclip_applied,
     expected_applied,
+    loss_aware_thresholds,
     mean_thresholds,
     naive_norm,
     zclip_applied,
@@ -47,7 +56,7 @@ def _fit(
     ],
 )
 def test_mean_mode_applied_norm(tmp_path: Any, precision_kwargs: dict[str, Any]) -> None:
-    clipper = AdaptiveGradientClipping(factor=1.2, decay=0.9)
+    clipper = AdaptiveGradientClipping(factor=1.2, decay=0.9, loss_aware=False)
     model, norms, figures, _ = _fit(tmp_path, clipper, **precision_kwargs)
     thresholds = mean_thresholds(norms, factor=1.2, decay=0.9)
     assert_clipped_some(norms, thresholds)
@@ -60,7 +69,7 @@ def test_fp16_with_real_grad_scaler(tmp_path: Any) -> None:
     """16-mixed with a real GradScaler: the callback sees unscaled gradients; overflow steps (the scaler's
     calibration) are neither clipped nor counted, and the scaler skips them."""
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-    clipper = AdaptiveGradientClipping(factor=1.2, decay=0.9)
+    clipper = AdaptiveGradientClipping(factor=1.2, decay=0.9, loss_aware=False)
     model, norms, figures, trainer = _fit(
         tmp_path, clipper, steps=20, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]
     )
@@ -116,7 +125,7 @@ def test_accumulate_grad_batches(tmp_path: Any) -> None:
     pl.seed_everything(0, verbose=False)
     model = RecordedModel(lr=0.2)
     ref = AccumulationReference(k=4)
-    clipper = AdaptiveGradientClipping(factor=1.1, decay=0.9)
+    clipper = AdaptiveGradientClipping(factor=1.1, decay=0.9, loss_aware=False)
     figures = LastFigures(clipper)
     trainer = make_trainer(
         tmp_path, callbacks=[ref, clipper, figures], max_steps=8, accumulate_grad_batches=4
@@ -132,7 +141,7 @@ def test_accumulate_grad_batches(tmp_path: Any) -> None:
 
 
 def test_max_norm_caps_every_warmup_step(tmp_path: Any) -> None:
-    clipper = AdaptiveGradientClipping(factor=1.2, decay=0.9, warmup_steps=5, max_norm=1.0)
+    clipper = AdaptiveGradientClipping(factor=1.2, decay=0.9, warmup_steps=5, max_norm=1.0, loss_aware=False)
     model, norms, figures, _ = _fit(tmp_path, clipper, steps=12)
     thresholds = mean_thresholds(norms, factor=1.2, decay=0.9, warmup_steps=5, max_norm=1.0)
     assert thresholds[:5] == [1.0] * 5
@@ -160,3 +169,63 @@ def test_percentile_mode_matches_autoclip_in_a_fit(tmp_path: Any) -> None:
     assert any(a < n * (1 - 1e-4) for a, n in zip(applied, norms, strict=True)), "AutoClip never clipped"
     assert any(a == pytest.approx(n) for a, n in zip(applied[1:], norms[1:], strict=True))
     assert model.recorder.norms == pytest.approx(applied, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------ the default rule
+@pytest.mark.parametrize(
+    "trainer_kwargs",
+    [
+        pytest.param({}, id="fp32"),
+        pytest.param({"precision": "bf16-mixed"}, id="bf16-mixed"),
+        pytest.param({"accumulate_grad_batches": 3}, id="accumulate"),
+        pytest.param(
+            {
+                "plugins": [
+                    MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16))
+                ]
+            },
+            id="fp16-scaler",
+        ),
+    ],
+)
+def test_default_rule_in_a_fit_follows_its_reference(tmp_path: Any, trainer_kwargs: dict[str, Any]) -> None:
+    """At defaults the threshold is the loss-aware rule's, recomputed here from the naive pre-clip norms and
+    the losses handed to ``backward`` (mean over an accumulation window, unscaled under 16-mixed)."""
+    pl.seed_everything(0, verbose=False)
+    model = RecordedModel(lr=0.2)
+    pre, losses = PreClipNorms(), StepLosses()
+    clipper = AdaptiveGradientClipping()
+    figures = LastFigures(clipper)
+    trainer = make_trainer(
+        tmp_path, callbacks=[pre, losses, clipper, figures], max_steps=20, **trainer_kwargs
+    )
+    trainer.fit(model, regression_loader(n=256))
+    norms = pre.norms[0]
+    assert len(norms) == len(losses.losses) == 20
+    thresholds = loss_aware_thresholds(norms, losses.losses)
+    got = figures.thresholds()
+    assert got == pytest.approx(thresholds, rel=1e-4)
+    kept = [(n, c) for n, c in zip(norms, thresholds, strict=True) if math.isfinite(n)]
+    assert any(n > c for n, c in kept)
+    assert model.recorder.norms == pytest.approx(
+        expected_applied(*map(list, zip(*kept, strict=True))), rel=1e-4
+    )
+
+
+def test_default_rule_cuts_its_ceiling_in_a_runaway(tmp_path: Any) -> None:
+    """The demo's exploding RNN: the loss jumps, the ceiling is cut by the loss's ratio, as the reference
+    says, and the loss stays bounded."""
+    torch.manual_seed(0)
+    model = ExplodingRNN()
+    pre, losses = PreClipNorms(), StepLosses()
+    clipper = AdaptiveGradientClipping()
+    figures = LastFigures(clipper)
+    make_trainer(tmp_path, callbacks=[pre, losses, clipper, figures], max_steps=80).fit(
+        model, adding_loader(80)
+    )
+    thresholds = loss_aware_thresholds(pre.norms[0], losses.losses)
+    assert figures.thresholds() == pytest.approx(thresholds, rel=1e-4)
+    rule = clipper.rule(0)
+    assert rule.cuts > 0  # type: ignore[attr-defined]
+    assert max(model.losses) < 100.0
+    assert min(thresholds) < 0.05 * max(pre.norms[0])

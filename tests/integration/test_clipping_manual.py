@@ -15,14 +15,28 @@ from tests.models import TwoOptimizerModel, make_trainer, regression_loader
 from tests.reference import (
     assert_clipped_some,
     expected_applied,
+    loss_aware_thresholds,
     mean_thresholds,
 )
+
+
+def test_two_optimizers_stepped_after_one_backward_both_get_its_loss(tmp_path: Any) -> None:
+    """The default rule: each optimizer's statistics are fed the loss of the backward before its step."""
+    pl.seed_everything(0, verbose=False)
+    model = TwoOptimizerModel()
+    clipper = AdaptiveGradientClipping()
+    make_trainer(tmp_path, callbacks=[clipper], max_steps=24).fit(model, regression_loader())
+    assert len(model.losses) == 12
+    for i in (0, 1):
+        thresholds = loss_aware_thresholds(model.pre[i], model.losses)
+        assert model.recorders[i].norms == pytest.approx(expected_applied(model.pre[i], thresholds), rel=1e-5)
+        assert clipper.rule(i).band.count == 12  # type: ignore[attr-defined]
 
 
 def test_two_optimizers_independent_statistics(tmp_path: Any) -> None:
     pl.seed_everything(0, verbose=False)
     model = TwoOptimizerModel()
-    clipper = AdaptiveGradientClipping(factor=1.2, decay=0.9)
+    clipper = AdaptiveGradientClipping(factor=1.2, decay=0.9, loss_aware=False)
     trainer = make_trainer(
         tmp_path, callbacks=[clipper], max_steps=24, logger=CSVLogger(str(tmp_path), name="", version="")
     )

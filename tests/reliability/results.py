@@ -31,8 +31,19 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     outcomes = Counter(r["outcome"] for r in rows)
     error_reasons = {k: v for k, v in outcomes.items() if k not in ("completed", "other")}
     recovered = sum(1 for r in rows if r["outcome"] == "completed" and r.get("events", 0) > 0)
+    runaway = [r for r in rows if r.get("runaway")]
     return {
         "scenarios": len(rows),
+        "runaway_scenarios": len(runaway),
+        "runaway_completed": sum(r["outcome"] == "completed" for r in runaway),
+        "runaway_completed_with_rollbacks": sum(
+            r["outcome"] == "completed" and r.get("rollbacks", 0) > 0 for r in runaway
+        ),
+        "runaway_budget_errors": sum(r["outcome"] == "budget" for r in runaway),
+        "runaway_divergence_events": sum(r.get("divergence_events", 0) for r in runaway),
+        "divergence_events_outside_runaways": sum(
+            r.get("divergence_events", 0) for r in rows if not r.get("runaway")
+        ),
         "ddp_scenarios": sum(1 for r in rows if r.get("ddp") and not r.get("fsdp")),
         "fsdp_scenarios": sum(1 for r in rows if r.get("fsdp")),
         "faults_injected": sum(r.get("faults_injected", 0) for r in rows),

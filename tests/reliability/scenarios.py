@@ -46,6 +46,7 @@ from lightning_clip.callbacks.vanishing_monitor import VanishingGradientMonitor
 from lightning_clip.exceptions import GradientExplosionError, LightningClipWarning, VanishingGradientWarning
 from lightning_clip.report import load_events
 from lightning_clip.testing import FaultInjector
+from tests.models import ExplodingRNN, adding_loader
 
 ARCHS = ("mlp", "gru", "cnn")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -592,11 +593,14 @@ def run_scenario(sc: Scenario, root: Path) -> dict[str, Any]:
     assert guard.rollbacks == sum(r["action"] == "rollback" for r in guard.records)
     if not injected and sc.spike_factor is None:
         assert guard.events == 0, f"events without any fault: {guard.records}"
+    divergences = sum(r["kind"] == "divergence" for r in guard.records)
+    assert divergences == 0, f"a divergence in a scenario without a runaway: {guard.records}"
     scanned = scan_checkpoints(root, truncated)
     return {
         "seed": sc.seed,
         "ddp": False,
         "outcome": outcome,
+        "divergence_events": divergences,
         "faults_injected": len(injected),
         "events": guard.events,
         "rollbacks": guard.rollbacks,
@@ -744,3 +748,90 @@ def run_fsdp_scenario(sc: Scenario, root: Path) -> dict[str, Any]:
 
 def scenario_dict(sc: Scenario) -> dict[str, Any]:
     return asdict(sc)
+
+
+# ------------------------------------------------------------------------------------------ runaways
+RADII = (1.1, 1.2, 1.5, 2.0)
+RUNAWAY_LRS = (0.05, 0.2, 0.5, 1.0)
+RUNAWAY_CLIPPERS = ("none", "defaults", "defaults+max_norm")
+
+
+@dataclass
+class RunawayScenario:
+    """The demo's exploding tanh RNN (radius, SGD lr, model seed) with ``ExplosionGuard()`` at defaults and
+    optionally ``AdaptiveGradientClipping`` (defaults, or with ``max_norm=5``): a finite runaway, no fault
+    injected. Accepted ends: completed with finite weights, or a ``GradientExplosionError`` once the
+    rollback budget is spent."""
+
+    seed: int
+    radius: float
+    lr: float
+    clipper: str
+    steps: int = 150
+
+    def describe(self) -> str:
+        return f"runaway seed={self.seed} radius={self.radius} lr={self.lr} clipper={self.clipper}"
+
+
+def generate_runaway(seed: int) -> RunawayScenario:
+    rng = random.Random(seed)
+    return RunawayScenario(seed, rng.choice(RADII), rng.choice(RUNAWAY_LRS), rng.choice(RUNAWAY_CLIPPERS))
+
+
+def run_runaway_scenario(sc: RunawayScenario, root: Path) -> dict[str, Any]:
+    torch.manual_seed(sc.seed)
+    model = ExplodingRNN(radius=sc.radius, lr=sc.lr)
+    guard = ExplosionGuard()
+    callbacks: list[pl.Callback] = [guard]
+    if sc.clipper != "none":
+        clipper = AdaptiveGradientClipping(max_norm=5.0 if sc.clipper.endswith("max_norm") else None)
+        callbacks.insert(sc.seed % 2, clipper)  # either order
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=sc.steps,
+        default_root_dir=str(root),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    error: GradientExplosionError | None = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            trainer.fit(model, adding_loader(sc.steps, seed=sc.seed))
+        except GradientExplosionError as err:
+            error = err
+    for w in caught:
+        assert not issubclass(w.category, LightningClipWarning), f"unexpected warning: {w.message}"
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters()), "non-finite weights at the end"
+    if error is None:
+        outcome = "completed"
+        assert trainer.global_step == sc.steps
+    else:
+        outcome = classify(str(error)) or "unknown"
+        assert outcome == "budget", str(error)
+        assert guard.rollbacks == guard.max_rollbacks
+    logged = load_events(guard.events_path) if guard.records else []
+    assert [(e["step"], e["kind"]) for e in logged] == [(r["step"], r["kind"]) for r in guard.records]
+    # every rollback went back to a state from before the runaway: a snapshot taken while healthy
+    for r in guard.records:
+        if r["action"] == "rollback":
+            assert r["restored"]["step"] <= r["step"]
+    return {
+        "seed": sc.seed,
+        "ddp": False,
+        "runaway": True,
+        "outcome": outcome,
+        "radius": sc.radius,
+        "lr": sc.lr,
+        "clipper": sc.clipper,
+        "events": guard.events,
+        "divergence_events": sum(r["kind"] == "divergence" for r in guard.records),
+        "rollbacks": guard.rollbacks,
+        "skipped_steps": guard.skipped_steps,
+        "max_loss": max(model.losses),
+        "final_loss": sum(model.losses[-10:]) / 10,
+    }

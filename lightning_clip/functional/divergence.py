@@ -1,0 +1,311 @@
+"""Where training stands against its healthy level: the loss band and the finite-divergence detector.
+
+No torch and no Lightning: plain objects fed host-side floats once per optimizer step (the step's mean
+training loss, under DDP averaged over the ranks, and its pre-clip gradient norm), with a ``state_dict`` of
+plain values (loadable with ``torch.load(weights_only=True)``).
+
+* `LossBand` follows one positive signal on a log scale (so its units do not matter): ``fast``, a
+  bias-corrected EMA of ``log(value)`` with decay 0.8 (about five steps: it averages minibatch noise and
+  the step-to-step oscillation of a runaway), and ``reference``, the lowest ``fast`` seen, allowed to rise
+  by ``1e-3`` per step (a factor 2 in ~700 steps: a loss that settles higher for good is accepted in the
+  end, a runaway — a factor 10 or more within tens of steps — is not). The **excess** ``fast − reference`` is the log of
+  the ratio between the smoothed value and its healthy level. Values that are not positive and finite are
+  not judged.
+* `DivergenceDetector` is `ExplosionGuard`'s view of a step: ``"diverged"`` when the
+  smoothed loss is more than 4 times its healthy level (`DIVERGED_LOSS_EXCESS`) or the smoothed norm
+  more than 1,000 times its own (`DIVERGED_NORM_EXCESS`); ``"healthy"`` when the loss is at most twice
+  its level (`ELEVATED_EXCESS`) and the norm within 10 times of its own; ``"elevated"`` in
+  between. A state is taken as known-good only after `HEALTHY_STREAK` healthy steps in a row (or when
+every step so far was healthy).
+
+The clipper's loss-aware rule (`lightning_clip.functional.thresholds.LossAwareMeanThreshold`)
+uses a `LossBand` of its own and cuts its ceiling when the excess passes `ELEVATED_EXCESS`
+(twice the healthy level).
+
+Examples:
+    >>> detector = DivergenceDetector()
+    >>> for loss in (1.0, 0.9, 0.8, 0.8, 0.7):
+    ...     _ = detector.update(loss, norm=1.0)
+    >>> detector.peek(0.75, 1.0).verdict, detector.peek(40.0, 1.0).verdict  # one spike is no divergence
+    ('healthy', 'elevated')
+    >>> [detector.update(40.0, 1.0).verdict for _ in range(3)]  # a loss that stays up is
+    ['elevated', 'diverged', 'diverged']
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "CALM_FLOOR",
+    "DIVERGED",
+    "DIVERGED_LOSS_EXCESS",
+    "DIVERGED_NORM_EXCESS",
+    "ELEVATED",
+    "ELEVATED_EXCESS",
+    "ELEVATED_FLOOR",
+    "HEALTHY",
+    "HEALTHY_EXCESS",
+    "HEALTHY_NORM_EXCESS",
+    "HEALTHY_STREAK",
+    "BandReading",
+    "DivergenceDetector",
+    "LossBand",
+    "Reading",
+]
+
+FLOAT32_MAX = 3.4028234663852886e38
+LOG2 = math.log(2.0)
+
+ELEVATED_EXCESS = math.log(2.0)
+"""The loss is *elevated* when its smoothed value is more than twice its healthy level (the clipper cuts
+its ceiling; the guard takes no snapshot)."""
+ELEVATED_FLOOR = math.log(1.25)
+"""The least excess that counts as elevated, for a calm loss (see `LossBand.elevated_excess`)."""
+CALM_FLOOR = math.log(1.1)
+"""The least excess that still counts as in band, for a calm loss (see `LossBand.calm_excess`)."""
+HEALTHY_EXCESS = 0.5 * math.log(2.0)
+"""The loss is *in its band* when its smoothed value is within √2 of its healthy level (the clipper's
+ceiling may widen)."""
+DIVERGED_LOSS_EXCESS = math.log(4.0)
+"""A finite divergence: the smoothed loss more than four times its healthy level."""
+DIVERGED_NORM_EXCESS = math.log(1000.0)
+"""... or the smoothed gradient norm more than a thousand times its own level."""
+HEALTHY_NORM_EXCESS = math.log(10.0)
+"""A step counts as healthy only with the smoothed norm within ten times its level."""
+HEALTHY_STREAK = 10
+"""Healthy steps in a row before a state may be taken as known-good (or every step so far, early on)."""
+
+HEALTHY = "healthy"
+ELEVATED = "elevated"
+DIVERGED = "diverged"
+
+
+def _log(value: float | None) -> float | None:
+    """``log(value)`` for a positive finite value (capped at the largest float32), else None."""
+    if value is None or not (value > 0.0 and math.isfinite(value)):
+        return None
+    return math.log(min(value, FLOAT32_MAX))
+
+
+@dataclass(frozen=True)
+class BandReading:
+    """One value as a `LossBand` sees it (logs, natural base).
+
+    Attributes:
+        log_value: ``log(value)``.
+        fast: the smoothed log after this value.
+        reference: the healthy level after this value.
+    """
+
+    log_value: float
+    fast: float
+    reference: float
+
+    @property
+    def excess(self) -> float:
+        """``fast − reference``: the log of the ratio between the smoothed value and its healthy level."""
+        return self.fast - self.reference
+
+
+class LossBand:
+    """The healthy level of a positive signal (a training loss, a gradient norm), on a log scale.
+
+    ``fast_t`` is a bias-corrected EMA of ``x_t = log(value_t)`` whose decay adapts to the signal's noise:
+    `fast_decay` (0.8, about nine steps of averaging) while the step-to-step noise is moderate, more
+    averaging for a noisier signal, so that a doubling of the level stands out of the noise
+    (``n_eff = max(9, (5·σ / log 2)²)`` steps, ``decay = 1 − 2 / (n_eff + 1)``, ``σ`` the noise: √π/2 × the
+    bias-corrected EMA (decay 0.98) of ``|x_t − x_{t−1}|`` over calm steps, each capped at 4 × the
+    estimate). ``reference_t = min(fast_t, reference_{t−1} + relax)``, ``reference_1 = fast_1``. A value
+    that is not positive and finite is not judged (`peek` returns None) and leaves the state untouched.
+
+    Examples:
+        >>> band = LossBand()
+        >>> for loss in (2.0, 1.0, 1.0, 1.0):
+        ...     _ = band.update(loss)
+        >>> round(math.exp(band.reference), 3), round(band.peek(8.0).excess, 3)
+        (1.161, 0.612)
+    """
+
+    fast_decay = 0.8
+    """Decay of the smoothed log at moderate noise (the most responsive it gets)."""
+    relax = 1e-3
+    """How far the reference may rise per step (log units: a factor 2 in ~700 steps)."""
+    noise_decay = 0.98
+    """EMA decay of the noise estimate."""
+    noise_excess = HEALTHY_EXCESS
+    """The noise estimate is fed only on steps whose excess is at most this (calm steps)."""
+    noise_sigmas = 5.0
+    """The smoothing keeps the noise of ``fast`` (and the reference's bias) this many times below log 2."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.ema = 0.0
+        self.weight = 0.0  # the EMA's total weight (its bias correction, for a varying decay)
+        self.reference: float | None = None
+        self.noise = 0.0
+        self.noise_count = 0
+        self.last: float | None = None
+
+    def noise_level(self) -> float:
+        """σ: the estimated standard deviation of ``log(value)`` from one step to the next (0 until known)."""
+        if self.noise_count == 0:
+            return 0.0
+        return 0.886226925452758 * self.noise / (1.0 - self.noise_decay**self.noise_count)
+
+    def fast_noise(self) -> float:
+        """The standard deviation of ``fast`` that the noise alone gives, ``σ·√((1 − d)/(1 + d))``."""
+        d = self.decay()
+        return self.noise_level() * math.sqrt((1.0 - d) / (1.0 + d))
+
+    def elevated_excess(self) -> float:
+        """The excess above which the smoothed value is *elevated*: 5 × the noise of ``fast``, kept in
+        ``[ln 1.25, ln 2]`` (a calm loss — a cross-entropy far above its floor — is elevated at +25%, a
+        noisy one only at twice its level)."""
+        return min(max(ELEVATED_FLOOR, 5.0 * self.fast_noise()), ELEVATED_EXCESS)
+
+    def calm_excess(self) -> float:
+        """The excess at most which the smoothed value is *in its band*: 3 × the noise of ``fast``, kept in
+        ``[ln 1.1, ln(2)/2]``."""
+        return min(max(CALM_FLOOR, 3.0 * self.fast_noise()), HEALTHY_EXCESS)
+
+    def decay(self) -> float:
+        """The decay the next value is smoothed with."""
+        n_eff = max(2.0 / (1.0 - self.fast_decay) - 1.0, (self.noise_sigmas * self.noise_level() / LOG2) ** 2)
+        return 1.0 - 2.0 / (n_eff + 1.0)
+
+    def peek(self, value: float | None) -> BandReading | None:
+        """The reading after feeding ``value``, without changing the state (None: not judged)."""
+        x = _log(value)
+        if x is None:
+            return None
+        d = self.decay()
+        fast = (d * self.ema + (1.0 - d) * x) / (d * self.weight + (1.0 - d))
+        reference = fast if self.reference is None else min(fast, self.reference + self.relax)
+        return BandReading(x, fast, reference)
+
+    def update(self, value: float | None) -> BandReading | None:
+        """Feed ``value``; returns its reading (None when not judged)."""
+        reading = self.peek(value)
+        if reading is None:
+            return None
+        if self.last is not None and reading.excess <= self.noise_excess:  # calm steps only
+            step = abs(reading.log_value - self.last)
+            if self.noise_count >= 5:
+                step = min(step, 4.0 * self.noise / (1.0 - self.noise_decay**self.noise_count))
+            self.noise = self.noise_decay * self.noise + (1.0 - self.noise_decay) * step
+            self.noise_count += 1
+        d = self.decay()
+        self.last = reading.log_value
+        self.count += 1
+        self.ema = d * self.ema + (1.0 - d) * reading.log_value
+        self.weight = d * self.weight + (1.0 - d)
+        self.reference = reading.reference
+        return reading
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "ema": self.ema,
+            "weight": self.weight,
+            "reference": self.reference,
+            "noise": self.noise,
+            "noise_count": self.noise_count,
+            "last": self.last,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.count = int(state.get("count", 0))
+        self.ema = float(state.get("ema", 0.0))
+        self.weight = float(state.get("weight", 1.0 - self.fast_decay**self.count))
+        reference = state.get("reference")
+        self.reference = None if reference is None else float(reference)
+        self.noise = float(state.get("noise", 0.0))
+        self.noise_count = int(state.get("noise_count", 0))
+        last = state.get("last")
+        self.last = None if last is None else float(last)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """`DivergenceDetector`'s view of one step.
+
+    Attributes:
+        verdict: ``"healthy"`` | ``"elevated"`` | ``"diverged"``.
+        loss_excess: log of the smoothed loss over its healthy level (None: the loss was not judged).
+        norm_excess: the same for the gradient norm.
+    """
+
+    verdict: str
+    loss_excess: float | None
+    norm_excess: float | None
+
+    @property
+    def loss_ratio(self) -> float | None:
+        """The smoothed loss as a multiple of its healthy level (``exp(loss_excess)``)."""
+        return None if self.loss_excess is None else math.exp(self.loss_excess)
+
+    @property
+    def norm_ratio(self) -> float | None:
+        """The smoothed gradient norm as a multiple of its healthy level."""
+        return None if self.norm_excess is None else math.exp(self.norm_excess)
+
+
+class DivergenceDetector:
+    """Finite divergence: a training loss or gradient norm far above its healthy level, while still finite.
+
+    Feed every applied step's mean loss and pre-clip norm with `update`; `peek` judges a step
+    before its update is applied (so a diverged step can be dropped). See the module docstring for the
+    levels. `snapshot_ok` says whether the current state may be taken as known-good.
+    """
+
+    def __init__(self) -> None:
+        self.loss = LossBand()
+        self.norm = LossBand()
+        self.healthy_streak = 0
+        self.steps = 0
+
+    def peek(self, loss: float | None, norm: float | None) -> Reading:
+        """The step's `Reading` (no state change)."""
+        loss_reading = self.loss.peek(loss)
+        norm_reading = self.norm.peek(norm)
+        le = None if loss_reading is None else loss_reading.excess
+        ne = None if norm_reading is None else norm_reading.excess
+        if (le is not None and le > DIVERGED_LOSS_EXCESS) or (ne is not None and ne > DIVERGED_NORM_EXCESS):
+            verdict = DIVERGED
+        elif (le is None or le <= ELEVATED_EXCESS) and (ne is None or ne <= HEALTHY_NORM_EXCESS):
+            verdict = HEALTHY
+        else:
+            verdict = ELEVATED
+        return Reading(verdict, le, ne)
+
+    def update(self, loss: float | None, norm: float | None) -> Reading:
+        """Commit an applied step; returns its `Reading`."""
+        reading = self.peek(loss, norm)
+        self.loss.update(loss)
+        self.norm.update(norm)
+        self.healthy_streak = self.healthy_streak + 1 if reading.verdict == HEALTHY else 0
+        self.steps += 1
+        return reading
+
+    @property
+    def snapshot_ok(self) -> bool:
+        """The current state may be taken as known-good: `HEALTHY_STREAK` healthy steps in a row, or
+        every step since the start healthy."""
+        return self.healthy_streak >= min(HEALTHY_STREAK, self.steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "loss": self.loss.state_dict(),
+            "norm": self.norm.state_dict(),
+            "healthy_streak": self.healthy_streak,
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss.load_state_dict(state.get("loss", {}))
+        self.norm.load_state_dict(state.get("norm", {}))
+        self.healthy_streak = int(state.get("healthy_streak", 0))
+        self.steps = int(state.get("steps", 0))

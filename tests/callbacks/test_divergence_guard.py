@@ -1,0 +1,189 @@
+"""ExplosionGuard at defaults against finite divergence: a training loss (or norm) that blows up while still
+finite is an event, written to the JSONL log; snapshots and checkpoint files taken while the loss is elevated
+are never rollback targets; a rollback rewinds the detector and makes AdaptiveGradientClipping clip tighter.
+
+Real Lightning fits. References: the loss band written out by hand (`tests.reference.loss_band_excess`) fed
+the losses the model recorded, and the rule's own state read before and after the rollback.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from lightning_clip import AdaptiveGradientClipping, ExplosionGuard, GradientExplosionError
+from lightning_clip.functional.divergence import DIVERGED_LOSS_EXCESS
+from lightning_clip.report import load_events
+from lightning_clip.testing import FaultInjector
+from tests.models import ExplodingRNN, LossBlowUp, adding_loader, make_trainer, regression_loader
+from tests.reference import loss_band_excess
+
+
+def fit_blowup(
+    tmp_path: Any, callbacks: list[Any], max_steps: int, batch_size: int = 8, **model_kwargs: Any
+) -> Any:
+    torch.manual_seed(0)
+    model = LossBlowUp(**model_kwargs)
+    kwargs: dict[str, Any] = {}
+    if any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        kwargs["enable_checkpointing"] = True
+    trainer = make_trainer(tmp_path, callbacks=callbacks, max_steps=max_steps, **kwargs)
+    trainer.fit(model, regression_loader(n=64 * max_steps, batch_size=batch_size))
+    return trainer, model
+
+
+CALM: dict[str, Any] = {"optimizer": "adam", "lr": 1e-3}
+"""A slowly, smoothly decreasing loss, whose ×3 shift the detector sees within a few steps."""
+
+
+class BoundAtBatchStart(pl.Callback):
+    """The clipper's committed threshold bound (``rule.current()``) and ceiling at the start of each batch."""
+
+    def __init__(self, clipper: AdaptiveGradientClipping) -> None:
+        self.clipper = clipper
+        self.at: dict[int, tuple[float, float, float]] = {}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        rule = self.clipper.rule(0)
+        self.at[trainer.global_step] = (rule.current(), rule.ceiling, rule.slow_start)  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------------------------------ detection
+def test_guard_alone_detects_the_runaway_rolls_back_and_raises_when_the_budget_is_spent(
+    tmp_path: Any,
+) -> None:
+    torch.manual_seed(0)
+    model = ExplodingRNN()
+    guard = ExplosionGuard()
+    trainer = make_trainer(tmp_path, callbacks=[guard], max_steps=80)
+    with pytest.raises(GradientExplosionError, match="finite divergence"):
+        trainer.fit(model, adding_loader(80))
+    # no clipper, nothing lowers the step: every recovery runs away again, 5 rollbacks then the error
+    assert guard.rollbacks == 5
+    kinds = [r["kind"] for r in guard.records]
+    assert kinds == ["divergence"] * 6
+    assert [r["action"] for r in guard.records] == ["rollback"] * 5 + ["error"]
+    # every rollback went back to the start: the runaway began before any healthy stretch
+    assert all(r["restored"]["step"] == 0 for r in guard.records[:5])
+    events = load_events(guard.events_path)
+    assert [e["kind"] for e in events] == kinds
+    # the first event against the loss band written out by hand, fed the losses of the applied steps
+    first = guard.records[0]
+    excess = loss_band_excess(model.losses[: first["step"] + 1])
+    assert excess[-1] > DIVERGED_LOSS_EXCESS
+    assert all(e is not None and e <= DIVERGED_LOSS_EXCESS for e in excess[:-1])  # the first step above
+    assert first["loss_ratio"] == pytest.approx(math.exp(excess[-1]), rel=1e-5)
+    assert first["loss"] == pytest.approx(model.losses[first["step"]], rel=1e-6)
+    assert events[0]["loss_ratio"] == pytest.approx(first["loss_ratio"])
+
+
+def test_clipper_and_guard_train_through_the_runaway(tmp_path: Any) -> None:
+    """The demo's exploding RNN at defaults: the loss never gets near the runaway of an unclipped run."""
+    torch.manual_seed(0)
+    unclipped = ExplodingRNN()
+    make_trainer(tmp_path / "a", max_steps=12).fit(unclipped, adding_loader(12))
+    assert max(unclipped.losses) > 1e4  # the control runs away within 12 steps
+
+    torch.manual_seed(0)
+    model = ExplodingRNN()
+    guard, clipper = ExplosionGuard(), AdaptiveGradientClipping()
+    make_trainer(tmp_path / "b", callbacks=[clipper, guard], max_steps=300).fit(model, adding_loader(300))
+    assert max(model.losses) < 10.0
+    assert sum(model.losses[-50:]) / 50 < 0.5 * sum(model.losses[:50]) / 50  # and it learns
+    assert clipper.rule(0).ceiling < 0.5 * clipper.last[0][0] or clipper.rule(0).cuts > 0  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------------------------------ actions
+@pytest.mark.parametrize(("action", "text"), [("skip", "cannot repair"), ("raise", "stops training")])
+def test_divergence_is_an_error_under_skip_and_raise(tmp_path: Any, action: str, text: str) -> None:
+    """One ×1e4 loss at step 20 is a spike, applied; the weights it wrecked diverge at step 21."""
+    guard = ExplosionGuard(action=action)
+    with pytest.raises(GradientExplosionError, match=text):
+        fit_blowup(tmp_path, [guard], 30, steps=(20,), factor=1e4)
+    assert [(r["step"], r["kind"]) for r in guard.records] == [(21, "divergence")]
+
+
+def test_divergence_rollback_makes_the_clipper_clip_tighter(tmp_path: Any) -> None:
+    clipper = AdaptiveGradientClipping()
+    guard = ExplosionGuard(snapshot_every_n_steps=5)
+    bounds = BoundAtBatchStart(clipper)
+    _trainer, _model = fit_blowup(tmp_path, [clipper, guard, bounds], 40, steps=(30, 31, 32, 33), factor=1e4)
+    first = guard.records[0]
+    assert first["kind"] == "divergence" and first["action"] == "rollback"
+    step = first["step"]
+    bound, ceiling, _ = bounds.at[step]  # what the rule was at when the diverged step came
+    _, after, after_slow = bounds.at[step + 1]  # after the rollback
+    assert after == pytest.approx(min(ceiling, 0.5 * bound), rel=1e-12)
+    assert after_slow <= after
+    assert after < 0.75 * bound
+
+
+# ------------------------------------------------------------------------------------------ known-good
+@pytest.mark.parametrize("elevated", [False, True])
+def test_no_snapshot_while_the_loss_is_elevated(tmp_path: Any, elevated: bool) -> None:
+    """×3 loss value for steps 15-29 (elevated, not diverged; the gradients unchanged): the snapshots due at
+    20, 25 and 30 are refused, so a NaN gradient at step 33 rolls back to the snapshot of step 15 (the
+    control without it: to step 30)."""
+    guard = ExplosionGuard(snapshot_every_n_steps=5)
+    faults = FaultInjector(target="grad", steps=[33])
+    steps = tuple(range(15, 30)) if elevated else ()
+    fit_blowup(
+        tmp_path, [guard, faults], 36, batch_size=256, steps=steps, factor=3.0, value_only=True, **CALM
+    )
+    assert [(r["step"], r["kind"]) for r in guard.records] == [(33, "nonfinite_grad")]
+    assert guard.records[0]["restored"]["step"] == (15 if elevated else 30)
+
+
+def test_checkpoint_file_written_during_an_elevated_loss_is_never_a_rollback_target(tmp_path: Any) -> None:
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1)
+    guard = ExplosionGuard(snapshot_every_n_steps=0)
+    faults = FaultInjector(target="grad", steps=[28])
+    steps = tuple(range(17, 28))
+    fit_blowup(
+        tmp_path, [guard, faults, ckpt], 30, batch_size=256, steps=steps, factor=3.0, value_only=True, **CALM
+    )
+    states = {
+        int(p.stem.split("step=")[1]): torch.load(p, weights_only=True)["callbacks"][guard.state_key][
+            "healthy"
+        ]
+        for p in (tmp_path / "ckpt").glob("*.ckpt")
+    }
+    assert states[25] is False and states[15] is True
+    assert guard.records[0]["restored"]["source"] == "checkpoint"
+    assert guard.records[0]["restored"]["step"] == max(s for s, ok in states.items() if ok and s <= 28)
+
+
+# ------------------------------------------------------------------------------------------ state
+class DetectorAfterRollback(pl.Callback):
+    def __init__(self, guard: ExplosionGuard) -> None:
+        self.guard = guard
+        self.pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:  # listed after the guard
+        if self.guard.records and self.guard.records[-1]["step"] == trainer.global_step - 1:
+            snap = self.guard._known_good.snapshot
+            assert snap is not None and snap.guard is not None
+            self.pairs.append((self.guard.state_dict()["divergence"], snap.guard["divergence"]))
+
+
+def test_rollback_rewinds_the_detector_and_its_state_loads_with_weights_only(tmp_path: Any) -> None:
+    guard = ExplosionGuard(snapshot_every_n_steps=4)
+    probe = DetectorAfterRollback(guard)
+    faults = FaultInjector(target="grad", steps=[14])
+    trainer, _ = fit_blowup(tmp_path, [guard, faults, probe], 20)
+    assert len(probe.pairs) == 1
+    live, snapshot = probe.pairs[0]
+    assert live == snapshot and live["loss"]["count"] == 12  # the state of the snapshot of step 12
+    path = tmp_path / "state.pt"
+    torch.save(guard.state_dict(), path)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded == guard.state_dict()
+    other = ExplosionGuard()
+    other.load_state_dict(loaded)
+    assert other.state_dict() == guard.state_dict()
+    assert trainer.global_step == 20
