@@ -71,7 +71,7 @@ class Record(pl.Callback):
 # ----------------------------------------------------------------------------------- norms + monitor
 def _clip_and_monitor(rank: int, tmp_path: Any) -> dict[int, dict[str, Any]]:
     pl.seed_everything(0, verbose=False)
-    clipper = AdaptiveGradientClipping(factor=1.1, decay=0.8)
+    clipper = AdaptiveGradientClipping(factor=1.1, decay=0.8, loss_aware=False)
     monitor = VanishingGradientMonitor(check_every_n_steps=1, save_figure=False)
     record = Record(clipper, monitor)
     trainer = fsdp_trainer(tmp_path, [clipper, monitor, record], STEPS)
@@ -177,7 +177,7 @@ class TorchTotalNorm(pl.Callback):
 
 def _tensor_parallel(rank: int, tmp_path: Any) -> dict[str, Any]:
     pl.seed_everything(0, verbose=False)
-    clipper = AdaptiveGradientClipping(factor=1.1, decay=0.8)
+    clipper = AdaptiveGradientClipping(factor=1.1, decay=0.8, loss_aware=False)
     monitor = VanishingGradientMonitor(check_every_n_steps=1, save_figure=False)
     record, torch_norm = Record(clipper, monitor), TorchTotalNorm()
     trainer = make_trainer(
