@@ -75,80 +75,77 @@ def mean_thresholds(
     return out
 
 
-def loss_band_readings(losses: list[float | None]) -> list[tuple[float, float, float] | None]:
-    """Per value: ``(excess, elevated threshold, calm threshold)`` of `loss_band_excess`'s band, the
-    thresholds as they stood before the value (None: not judged). Thresholds: ``σ_f = σ·√((1−d)/(1+d))``,
-    elevated ``= clip(5 σ_f, ln 1.25, ln 2)``, calm ``= clip(3 σ_f, ln 1.1, ln(2)/2)``."""
+def loss_band_readings(
+    losses: list[float | None], max_smoothing: float = math.inf
+) -> list[tuple[float, float, float] | None]:
+    """`lightning_clip.functional.divergence.LossBand` written out from its documentation. Per value:
+    ``(excess, elevated threshold, calm threshold)``, the thresholds as they stood before the value (None:
+    not judged).
+
+    ``x = ln(loss)``; noise ``σ`` = √π/2 × the bias-corrected EMA (0.98) of ``|x_t − x_{t−1}|`` over calm
+    steps (excess ≤ ln(2)/2, and every step before the reference is set; from the 6th term on each capped
+    at 4 × their bias-corrected mean); smoothing ``n = max(9, (5σ / ln 2)²)``, ``d = 1 − 2/(n + 1)``;
+    ``fast`` = EMA with weight-sum bias correction; ``σ_f = σ·√((1−d)/(1+d))``; the spread of ``fast`` is
+    ``σ·√(Σw²)/Σw``; ``ref = min(fast + √(spread² − σ_f²), ref + 0.001)``, set once the noise has 3
+    terms (until then the excess is 0); excess = ``fast − ref``. ``max_smoothing`` caps ``n``. Thresholds: elevated ``= clip(5 σ_f,
+    ln 1.25, ln 2)``, calm ``= clip(3 σ_f, ln 1.1, ln(2)/2)``.
+    """
     out: list[tuple[float, float, float] | None] = []
-    ema = weight = 0.0
+    weights: list[float] = []  # the EMA's weight on each value seen so far (for Σw and Σw²)
+    values: list[float] = []
     ref = last = None
-    noise_sum, noise_n = 0.0, 0
+    jumps: list[float] = []  # the noise terms, oldest first
+
+    def sigma() -> float:
+        if not jumps:
+            return 0.0
+        k = len(jumps)
+        ema = sum(0.02 * 0.98 ** (k - 1 - i) * j for i, j in enumerate(jumps))
+        return (math.pi**0.5 / 2) * ema / (1 - 0.98**k)
+
     for loss in losses:
         if loss is None or not math.isfinite(loss) or loss <= 0:
             out.append(None)
             continue
         x = math.log(min(loss, 3.4028234663852886e38))
-        sigma = 0.0 if noise_n == 0 else (math.pi**0.5 / 2) * noise_sum / (1 - 0.98**noise_n)
-        n = max(9.0, (5 * sigma / math.log(2.0)) ** 2)
+        s = sigma()
+        n = min(max(9.0, (5 * s / math.log(2.0)) ** 2), max_smoothing)
         d = 1 - 2 / (n + 1)
-        sigma_fast = sigma * math.sqrt((1 - d) / (1 + d))
+        sigma_fast = s * math.sqrt((1 - d) / (1 + d))
         elevated = min(max(math.log(1.25), 5 * sigma_fast), math.log(2.0))
         calm = min(max(math.log(1.1), 3 * sigma_fast), math.log(2.0) / 2)
-        fast = (d * ema + (1 - d) * x) / (d * weight + (1 - d))
-        new_ref = fast if ref is None else min(fast, ref + 0.001)
+        w = [*(d * wi for wi in weights), 1 - d]
+        fast = sum(wi * vi for wi, vi in zip(w, [*values, x], strict=True)) / sum(w)
+        judged = len(jumps) >= 3
+        if judged:
+            spread = s * math.sqrt(sum(wi * wi for wi in w)) / sum(w)
+            candidate = fast + math.sqrt(max(0.0, spread**2 - sigma_fast**2))
+            new_ref = candidate if ref is None else min(candidate, ref + 0.001)
+        else:
+            new_ref = fast
         excess = fast - new_ref
         out.append((excess, elevated, calm))
-        if last is not None and excess <= math.log(2.0) / 2:
+        if last is not None and (not judged or excess <= math.log(2.0) / 2):
             jump = abs(x - last)
-            if noise_n >= 5:
-                jump = min(jump, 4 * noise_sum / (1 - 0.98**noise_n))
-            noise_sum = 0.98 * noise_sum + 0.02 * jump
-            noise_n += 1
-        sigma = 0.0 if noise_n == 0 else (math.pi**0.5 / 2) * noise_sum / (1 - 0.98**noise_n)
-        n = max(9.0, (5 * sigma / math.log(2.0)) ** 2)
+            if len(jumps) >= 5:
+                k = len(jumps)
+                mean = sum(0.02 * 0.98 ** (k - 1 - i) * j for i, j in enumerate(jumps)) / (1 - 0.98**k)
+                jump = min(jump, 4 * mean)
+            jumps.append(jump)
+        s = sigma()
+        n = min(max(9.0, (5 * s / math.log(2.0)) ** 2), max_smoothing)
         d = 1 - 2 / (n + 1)
-        ema, weight = d * ema + (1 - d) * x, d * weight + (1 - d)
-        ref, last = new_ref, x
+        weights = [*(d * wi for wi in weights), 1 - d]
+        values.append(x)
+        last = x
+        if judged:
+            ref = new_ref
     return out
 
 
-def loss_band_excess(losses: list[float | None]) -> list[float | None]:
-    """`lightning_clip.functional.divergence.LossBand`'s excess per value, written out from its
-    documentation (None: the value is not judged).
-
-    ``x = ln(loss)``; noise ``s`` = √π/2 × the bias-corrected EMA (0.98) of ``|x_t − x_{t−1}|`` over calm
-    steps (excess ≤ ln(2)/2; after 5 of them each capped at 4 × their bias-corrected mean); smoothing
-    ``n = max(9, (5 s / ln 2)²)``, ``d = 1 − 2/(n + 1)``; ``fast`` = EMA with weight-sum bias correction;
-    ``ref = min(fast, ref + 0.001)``; excess = ``fast − ref``.
-    """
-    out: list[float | None] = []
-    ema = weight = 0.0
-    ref = last = None
-    noise_sum, noise_n = 0.0, 0
-    for loss in losses:
-        if loss is None or not math.isfinite(loss) or loss <= 0:
-            out.append(None)
-            continue
-        x = math.log(min(loss, 3.4028234663852886e38))
-        sigma = 0.0 if noise_n == 0 else (math.pi**0.5 / 2) * noise_sum / (1 - 0.98**noise_n)
-        n = max(9.0, (5 * sigma / math.log(2.0)) ** 2)
-        d = 1 - 2 / (n + 1)
-        fast = (d * ema + (1 - d) * x) / (d * weight + (1 - d))
-        new_ref = fast if ref is None else min(fast, ref + 0.001)
-        excess = fast - new_ref
-        out.append(excess)
-        if last is not None and excess <= math.log(2.0) / 2:
-            jump = abs(x - last)
-            if noise_n >= 5:
-                jump = min(jump, 4 * noise_sum / (1 - 0.98**noise_n))
-            noise_sum = 0.98 * noise_sum + 0.02 * jump
-            noise_n += 1
-        sigma = 0.0 if noise_n == 0 else (math.pi**0.5 / 2) * noise_sum / (1 - 0.98**noise_n)
-        n = max(9.0, (5 * sigma / math.log(2.0)) ** 2)
-        d = 1 - 2 / (n + 1)
-        ema, weight = d * ema + (1 - d) * x, d * weight + (1 - d)
-        ref, last = new_ref, x
-    return out
+def loss_band_excess(losses: list[float | None], max_smoothing: float = math.inf) -> list[float | None]:
+    """`loss_band_readings`' excess per value (None: the value is not judged)."""
+    return [None if r is None else r[0] for r in loss_band_readings(losses, max_smoothing)]
 
 
 def loss_aware_thresholds(

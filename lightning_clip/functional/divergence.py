@@ -40,6 +40,7 @@ from typing import Any
 
 __all__ = [
     "CALM_FLOOR",
+    "DETECTOR_SMOOTHING",
     "DIVERGED",
     "DIVERGED_LOSS_EXCESS",
     "DIVERGED_NORM_EXCESS",
@@ -78,6 +79,11 @@ HEALTHY_NORM_EXCESS = math.log(10.0)
 HEALTHY_STREAK = 10
 """Healthy steps in a row before a state may be taken as known-good (or every step so far, early on)."""
 
+DETECTOR_SMOOTHING = 19.0
+"""The detector's bands average at most this many steps (decay ≥ 0.9), however noisy the signal: a loss
+that runs away from the first steps on makes the early noise estimate large, and a longer average would
+see the divergence only orders of magnitude later."""
+
 HEALTHY = "healthy"
 ELEVATED = "elevated"
 DIVERGED = "diverged"
@@ -113,20 +119,32 @@ class BandReading:
 class LossBand:
     """The healthy level of a positive signal (a training loss, a gradient norm), on a log scale.
 
-    ``fast_t`` is a bias-corrected EMA of ``x_t = log(value_t)`` whose decay adapts to the signal's noise:
-    `fast_decay` (0.8, about nine steps of averaging) while the step-to-step noise is moderate, more
-    averaging for a noisier signal, so that a doubling of the level stands out of the noise
-    (``n_eff = max(9, (5·σ / log 2)²)`` steps, ``decay = 1 − 2 / (n_eff + 1)``, ``σ`` the noise: √π/2 × the
-    bias-corrected EMA (decay 0.98) of ``|x_t − x_{t−1}|`` over calm steps, each capped at 4 × the
-    estimate). ``reference_t = min(fast_t, reference_{t−1} + relax)``, ``reference_1 = fast_1``. A value
-    that is not positive and finite is not judged (`peek` returns None) and leaves the state untouched.
+    With ``x_t = log(value_t)``:
+
+    * ``fast_t`` is a bias-corrected EMA of ``x`` whose decay adapts to the signal's noise: `fast_decay`
+      (0.8, about nine steps of averaging) while the step-to-step noise is moderate, more averaging for a
+      noisier signal, so that a doubling of the level stands out of the noise (``n_eff = min(max(9,
+      (5·σ / log 2)²), max_smoothing)`` steps, ``decay = 1 − 2 / (n_eff + 1)``).
+    * ``σ``, the noise, is √π/2 × the bias-corrected EMA (decay 0.98) of ``|x_t − x_{t−1}|`` over calm
+      steps (excess at most log(2)/2, and every step before the reference is set), each term capped at
+      4 × the estimate once it has five terms.
+    * ``reference_t = min(fast_t + early_t, reference_{t−1} + relax)``: the lowest smoothed level seen,
+      allowed to rise by `relax` per step. ``early_t = √(spread_t² − s²)`` is how much more ``fast_t``
+      is still spread by the noise than it will be once it averages its full window (``spread_t =
+      σ·√(Σw²)/Σw`` with ``w`` the EMA's weights, ``s = σ·√((1 − d)/(1 + d))`` its steady value): while
+      only a few values are averaged, a lucky low batch is not taken for the healthy level. The reference
+      is set once the noise has `noise_warmup` terms; until then the excess is 0.
+
+    The **excess** ``fast − reference`` is the log of the ratio between the smoothed value and its healthy
+    level. A value that is not positive and finite is not judged (`peek` returns None) and leaves the state
+    untouched.
 
     Examples:
         >>> band = LossBand()
-        >>> for loss in (2.0, 1.0, 1.0, 1.0):
+        >>> for loss in (2.0, 1.0, 1.0, 1.0, 1.0, 1.0):
         ...     _ = band.update(loss)
         >>> round(math.exp(band.reference), 3), round(band.peek(8.0).excess, 3)
-        (1.161, 0.612)
+        (1.125, 0.48)
     """
 
     fast_decay = 0.8
@@ -136,14 +154,23 @@ class LossBand:
     noise_decay = 0.98
     """EMA decay of the noise estimate."""
     noise_excess = HEALTHY_EXCESS
-    """The noise estimate is fed only on steps whose excess is at most this (calm steps)."""
+    """Once the reference is set, the noise estimate is fed only on steps whose excess is at most this."""
+    noise_warmup = 3
+    """Noise terms before the reference is set."""
+    noise_cap_after = 5
+    """Noise terms before each new term is capped at 4 × the estimate."""
     noise_sigmas = 5.0
-    """The smoothing keeps the noise of ``fast`` (and the reference's bias) this many times below log 2."""
+    """The smoothing keeps the noise of ``fast`` this many times below log 2."""
+    early_spreads = 1.0
+    """While few values are averaged, the reference is taken this many early spreads above ``fast``."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_smoothing: float = math.inf) -> None:
+        self.max_smoothing = max_smoothing
+        """The most steps the smoothed log averages (``n_eff``), however noisy the signal."""
         self.count = 0
         self.ema = 0.0
         self.weight = 0.0  # the EMA's total weight (its bias correction, for a varying decay)
+        self.weight2 = 0.0  # the sum of its squared weights (how many values it really averages)
         self.reference: float | None = None
         self.noise = 0.0
         self.noise_count = 0
@@ -156,7 +183,8 @@ class LossBand:
         return 0.886226925452758 * self.noise / (1.0 - self.noise_decay**self.noise_count)
 
     def fast_noise(self) -> float:
-        """The standard deviation of ``fast`` that the noise alone gives, ``σ·√((1 − d)/(1 + d))``."""
+        """The standard deviation of ``fast`` that the noise alone gives once it averages its full window,
+        ``σ·√((1 − d)/(1 + d))``."""
         d = self.decay()
         return self.noise_level() * math.sqrt((1.0 - d) / (1.0 + d))
 
@@ -174,7 +202,7 @@ class LossBand:
     def decay(self) -> float:
         """The decay the next value is smoothed with."""
         n_eff = max(2.0 / (1.0 - self.fast_decay) - 1.0, (self.noise_sigmas * self.noise_level() / LOG2) ** 2)
-        return 1.0 - 2.0 / (n_eff + 1.0)
+        return 1.0 - 2.0 / (min(n_eff, self.max_smoothing) + 1.0)
 
     def peek(self, value: float | None) -> BandReading | None:
         """The reading after feeding ``value``, without changing the state (None: not judged)."""
@@ -182,8 +210,14 @@ class LossBand:
         if x is None:
             return None
         d = self.decay()
-        fast = (d * self.ema + (1.0 - d) * x) / (d * self.weight + (1.0 - d))
-        reference = fast if self.reference is None else min(fast, self.reference + self.relax)
+        weight = d * self.weight + (1.0 - d)
+        fast = (d * self.ema + (1.0 - d) * x) / weight
+        if self.noise_count < self.noise_warmup:
+            return BandReading(x, fast, fast)
+        spread = self.noise_level() * math.sqrt(d * d * self.weight2 + (1.0 - d) ** 2) / weight
+        early = math.sqrt(max(0.0, spread**2 - self.fast_noise() ** 2))
+        candidate = fast + self.early_spreads * early
+        reference = candidate if self.reference is None else min(candidate, self.reference + self.relax)
         return BandReading(x, fast, reference)
 
     def update(self, value: float | None) -> BandReading | None:
@@ -191,9 +225,10 @@ class LossBand:
         reading = self.peek(value)
         if reading is None:
             return None
-        if self.last is not None and reading.excess <= self.noise_excess:  # calm steps only
+        judged = self.noise_count >= self.noise_warmup  # the reading's reference was computed
+        if self.last is not None and (not judged or reading.excess <= self.noise_excess):
             step = abs(reading.log_value - self.last)
-            if self.noise_count >= 5:
+            if self.noise_count >= self.noise_cap_after:
                 step = min(step, 4.0 * self.noise / (1.0 - self.noise_decay**self.noise_count))
             self.noise = self.noise_decay * self.noise + (1.0 - self.noise_decay) * step
             self.noise_count += 1
@@ -202,7 +237,9 @@ class LossBand:
         self.count += 1
         self.ema = d * self.ema + (1.0 - d) * reading.log_value
         self.weight = d * self.weight + (1.0 - d)
-        self.reference = reading.reference
+        self.weight2 = d * d * self.weight2 + (1.0 - d) ** 2
+        if judged:
+            self.reference = reading.reference
         return reading
 
     def state_dict(self) -> dict[str, Any]:
@@ -210,6 +247,7 @@ class LossBand:
             "count": self.count,
             "ema": self.ema,
             "weight": self.weight,
+            "weight2": self.weight2,
             "reference": self.reference,
             "noise": self.noise,
             "noise_count": self.noise_count,
@@ -220,6 +258,7 @@ class LossBand:
         self.count = int(state.get("count", 0))
         self.ema = float(state.get("ema", 0.0))
         self.weight = float(state.get("weight", 1.0 - self.fast_decay**self.count))
+        self.weight2 = float(state.get("weight2", 0.0))
         reference = state.get("reference")
         self.reference = None if reference is None else float(reference)
         self.noise = float(state.get("noise", 0.0))
@@ -262,8 +301,8 @@ class DivergenceDetector:
     """
 
     def __init__(self) -> None:
-        self.loss = LossBand()
-        self.norm = LossBand()
+        self.loss = LossBand(max_smoothing=DETECTOR_SMOOTHING)
+        self.norm = LossBand(max_smoothing=DETECTOR_SMOOTHING)
         self.healthy_streak = 0
         self.steps = 0
 

@@ -220,10 +220,10 @@ class LossAwareMeanThreshold(MeanThreshold):
         >>> rule = LossAwareMeanThreshold()
         >>> rule.step(10.0, loss=1.0)  # first step: a tenth of its norm
         1.0
-        >>> round(rule.step(10.0, loss=0.9), 4)  # loss in its band, ceiling binding: widened
-        1.0718
-        >>> round(rule.step(10.0, loss=50.0), 4)  # smoothed loss 5.1 x its level: ceiling cut 5.1 x
-        0.2259
+        >>> [round(rule.step(10.0, loss=0.9), 4) for _ in range(4)]  # loss in band, ceiling binding: widened
+        [1.0718, 1.1487, 1.2311, 1.3195]
+        >>> round(rule.step(10.0, loss=50.0), 4)  # smoothed loss 2.9 x its level: the ceiling (1.414) cut 2.9 x
+        0.4829
     """
 
     start = 0.1

@@ -83,6 +83,8 @@ def _load(load: Callable[[], Any], path: str, trust: bool) -> Any:
         if trust or not any(marker in str(err) for marker in _REFUSALS):
             raise
         names = _compat.unsafe_globals(path) if os.path.isfile(path) else []
+        if not names and not any(marker in str(err) for marker in _UNSAFE):
+            raise  # the unpickler refused bytes, not a type: a damaged file (e.g. "Unsupported operand")
         listed = ", ".join(names) if names else "see the error below"
         raise UnsafeCheckpointError(
             f"it needs types outside torch's `weights_only` allowlist to load ({listed}); such types usually sit"
@@ -95,6 +97,11 @@ def _load(load: Callable[[], Any], path: str, trust: bool) -> Any:
 _REFUSALS = ("Weights only load failed", "weights_only reading refused")
 """How torch's ``weights_only`` unpickler, and the DCP metadata reader in ``_compat``, say no (an unreadable
 file, e.g. truncated, fails with other messages)."""
+
+
+_UNSAFE = ("GLOBAL", "unrecognized function", "weights_only reading refused")
+"""What a refusal for a type says (torch: an unsupported global, a reduce call of a function outside the
+allowlist; the DCP metadata reader in ``_compat``); other refusals are damaged bytes."""
 
 
 def _first_line(err: BaseException) -> str:

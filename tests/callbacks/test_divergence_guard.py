@@ -17,7 +17,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_clip import AdaptiveGradientClipping, ExplosionGuard, GradientExplosionError
-from lightning_clip.functional.divergence import DIVERGED_LOSS_EXCESS
+from lightning_clip.functional.divergence import DETECTOR_SMOOTHING, DIVERGED_LOSS_EXCESS
 from lightning_clip.report import load_events
 from lightning_clip.testing import FaultInjector
 from tests.models import ExplodingRNN, LossBlowUp, adding_loader, make_trainer, regression_loader
@@ -74,7 +74,7 @@ def test_guard_alone_detects_the_runaway_rolls_back_and_raises_when_the_budget_i
     assert [e["kind"] for e in events] == kinds
     # the first event against the loss band written out by hand, fed the losses of the applied steps
     first = guard.records[0]
-    excess = loss_band_excess(model.losses[: first["step"] + 1])
+    excess = loss_band_excess(model.losses[: first["step"] + 1], max_smoothing=DETECTOR_SMOOTHING)
     assert excess[-1] > DIVERGED_LOSS_EXCESS
     assert all(e is not None and e <= DIVERGED_LOSS_EXCESS for e in excess[:-1])  # the first step above
     assert first["loss_ratio"] == pytest.approx(math.exp(excess[-1]), rel=1e-5)
@@ -92,9 +92,10 @@ def test_clipper_and_guard_train_through_the_runaway(tmp_path: Any) -> None:
     torch.manual_seed(0)
     model = ExplodingRNN()
     guard, clipper = ExplosionGuard(), AdaptiveGradientClipping()
-    make_trainer(tmp_path / "b", callbacks=[clipper, guard], max_steps=300).fit(model, adding_loader(300))
+    make_trainer(tmp_path / "b", callbacks=[clipper, guard], max_steps=500).fit(model, adding_loader(500))
     assert max(model.losses) < 10.0
-    assert sum(model.losses[-50:]) / 50 < 0.5 * sum(model.losses[:50]) / 50  # and it learns
+    assert sum(model.losses[-50:]) / 50 < 0.5 * sum(model.losses[:50]) / 50  # and it learns:
+    assert sum(model.losses[-50:]) / 50 < 1 / 6  # below the trivial predictor's MSE
     assert clipper.rule(0).ceiling < 0.5 * clipper.last[0][0] or clipper.rule(0).cuts > 0  # type: ignore[attr-defined]
 
 

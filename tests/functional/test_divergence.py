@@ -49,7 +49,8 @@ def test_loss_band_matches_its_documented_formula(seed: int, noise: float) -> No
     expected = loss_band_excess(values)
     assert [g is None for g in got] == [e is None for e in expected]
     assert [g for g in got if g is not None] == pytest.approx(
-        [e for e in expected if e is not None], abs=1e-9
+        [e for e in expected if e is not None],
+        abs=1e-7,  # the early spread is a difference of two squares: rounding near 0
     )
 
 
@@ -99,7 +100,7 @@ def test_detector_verdicts_by_hand() -> None:
 def test_snapshot_ok_needs_a_healthy_streak_or_a_healthy_start() -> None:
     detector = DivergenceDetector()
     assert detector.snapshot_ok  # nothing seen: the start is a known-good state
-    for _ in range(3):
+    for _ in range(6):  # the bands set their references at the 5th value (after 3 noise terms)
         detector.update(1.0, 1.0)
     assert detector.snapshot_ok  # every step so far healthy
     for _ in range(4):

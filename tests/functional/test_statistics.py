@@ -360,7 +360,9 @@ def test_loss_aware_rule_matches_its_documented_formula(factor, decay, warmup, m
     assert type(rule) is LossAwareMeanThreshold
     got = [rule.step(n, loss) for n, loss in zip(norms, losses, strict=True)]
     expected = loss_aware_thresholds(norms, losses, factor, decay, warmup, max_norm)
-    assert got == pytest.approx(expected, rel=1e-9)
+    assert got == pytest.approx(
+        expected, rel=1e-7
+    )  # the early spread rounds near 0 (a difference of two squares)
     if shape == "runaway":  # the ceiling was cut, well below the plain rule
         assert rule.cuts > 0
         plain = reference_mean_thresholds(norms, factor, decay, warmup, max_norm)
@@ -373,11 +375,14 @@ def test_loss_aware_first_steps_and_a_cut_by_hand():
     rule = LossAwareMeanThreshold()
     assert rule.step(10.0, loss=1.0) == pytest.approx(1.0)  # a tenth of the first norm
     assert rule.step(10.0, loss=1.0) == pytest.approx(2**0.1)  # binding, loss in band: widened by 2^0.1
-    # smoothed log loss after ln 1, ln 1, ln 50: 0.2·ln 50 / (1 − 0.8³); the reference: 0 relaxed by 0.001
-    excess = 0.2 * math.log(50.0) / (1 - 0.8**3) - 0.001
-    expected = 2**0.2 * math.exp(-excess)  # base = the ceiling in force, shrunk by the loss ratio
+    for k in (2, 3, 4):  # the band sets its reference (0) at the 5th loss, once it has 3 noise terms (0)
+        assert rule.step(10.0, loss=1.0) == pytest.approx(2 ** (0.1 * k))
+    # smoothed log loss after five ln 1 and one ln 50: 0.2·ln 50 / (1 − 0.8⁶); the reference: 0 relaxed by
+    # 0.001 (no noise, so no early spread)
+    excess = 0.2 * math.log(50.0) / (1 - 0.8**6) - 0.001
+    expected = 2**0.5 * math.exp(-excess)  # base = the ceiling in force, shrunk by the loss ratio
     assert rule.step(10.0, loss=50.0) == pytest.approx(expected, rel=1e-12)
-    assert rule.cuts == 1 and rule.slow_start == pytest.approx(0.5 * 2**0.2)
+    assert rule.cuts == 1 and rule.slow_start == pytest.approx(0.5 * 2**0.5)
 
 
 def test_loss_aware_ceiling_never_collapses_to_zero():

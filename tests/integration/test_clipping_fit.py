@@ -229,3 +229,50 @@ def test_default_rule_cuts_its_ceiling_in_a_runaway(tmp_path: Any) -> None:
     assert rule.cuts > 0  # type: ignore[attr-defined]
     assert max(model.losses) < 100.0
     assert min(thresholds) < 0.05 * max(pre.norms[0])
+
+
+class NoisyBoring(pl.LightningModule):
+    """Lightning's ``BoringModel`` as it comes (a linear layer, MSE to ones, batches of one random vector:
+    a very noisy loss), trained with SGD at a stable learning rate; records its training loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from pytorch_lightning.demos.boring_classes import BoringModel
+
+        self.inner = BoringModel()
+        self.losses: list[float] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = self.inner.training_step(batch, batch_idx)["loss"]
+        self.losses.append(float(loss))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self) -> Any:
+        return self.inner.train_dataloader()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_default_rule_does_not_throttle_a_noisy_healthy_run(tmp_path: Any, seed: int) -> None:
+    """A loss that jumps ×10 from one batch to the next is noise, not a runaway: the loss-aware default
+    trains ``BoringModel`` as the plain mean rule does (the reference: the same fit with
+    ``loss_aware=False``). Before the band's early spread and noise warm-up, a lucky low second batch became
+    the healthy level and the ceiling fell to 1e-3 of the norms: the loss stayed at its start (~1)."""
+    ends = {}
+    for loss_aware in (False, True):
+        pl.seed_everything(seed, verbose=False)
+        model = NoisyBoring()
+        pre, clipper = PreClipNorms(), AdaptiveGradientClipping(loss_aware=loss_aware)
+        figures = LastFigures(clipper)
+        make_trainer(tmp_path, callbacks=[pre, clipper, figures], max_steps=300).fit(model)
+        ends[loss_aware] = sum(model.losses[-50:]) / 50
+        if loss_aware:
+            late = [t / n for t, n in zip(figures.thresholds()[-100:], pre.norms[0][-100:], strict=True)]
+            assert sorted(late)[50] > 0.5  # the threshold stays of the order of the norms
+    assert ends[True] < 1.5 * ends[False]
+    assert ends[True] < 0.2  # it trained: the loss starts near 1
