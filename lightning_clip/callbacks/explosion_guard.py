@@ -295,13 +295,7 @@ class ExplosionGuard(LightningClipCallback):
         # the state a fit starts (or resumes) from is known-good, whatever the restored detector says:
         # the in-memory snapshots of the interrupted run are gone
         if self._snapshots_on:
-            self._known_good.take(
-                trainer,
-                self._siblings(trainer),
-                self.lr_scale,
-                agree=self._agree(trainer),
-                guard=self._own_state(),
-            )
+            self._take_snapshot(trainer)
 
     @override
     def on_train_batch_start(
@@ -436,6 +430,16 @@ class ExplosionGuard(LightningClipCallback):
         state.divergence = reading
         return reading
 
+    def _take_snapshot(self, trainer: Trainer) -> None:
+        """Take the current state as the newest known-good one (with the guard's own state)."""
+        self._known_good.take(
+            trainer,
+            self._siblings(trainer),
+            self.lr_scale,
+            agree=self._agree(trainer),
+            guard=self._own_state(),
+        )
+
     def _own_state(self) -> dict[str, Any]:
         """What of the guard's own state a known-good state keeps: its divergence detector (rewound by a
         rollback, so the restored state starts from the healthy band it was taken in)."""
@@ -488,13 +492,7 @@ class ExplosionGuard(LightningClipCallback):
             pass  # retry next step
         elif self._snapshots_on:
             if self._detector.snapshot_ok:  # never a state taken during a runaway: retry next step
-                self._known_good.take(
-                    trainer,
-                    self._siblings(trainer),
-                    self.lr_scale,
-                    agree=self._agree(trainer),
-                    guard=self._own_state(),
-                )
+                self._take_snapshot(trainer)
         else:
             self._known_good.postpone(trainer.global_step)
 
