@@ -107,10 +107,7 @@ class LightningClipCallback(CallbackBase):
 
     @staticmethod
     def _sum_over_ranks(trainer: Trainer, flags: list[int]) -> list[int]:
-        """Sum integer ``flags`` over the ranks (one small all-reduce; nothing on a single process), so a
-        decision taken from them is the same on every rank."""
-        if trainer.world_size <= 1:
-            return flags
-        t = torch.tensor(flags, dtype=torch.int32, device=trainer.strategy.root_device)
-        t = trainer.strategy.reduce(t, reduce_op="sum")
-        return [int(v) for v in t.tolist()]
+        """Sum integer ``flags`` over the ranks (one small all-reduce, the same as the step's, `_rank_sum`;
+        nothing on a single process), so a decision taken from them is the same on every rank."""
+        reduce = _rank_sum(trainer)
+        return flags if reduce is None else [round(v) for v in reduce([float(f) for f in flags])]
