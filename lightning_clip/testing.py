@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from lightning_clip._validation import check_choice, check_int
 from lightning_clip.callbacks._base import CallbackBase
+from lightning_clip.functional.norms import dense_values
 
 if TYPE_CHECKING:
     from lightning_clip._compat import LightningModule, Trainer
@@ -38,7 +39,7 @@ def _poison_(obj: Any, value: float) -> int:
     filled: list[int] = []
 
     def fill(t: torch.Tensor) -> torch.Tensor:
-        if t.is_floating_point():
+        if t.is_floating_point() or t.is_complex():
             t.fill_(value)
             filled.append(1)
         return t
@@ -204,7 +205,7 @@ class FaultInjector(CallbackBase):
         hit = False
         for _, p in self._params(pl_module):
             if p.grad is not None:
-                p.grad.fill_(self.value)
+                dense_values(p.grad, coalesce=False).fill_(self.value)  # a sparse gradient: its values
                 hit = True
         if hit:
             self._note(trainer)

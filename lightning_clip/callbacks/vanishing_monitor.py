@@ -339,7 +339,7 @@ class VanishingGradientMonitor(LightningClipCallback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._remove_hooks()
         if self.save_figure and self.history:
-            self._save_figure(trainer)
+            self._save_figure(trainer, _compat.log_dir(trainer))  # on every rank: log_dir is a collective
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -575,7 +575,7 @@ class VanishingGradientMonitor(LightningClipCallback):
 
     # ----------------------------------------------------------------------------------- figure
     @rank_zero_only
-    def _save_figure(self, trainer: Trainer) -> None:
+    def _save_figure(self, trainer: Trainer, directory: str) -> None:
         try:
             from lightning_clip.report.plot import plot_gradient_flow
 
@@ -585,7 +585,6 @@ class VanishingGradientMonitor(LightningClipCallback):
                 "matplotlib is not installed: no gradient-flow figure (pip install 'lightning-clip[plot]')."
             )
             return
-        directory = _compat.log_dir(trainer)
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, "gradient_flow.png")
         fig.savefig(path, dpi=100)
