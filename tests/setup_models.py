@@ -72,3 +72,23 @@ class SparseAdamModel(BagOfEmbeddings):
             torch.optim.SparseAdam(list(self.emb.parameters()), lr=0.05),
             torch.optim.Adam(self.head.parameters(), lr=0.05),
         ]
+
+
+class ComplexFeatures(pl.LightningModule):
+    """A regressor with one complex weight: ``|x W|`` (``W`` complex64) feeds a real linear head; Adam."""
+
+    def __init__(self, features: int = 8, hidden: int = 6, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.cweight = nn.Parameter(torch.randn(features, hidden, dtype=torch.complex64) / features**0.5)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head((x.to(torch.complex64) @ self.cweight).abs())
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=0.01)
