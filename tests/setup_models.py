@@ -92,3 +92,30 @@ class ComplexFeatures(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+class PartlyUsedHeads(pl.LightningModule):
+    """A shared trunk with heads used on some steps only: ``head_a`` on even steps, ``head_b`` on odd steps
+    (round-robin multi-task), ``aux`` on the steps ``s % 10 == 5`` (an auxiliary loss), and ``unused``,
+    never used. Plain SGD."""
+
+    def __init__(self, features: int = 8, hidden: int = 16) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(features, hidden), nn.Tanh())
+        self.head_a = nn.Linear(hidden, 1)
+        self.head_b = nn.Linear(hidden, 1)
+        self.aux = nn.Linear(hidden, 1)
+        self.unused = nn.Linear(hidden, 1)
+        self.used: list[tuple[int, list[str]]] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        h = self.trunk(x)
+        step = self.global_step
+        heads = ["head_a" if step % 2 == 0 else "head_b", *(["aux"] if step % 10 == 5 else [])]
+        self.used.append((step, heads))
+        return sum(nn.functional.mse_loss(getattr(self, name)(h), y) for name in heads)  # type: ignore[return-value]
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
