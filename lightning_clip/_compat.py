@@ -45,6 +45,7 @@ __all__ = [
     "is_dtensor",
     "local_tensor",
     "log_dir",
+    "logger_step",
     "loss_scale_tensor",
     "norm_modules",
     "optimizer_index",
@@ -142,6 +143,15 @@ def log_dir(trainer: Any) -> str:
     """The run's log directory (the first logger's, else ``default_root_dir``); call on every rank."""
     path = trainer.log_dir
     return os.fspath(path if path is not None else trainer.default_root_dir)
+
+
+def logger_step(trainer: Any) -> int:
+    """The step the loggers write this training batch's metrics under (``metrics.csv``'s ``step``): the fit
+    loop's count of batches that stepped (``_batches_that_stepped``; it counts batches, not optimizer
+    steps), else ``global_step``."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    value = getattr(loop, "_batches_that_stepped", None)
+    return int(value) if isinstance(value, int) else int(trainer.global_step)
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
@@ -24,7 +23,7 @@ from lightning_clip.functional.divergence import DIVERGED, DivergenceDetector, R
 from lightning_clip.functional.thresholds import MeanThreshold
 from lightning_clip.guard import decision as D
 from lightning_clip.guard.checkpoints import write_state
-from lightning_clip.guard.events import EVENTS_FILENAME, EventLog, EventRecord, failure_message
+from lightning_clip.guard.events import EVENTS_FILENAME, EventLog, EventRecord, events_path, failure_message
 from lightning_clip.guard.known_good import KnownGoodStates
 from lightning_clip.guard.snapshot import (
     all_finite,
@@ -127,8 +126,10 @@ class ExplosionGuard(LightningClipCallback):
     | ``explosion/skipped_steps`` | optimizer steps not applied (events and ``skip_batches``) |
 
     Each event is also written (rank zero) as one JSON line to ``lightning_clip_events.jsonl`` in the run's
-    log directory (the first logger's ``log_dir``, else ``default_root_dir``): ``step``, ``epoch``,
-    ``batch``, ``optimizer``, ``kind``, ``kinds``, ``norm``, ``loss``, ``params`` (the first parameters whose
+    own directory (the first logger's ``log_dir``; without one, a new
+    ``<default_root_dir>/lightning_clip_logs/version_<N>``: `lightning_clip.guard.events.run_log_dir`):
+    ``step``, ``log_step`` (the loggers' step of the batch, ``metrics.csv``'s x), ``epoch``, ``batch``,
+    ``optimizer``, ``kind``, ``kinds``, ``norm``, ``loss``, ``params`` (the first parameters whose
     gradients, or weights, went bad; for a divergence or a spike the largest), ``action``, ``restored``
     (``source``, ``step``, ``path``), ``rollbacks``, ``lr_scale``, and for a divergence ``loss_ratio`` /
     ``norm_ratio`` (the smoothed loss and norm as multiples of their healthy levels). Non-finite numbers
@@ -281,7 +282,7 @@ class ExplosionGuard(LightningClipCallback):
                 " has no ModelCheckpoint. Add `ModelCheckpoint(every_n_train_steps=...)` to `callbacks`, or set"
                 " `snapshot_every_n_steps` > 0 to keep an in-memory snapshot."
             )
-        self._events_path = os.path.join(_compat.log_dir(trainer), EVENTS_FILENAME)
+        self._events_path = events_path(trainer)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -601,6 +602,7 @@ class ExplosionGuard(LightningClipCallback):
             action=self.action,
             norm=norm,
             loss=loss,
+            log_step=_compat.logger_step(trainer),
         )
 
     def _weights_record(self, trainer: Trainer, named: Any) -> EventRecord:

@@ -24,6 +24,7 @@ from lightning_clip.diagnosis import Onset
 from lightning_clip.exceptions import VanishingGradientWarning
 from lightning_clip.functional import health
 from lightning_clip.functional.norms import grad_norms, group_norms
+from lightning_clip.guard.events import run_log_dir
 from lightning_clip.step import LOSS_RIDER, StepState, optimizer_params
 
 __all__ = ["VanishingGradientMonitor"]
@@ -122,7 +123,9 @@ class VanishingGradientMonitor(LightningClipCallback):
             in ``(0, 1)``.
         log_layer_metrics: also log per-layer figures at each check (keys below).
         save_figure: at the end of fit, save the gradient-flow figure (per-layer gradient norm against
-            depth, one line per check, log scale) as ``gradient_flow.png`` in the log directory and add it
+            depth, one line per check, log scale) as ``gradient_flow.png`` in the run's directory (the
+            logger's ``log_dir``; without one ``<default_root_dir>/lightning_clip_logs/version_<N>``, as
+            the event log) and add it
             to TensorBoard with a ``TensorBoardLogger``; needs matplotlib (the ``plot`` extra).
         measure_causes: measure the causes (above) for the warnings; ``False`` keeps only the generic
             fixes that fit the model's modules, and costs nothing beyond the checks themselves.
@@ -211,6 +214,7 @@ class VanishingGradientMonitor(LightningClipCallback):
         self._stepped = False
         self._norm_seen: int | None = None  # id() of the last StepState whose norm was recorded
         self._weight_norms: dict[int, torch.Tensor] = {}  # id(parameter) -> its norm, at this check
+        self._log_dir: str | None = None  # where the figure goes (known from setup on)
         # optimizer index -> its trainable parameters that got no gradient since its last check
         self._unseen: dict[int, list[torch.Tensor]] = {}
 
@@ -247,6 +251,12 @@ class VanishingGradientMonitor(LightningClipCallback):
         self.probe.load_state_dict(state_dict.get("series", {}))
 
     # ----------------------------------------------------------------------------------------- hooks
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.save_figure:
+            self._log_dir = run_log_dir(trainer)  # the run's own folder, also without a logger (collective)
+
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._layers = health.model_layers(pl_module)
@@ -367,7 +377,7 @@ class VanishingGradientMonitor(LightningClipCallback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._remove_hooks()
         if self.save_figure and self.history:
-            self._save_figure(trainer, _compat.log_dir(trainer))  # on every rank: log_dir is a collective
+            self._save_figure(trainer, self._log_dir or _compat.log_dir(trainer))
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

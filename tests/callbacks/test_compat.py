@@ -199,3 +199,23 @@ def test_module_families_cover_torch_layers() -> None:
     ):
         assert isinstance(layer, channels)
     assert not isinstance(nn.LayerNorm(2), channels) and not isinstance(nn.Linear(2, 2), channels)
+
+
+def test_logger_step_is_the_step_metrics_csv_writes_in_manual_optimization(tmp_path: Any) -> None:
+    """Two optimizers stepped per batch: ``global_step`` grows by 2, the loggers' step by 1; the value read
+    inside each optimizer step is the ``step`` the batch's metrics are written under."""
+    seen: list[tuple[int, int]] = []
+
+    class Steps(pl.Callback):
+        def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
+            seen.append((trainer.global_step, _compat.logger_step(trainer)))
+            pl_module.log("probe", float(trainer.global_step), on_step=True, on_epoch=False)
+
+    logger = CSVLogger(str(tmp_path), name="run", version="v")
+    trainer = make_trainer(tmp_path, callbacks=[Steps()], max_steps=8, logger=logger)
+    trainer.fit(TwoOptimizerModel(), regression_loader())
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as fh:
+        written = {int(float(r["probe"])): int(r["step"]) for r in csv.DictReader(fh) if r.get("probe")}
+    # each batch's row holds the value logged last (at its second optimizer step): global steps 1, 3, 5, 7
+    assert written == {1: 0, 3: 1, 5: 2, 7: 3}
+    assert seen == [(g, g // 2) for g in range(8)]

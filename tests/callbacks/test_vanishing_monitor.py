@@ -323,11 +323,15 @@ def test_figure_saved_and_sent_to_tensorboard(tmp_path: Any) -> None:
     assert "grad_health/gradient_flow" in events.Tags()["images"]
 
 
-def test_figure_without_logger_goes_to_default_root_dir(tmp_path: Any) -> None:
-    make_trainer(tmp_path, max_steps=3, callbacks=[VanishingGradientMonitor()]).fit(
-        RegressionModel(), regression_loader()
-    )
-    assert (tmp_path / "gradient_flow.png").exists()
+def test_figure_without_logger_goes_to_a_folder_of_its_run(tmp_path: Any) -> None:
+    for _ in range(2):
+        make_trainer(tmp_path, max_steps=3, callbacks=[VanishingGradientMonitor()]).fit(
+            RegressionModel(), regression_loader()
+        )
+    runs = tmp_path / "lightning_clip_logs"
+    assert sorted(os.listdir(runs)) == ["version_0", "version_1"]
+    assert all((runs / v / "gradient_flow.png").exists() for v in ("version_0", "version_1"))
+    assert not (tmp_path / "gradient_flow.png").exists()
     make_trainer(tmp_path / "off", max_steps=3, callbacks=[VanishingGradientMonitor(save_figure=False)]).fit(
         RegressionModel(), regression_loader()
     )
