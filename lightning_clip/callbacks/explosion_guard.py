@@ -25,6 +25,7 @@ from lightning_clip.guard import decision as D
 from lightning_clip.guard.checkpoints import write_state
 from lightning_clip.guard.events import EVENTS_FILENAME, EventLog, EventRecord, events_path, failure_message
 from lightning_clip.guard.known_good import KnownGoodStates
+from lightning_clip.guard.logged import LoggedWindow
 from lightning_clip.guard.snapshot import (
     all_finite,
     nonfinite_names,
@@ -167,6 +168,9 @@ class ExplosionGuard(LightningClipCallback):
     overflow_patience: int = 20
     min_loss_scale: float = 2.0**-8
     max_param_names: int = 5
+    drop_logged_values: bool = True
+    """A step not applied because of an event leaves the epoch aggregates of the values the user logs
+    (`lightning_clip.guard.logged.LoggedWindow`); False keeps them (the epoch mean is then NaN)."""
 
     def __init__(
         self,
@@ -209,6 +213,7 @@ class ExplosionGuard(LightningClipCallback):
         self._names: dict[int, str] = {}
         self._has_scaler = False
         self._signals: tuple[StepState, D.LocalSignals] | None = None  # this step's local signals
+        self._logged = LoggedWindow()  # the epoch's logged values at the start of this step's window
         self._events_path: str | None = None
         #: every event of this run as written to the event log (also on ranks that do not write the file)
         self.records: list[dict[str, Any]] = []
@@ -293,6 +298,7 @@ class ExplosionGuard(LightningClipCallback):
         self._losses.clear()
         self._losses.scale = None if scaler is None else (lambda: _compat.loss_scale_tensor(scaler))
         self._known_good.reset()
+        self._logged.reset()
         # the state a fit starts (or resumes) from is known-good, whatever the restored detector says:
         # the in-memory snapshots of the interrupted run are gone
         if self._snapshots_on:
@@ -304,6 +310,7 @@ class ExplosionGuard(LightningClipCallback):
     ) -> None:
         self._batch_idx = batch_idx
         self._stepped = False
+        self._logged.start_batch(trainer)
         if self._skip_remaining > 0:
             self._tainted = True
             self._skip_remaining -= 1
@@ -349,6 +356,7 @@ class ExplosionGuard(LightningClipCallback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._logged.end_batch(trainer, self._stepped)  # a dropped step leaves the epoch's logged values
         if self._pending is not None:
             record, self._pending = self._pending, None
             self._rollback(trainer, record)
@@ -471,6 +479,8 @@ class ExplosionGuard(LightningClipCallback):
         self.skipped_steps += 1
         if not decision.kinds:
             return
+        if self.drop_logged_values:
+            self._logged.drop()
         record = self._record(trainer, list(decision.kinds), measurement.total_norm, loss)
         if D.DIVERGENCE in decision.kinds and reading is not None:
             record.loss_ratio, record.norm_ratio = reading.loss_ratio, reading.norm_ratio
