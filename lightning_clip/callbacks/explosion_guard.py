@@ -97,6 +97,11 @@ class ExplosionGuard(LightningClipCallback):
     restored state, otherwise `GradientExplosionError` is raised before the file is
     written.
 
+    What the user logs: a step not applied because of an event leaves the epoch aggregates of the tensors
+    ``training_step`` logged with ``on_epoch=True`` (its whole accumulation window; the ``_step`` values
+    stay), so an ``EarlyStopping`` on ``train_loss_epoch`` is not stopped by a NaN the guard recovered
+    from (`lightning_clip.guard.logged.LoggedWindow`; ``drop_logged_values = False`` keeps them).
+
     Args:
         action: ``"rollback"`` | ``"skip"`` | ``"raise"``.
         spike_factor: also an event: gradient norm ``> spike_factor`` × running mean (``> 1``; None: off).
