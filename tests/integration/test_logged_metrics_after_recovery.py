@@ -15,10 +15,11 @@ import pytest
 import torch
 from pytorch_lightning.callbacks import EarlyStopping
 from pytorch_lightning.loggers import CSVLogger
+from torch import nn
 
 from lightning_clip import ExplosionGuard
 from lightning_clip.testing import FaultInjector
-from tests.models import RegressionModel, make_trainer, regression_loader
+from tests.models import RegressionModel, TwoOptimizerModel, make_trainer, regression_loader
 
 
 class LoggingModel(RegressionModel):
@@ -92,3 +93,40 @@ def test_with_accumulation_every_batch_of_the_dropped_window_leaves_the_epoch_va
         kept = [model.logged[(epoch, b)] for b in (0, 1, 2, 3, 6, 7)]
         assert math.isfinite(model.logged[(epoch, 4)])
         assert epoch_values[epoch] == pytest.approx(sum(kept) / 6, rel=1e-6)
+
+
+class LoggingTwoOptimizers(TwoOptimizerModel):
+    """Manual optimization, two optimizers stepped per batch; logs its loss for the step and the epoch."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log(
+            "train_loss", nn.functional.mse_loss(self.head(self.encoder(x)), y), on_step=True, on_epoch=True
+        )
+        super().training_step(batch, batch_idx)
+
+
+def test_manual_optimization_with_two_optimizers_drops_the_batch_from_the_epoch_value(tmp_path: Any) -> None:
+    """A poisoned forward pass in batch 3 of epoch 0 (global steps 6 and 7): neither optimizer step is
+    applied and epoch 0's mean is that of its 7 other batches (the model's own record of its losses)."""
+    torch.manual_seed(0)
+    model = LoggingTwoOptimizers()
+    guard = ExplosionGuard(snapshot_every_n_steps=2)
+    faults = FaultInjector(target="forward", steps=[6])
+    logger = CSVLogger(str(tmp_path), name="run")
+    trainer = make_trainer(tmp_path, max_steps=-1, max_epochs=2, logger=logger, callbacks=[faults, guard])
+    trainer.fit(model, regression_loader())
+    assert [(r["step"], r["log_step"], r["batch"], r["kind"]) for r in guard.records] == [
+        (6, 3, 3, "nonfinite_loss")
+    ]
+    assert math.isnan(model.losses[3]) and sum(math.isnan(v) for v in model.losses) == 1
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        epoch_values = {
+            int(r["epoch"]): float(r["train_loss_epoch"])
+            for r in csv.DictReader(f)
+            if r.get("train_loss_epoch")
+        }
+    for epoch in (0, 1):
+        applied = [v for v in model.losses[8 * epoch : 8 * epoch + 8] if math.isfinite(v)]
+        assert len(applied) == (7 if epoch == 0 else 8)
+        assert epoch_values[epoch] == pytest.approx(sum(applied) / len(applied), rel=1e-6)
