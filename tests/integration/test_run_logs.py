@@ -102,3 +102,18 @@ def test_manual_two_optimizer_events_carry_the_loggers_step(tmp_path: Path) -> N
     fig = report.plot_norms(run)
     lines = [line for line in fig.axes[0].get_lines() if line.get_color() == "orange"]
     assert [list(line.get_xdata()) for line in lines] == [[3, 3]]
+
+
+def test_without_logger_the_event_log_and_the_figure_share_the_runs_folder(tmp_path: Path) -> None:
+    from lightning_clip import VanishingGradientMonitor
+
+    guard = ExplosionGuard()
+    callbacks = [
+        guard,
+        VanishingGradientMonitor(check_every_n_steps=2),
+        FaultInjector(target="grad", steps=[3]),
+    ]
+    make_trainer(tmp_path, max_steps=6, callbacks=callbacks).fit(RegressionModel(), regression_loader())
+    run_dir = tmp_path / "lightning_clip_logs" / "version_0"
+    assert guard.events_path == str(run_dir / EVENTS_FILENAME)
+    assert sorted(os.listdir(run_dir)) == sorted([EVENTS_FILENAME, "gradient_flow.png"])
