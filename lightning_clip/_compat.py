@@ -39,17 +39,20 @@ __all__ = [
     "dcp_is_checkpoint_dir",
     "dcp_load",
     "dcp_metadata_filename",
+    "epoch_logged_values",
     "force_scaler_skip",
     "gradient_scaler",
     "group_tensors_by_device_and_dtype",
     "is_dtensor",
     "local_tensor",
     "log_dir",
+    "logger_step",
     "loss_scale_tensor",
     "norm_modules",
     "optimizer_index",
     "precision_checkpoint_key",
     "replication",
+    "restore_epoch_logged_values",
     "saved_tensor",
     "saved_value",
     "should_update_logs",
@@ -142,6 +145,58 @@ def log_dir(trainer: Any) -> str:
     """The run's log directory (the first logger's, else ``default_root_dir``); call on every rank."""
     path = trainer.log_dir
     return os.fspath(path if path is not None else trainer.default_root_dir)
+
+
+def logger_step(trainer: Any) -> int:
+    """The step the loggers write this training batch's metrics under (``metrics.csv``'s ``step``): the fit
+    loop's count of batches that stepped (``_batches_that_stepped``; it counts batches, not optimizer
+    steps), else ``global_step``."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    value = getattr(loop, "_batches_that_stepped", None)
+    return int(value) if isinstance(value, int) else int(trainer.global_step)
+
+
+def _epoch_results(trainer: Any) -> dict[str, Any]:
+    """The training epoch's logged-value collection (``fit_loop.epoch_loop._results``: key ->
+    ``_ResultMetric``), only its tensor values logged with ``on_epoch=True`` (a ``torchmetrics.Metric``
+    logged as such keeps its own state)."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    results = getattr(loop, "_results", None)
+    if results is None:
+        return {}
+    return {k: m for k, m in results.items() if getattr(m, "is_tensor", False) and m.meta.on_epoch}
+
+
+def epoch_logged_values(trainer: Any) -> dict[str, tuple[Any, Any]]:
+    """What the training epoch has accumulated so far of each tensor value logged with ``on_epoch=True``:
+    key -> ``(value, cumulated_batch_size)`` (a mean: the weighted sum and the count; max, min, sum: the
+    running value and None). The tensors are referenced, not copied: Lightning's ``_ResultMetric.update``
+    replaces them at every ``self.log``, never writes into them."""
+    return {
+        k: (m.value, getattr(m, "cumulated_batch_size", None)) for k, m in _epoch_results(trainer).items()
+    }
+
+
+def restore_epoch_logged_values(trainer: Any, saved: dict[str, tuple[Any, Any]]) -> list[str]:
+    """Put the epoch accumulation of the logged values back to ``saved`` (from `epoch_logged_values`): what
+    was logged since no longer counts in the ``on_epoch`` aggregates. A key first logged since goes back to
+    its initial state (it stays listed: a later ``self.log`` accumulates from there). The values logged for
+    the step itself (``on_step``) are untouched. Returns the names (as logged) put back."""
+    restored = []
+    for key, metric in _epoch_results(trainer).items():
+        if key in saved:
+            value, count = saved[key]
+            if metric.value is value and (count is None or metric.cumulated_batch_size is count):
+                continue  # nothing logged since
+            metric.value = value
+            if count is not None:
+                metric.cumulated_batch_size = count
+        else:
+            metric.reset()
+            metric.has_reset = False  # reset() hides the key from this step's logging too: keep it listed
+        metric._computed = None
+        restored.append(str(metric.meta.name))
+    return restored
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:

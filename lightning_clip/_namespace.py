@@ -21,6 +21,7 @@ __all__ = [
     "is_tensorboard_logger",
     "lightning_classes",
     "lightning_namespaces",
+    "sparse_problem",
     "strategy_problem",
 ]
 
@@ -131,5 +132,43 @@ def strategy_problem(strategy: Any) -> str | None:
         return (
             f"lightning-clip does not support `{used}`: it measures gradients under SingleDeviceStrategy,"
             f" DDPStrategy and ModelParallelStrategy only (and their subclasses).{advice}"
+        )
+    return None
+
+
+# -------------------------------------------------------------------------------------- sparse layouts
+def _sparse_grad_modules(module: Any) -> list[str]:
+    """Qualified names of the submodules that produce sparse gradients (``sparse=True`` embeddings)."""
+    return [
+        f"{name or '<root>'} ({type(mod).__name__}(sparse=True))"
+        for name, mod in module.named_modules()
+        if getattr(mod, "sparse", False) is True and type(mod).__name__ in ("Embedding", "EmbeddingBag")
+    ]
+
+
+def sparse_problem(strategy: Any, module: Any) -> str | None:
+    """Why lightning-clip cannot measure ``module``'s gradients under ``strategy``, or None when it can.
+
+    Sparse COO gradients (``nn.Embedding(sparse=True)``, ``nn.EmbeddingBag(sparse=True)``) are measured,
+    clipped and checked through their coalesced values on a single device and under DDP. Refused: a
+    parameter that is itself sparse (not a strided tensor), and sparse gradients under
+    ``ModelParallelStrategy`` (sharded parameters hold no sparse gradient lightning-clip can measure).
+    The message names the parameter or module and what to use instead.
+    """
+    import torch  # here: importing this module imports no torch
+
+    for name, p in module.named_parameters():
+        if p.layout != torch.strided:
+            return (
+                f"lightning-clip measures strided parameters (with strided or sparse COO gradients), but"
+                f" parameter `{name}` has layout {p.layout}: keep the parameter dense and let a"
+                " `sparse=True` embedding produce sparse gradients instead."
+            )
+    sparse = _sparse_grad_modules(module)
+    if sparse and "ModelParallelStrategy" in [cls.__name__ for cls in type(strategy).__mro__]:
+        return (
+            f"lightning-clip does not measure sparse gradients under `{type(strategy).__name__}`:"
+            f" {', '.join(sparse)}. Use `sparse=False` for these modules under sharded training, or train"
+            " them with DDP (`strategy='ddp'`), where sparse gradients are supported."
         )
     return None

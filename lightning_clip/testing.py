@@ -13,13 +13,14 @@ from typing_extensions import override
 
 from lightning_clip._validation import check_choice, check_int
 from lightning_clip.callbacks._base import CallbackBase
+from lightning_clip.functional.norms import dense_values
 
 if TYPE_CHECKING:
     from lightning_clip._compat import LightningModule, Trainer
 
 __all__ = ["FaultInjector"]
 
-TARGETS = ("loss", "grad", "weight", "input")
+TARGETS = ("loss", "grad", "weight", "input", "forward")
 
 
 def _check_indices(name: str, value: Any) -> frozenset[int] | None:
@@ -38,7 +39,7 @@ def _poison_(obj: Any, value: float) -> int:
     filled: list[int] = []
 
     def fill(t: torch.Tensor) -> torch.Tensor:
-        if t.is_floating_point():
+        if t.is_floating_point() or t.is_complex():
             t.fill_(value)
             filled.append(1)
         return t
@@ -48,7 +49,8 @@ def _poison_(obj: Any, value: float) -> int:
 
 
 class FaultInjector(CallbackBase):
-    """Inject NaN or Inf into the loss, the gradients, the weights or the input batch, on chosen steps.
+    """Inject NaN or Inf into the loss, the gradients, the weights, the input batch or the forward pass, on
+    chosen steps.
 
     Attach it next to `ExplosionGuard` to check in CI that a training setup
     survives faults. It is a plain ``Callback`` (not a lightning-clip callback): the guard never snapshots
@@ -75,9 +77,17 @@ class FaultInjector(CallbackBase):
       one rank stays on that rank.
     * ``"weight"``: ``on_train_batch_end`` (after the optimizer step) fills the parameters matching
       ``param_pattern`` with ``value``; the next forward pass turns non-finite.
+    * ``"forward"``: for that batch, a forward hook on every module of the LightningModule that directly
+      owns parameters turns its floating-point outputs into ``value`` (``0 * output + value``, so the graph
+      stays connected): the loss ``training_step`` computes, *and every value it logs from it*, are
+      non-finite, whatever the batch holds (token ids included), and so are the gradients. This is the
+      target that shows, in a user's CI, whether a recovered step still reaches the logged metrics (e.g.
+      an ``EarlyStopping`` watching ``train_loss_epoch``); ``"loss"`` multiplies the value returned after
+      ``training_step`` logged it, so what was logged stays finite. The hooks are removed at the end of
+      the batch.
 
     Args:
-        target: ``"loss"`` | ``"grad"`` | ``"weight"`` | ``"input"``.
+        target: ``"loss"`` | ``"grad"`` | ``"weight"`` | ``"input"`` | ``"forward"``.
         value: the value injected: ``float("nan")``, ``float("inf")`` or ``float("-inf")``.
         steps: global steps to fire at (integers ``≥ 0``). Exactly one of ``steps`` and ``batches``.
         batches: batch indices within the epoch to fire at, every epoch (integers ``≥ 0``).
@@ -138,6 +148,7 @@ class FaultInjector(CallbackBase):
         self._step = -1
         self._batch = -1
         self._wrapped: LightningModule | None = None
+        self._hooks: list[Any] = []  # target="forward": the forward hooks of the current batch
 
     def _fires(self, trainer: Trainer, batch_idx: int) -> bool:
         if self.rank is not None and trainer.global_rank != self.rank:
@@ -165,6 +176,8 @@ class FaultInjector(CallbackBase):
             self._note(trainer)
         if self._active and self.target == "loss" and pl_module.automatic_optimization:
             self._wrap_training_step(pl_module)
+        if self._active and self.target == "forward":
+            self._poison_forward(trainer, pl_module)
 
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
@@ -176,6 +189,23 @@ class FaultInjector(CallbackBase):
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._unwrap()
+
+    def _poison_forward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        value = self.value
+        noted: list[bool] = []
+
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+            if not noted:
+                noted.append(True)
+                self._note(trainer)
+            return apply_to_collection(
+                output,
+                torch.Tensor,
+                lambda t: t * 0 + value if t.is_floating_point() or t.is_complex() else t,
+            )
+
+        owners = [m for m in pl_module.modules() if next(m.parameters(recurse=False), None) is not None]
+        self._hooks = [m.register_forward_hook(hook) for m in owners]
 
     def _wrap_training_step(self, pl_module: LightningModule) -> None:
         original = pl_module.training_step
@@ -193,6 +223,9 @@ class FaultInjector(CallbackBase):
         self._wrapped = pl_module
 
     def _unwrap(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
         if self._wrapped is not None:
             self._wrapped.__dict__.pop("training_step", None)
             self._wrapped = None
@@ -204,7 +237,7 @@ class FaultInjector(CallbackBase):
         hit = False
         for _, p in self._params(pl_module):
             if p.grad is not None:
-                p.grad.fill_(self.value)
+                dense_values(p.grad, coalesce=False).fill_(self.value)  # a sparse gradient: its values
                 hit = True
         if hit:
             self._note(trainer)

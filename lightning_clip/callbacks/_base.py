@@ -46,7 +46,9 @@ class LightningClipCallback(CallbackBase):
     * It is a genuine ``Callback`` of every installed Lightning namespace (``pytorch_lightning`` and
       ``lightning.pytorch``), so either namespace's ``Trainer`` and ``LightningCLI`` accept it.
     * At ``setup`` it refuses a strategy whose gradients it cannot measure
-      (`lightning_clip._namespace.strategy_problem`): DeepSpeed, FSDP1's ``FSDPStrategy``, XLA.
+      (`lightning_clip._namespace.strategy_problem`): DeepSpeed, FSDP1's ``FSDPStrategy``, XLA; and a
+      layout it cannot measure (`lightning_clip._namespace.sparse_problem`): a sparse parameter, sparse
+      gradients under ``ModelParallelStrategy``.
     * `ExplosionGuard` snapshots and restores the ``state_dict`` of every other
       callback of this type, so a rollback also rewinds e.g. the clipping statistics.
     * At ``setup`` the lightning-clip callbacks of a Trainer are handed one
@@ -76,7 +78,9 @@ class LightningClipCallback(CallbackBase):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        problem = _namespace.strategy_problem(trainer.strategy)
+        problem = _namespace.strategy_problem(trainer.strategy) or _namespace.sparse_problem(
+            trainer.strategy, pl_module
+        )
         if problem is not None:
             raise ValueError(f"{type(self).__name__}: {problem}")
         siblings = [cb for cb in trainer.callbacks if isinstance(cb, LightningClipCallback)]  # type: ignore[attr-defined, union-attr, unused-ignore]

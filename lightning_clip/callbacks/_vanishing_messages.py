@@ -157,11 +157,12 @@ def time_message(
 
 
 def no_grad_message(step: int, patience: int, layers: dict[str, list[str]]) -> str:
-    """Trainable parameters (per layer) that got no gradient."""
+    """Trainable parameters (per layer) that got no gradient on any step of ``patience`` check windows."""
     listed = "; ".join(f"`{n}` ({', '.join(ps)})" for n, ps in list(layers.items())[:MAX_LISTED])
     more = f" and {plural(len(layers) - MAX_LISTED, 'more layer')}" if len(layers) > MAX_LISTED else ""
     return (
-        f"Trainable parameters got no gradient at step {step}, {patience} checks in a row: {listed}{more}."
+        f"Trainable parameters got no gradient on any step up to step {step} since the check before,"
+        f" {patience} checks in a row: {listed}{more}."
         " They are not used in the forward pass, or their output is detached from the loss. Reconnect them,"
         " remove them, or freeze them (`requires_grad_(False)`); under DDP unused parameters also need"
         " `strategy=DDPStrategy(find_unused_parameters=True)`."

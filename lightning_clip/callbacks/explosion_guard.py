@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
@@ -24,8 +23,9 @@ from lightning_clip.functional.divergence import DIVERGED, DivergenceDetector, R
 from lightning_clip.functional.thresholds import MeanThreshold
 from lightning_clip.guard import decision as D
 from lightning_clip.guard.checkpoints import write_state
-from lightning_clip.guard.events import EVENTS_FILENAME, EventLog, EventRecord, failure_message
+from lightning_clip.guard.events import EVENTS_FILENAME, EventLog, EventRecord, events_path, failure_message
 from lightning_clip.guard.known_good import KnownGoodStates
+from lightning_clip.guard.logged import LoggedWindow
 from lightning_clip.guard.snapshot import (
     all_finite,
     nonfinite_names,
@@ -97,6 +97,11 @@ class ExplosionGuard(LightningClipCallback):
     restored state, otherwise `GradientExplosionError` is raised before the file is
     written.
 
+    What the user logs: a step not applied because of an event leaves the epoch aggregates of the tensors
+    ``training_step`` logged with ``on_epoch=True`` (its whole accumulation window; the ``_step`` values
+    stay), so an ``EarlyStopping`` on ``train_loss_epoch`` is not stopped by a NaN the guard recovered
+    from (`lightning_clip.guard.logged.LoggedWindow`; ``drop_logged_values = False`` keeps them).
+
     Args:
         action: ``"rollback"`` | ``"skip"`` | ``"raise"``.
         spike_factor: also an event: gradient norm ``> spike_factor`` × running mean (``> 1``; None: off).
@@ -127,8 +132,10 @@ class ExplosionGuard(LightningClipCallback):
     | ``explosion/skipped_steps`` | optimizer steps not applied (events and ``skip_batches``) |
 
     Each event is also written (rank zero) as one JSON line to ``lightning_clip_events.jsonl`` in the run's
-    log directory (the first logger's ``log_dir``, else ``default_root_dir``): ``step``, ``epoch``,
-    ``batch``, ``optimizer``, ``kind``, ``kinds``, ``norm``, ``loss``, ``params`` (the first parameters whose
+    own directory (the first logger's ``log_dir``; without one, a new
+    ``<default_root_dir>/lightning_clip_logs/version_<N>``: `lightning_clip.guard.events.run_log_dir`):
+    ``step``, ``log_step`` (the loggers' step of the batch, ``metrics.csv``'s x), ``epoch``, ``batch``,
+    ``optimizer``, ``kind``, ``kinds``, ``norm``, ``loss``, ``params`` (the first parameters whose
     gradients, or weights, went bad; for a divergence or a spike the largest), ``action``, ``restored``
     (``source``, ``step``, ``path``), ``rollbacks``, ``lr_scale``, and for a divergence ``loss_ratio`` /
     ``norm_ratio`` (the smoothed loss and norm as multiples of their healthy levels). Non-finite numbers
@@ -166,6 +173,9 @@ class ExplosionGuard(LightningClipCallback):
     overflow_patience: int = 20
     min_loss_scale: float = 2.0**-8
     max_param_names: int = 5
+    drop_logged_values: bool = True
+    """A step not applied because of an event leaves the epoch aggregates of the values the user logs
+    (`lightning_clip.guard.logged.LoggedWindow`); False keeps them (the epoch mean is then NaN)."""
 
     def __init__(
         self,
@@ -208,6 +218,7 @@ class ExplosionGuard(LightningClipCallback):
         self._names: dict[int, str] = {}
         self._has_scaler = False
         self._signals: tuple[StepState, D.LocalSignals] | None = None  # this step's local signals
+        self._logged = LoggedWindow()  # the epoch's logged values at the start of this step's window
         self._events_path: str | None = None
         #: every event of this run as written to the event log (also on ranks that do not write the file)
         self.records: list[dict[str, Any]] = []
@@ -281,7 +292,7 @@ class ExplosionGuard(LightningClipCallback):
                 " has no ModelCheckpoint. Add `ModelCheckpoint(every_n_train_steps=...)` to `callbacks`, or set"
                 " `snapshot_every_n_steps` > 0 to keep an in-memory snapshot."
             )
-        self._events_path = os.path.join(_compat.log_dir(trainer), EVENTS_FILENAME)
+        self._events_path = events_path(trainer)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -292,6 +303,7 @@ class ExplosionGuard(LightningClipCallback):
         self._losses.clear()
         self._losses.scale = None if scaler is None else (lambda: _compat.loss_scale_tensor(scaler))
         self._known_good.reset()
+        self._logged.reset()
         # the state a fit starts (or resumes) from is known-good, whatever the restored detector says:
         # the in-memory snapshots of the interrupted run are gone
         if self._snapshots_on:
@@ -303,6 +315,7 @@ class ExplosionGuard(LightningClipCallback):
     ) -> None:
         self._batch_idx = batch_idx
         self._stepped = False
+        self._logged.start_batch(trainer)
         if self._skip_remaining > 0:
             self._tainted = True
             self._skip_remaining -= 1
@@ -348,6 +361,7 @@ class ExplosionGuard(LightningClipCallback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._logged.end_batch(trainer, self._stepped)  # a dropped step leaves the epoch's logged values
         if self._pending is not None:
             record, self._pending = self._pending, None
             self._rollback(trainer, record)
@@ -470,6 +484,8 @@ class ExplosionGuard(LightningClipCallback):
         self.skipped_steps += 1
         if not decision.kinds:
             return
+        if self.drop_logged_values:
+            self._logged.drop()
         record = self._record(trainer, list(decision.kinds), measurement.total_norm, loss)
         if D.DIVERGENCE in decision.kinds and reading is not None:
             record.loss_ratio, record.norm_ratio = reading.loss_ratio, reading.norm_ratio
@@ -601,6 +617,7 @@ class ExplosionGuard(LightningClipCallback):
             action=self.action,
             norm=norm,
             loss=loss,
+            log_step=_compat.logger_step(trainer),
         )
 
     def _weights_record(self, trainer: Trainer, named: Any) -> EventRecord:

@@ -24,6 +24,7 @@ from lightning_clip.diagnosis import Onset
 from lightning_clip.exceptions import VanishingGradientWarning
 from lightning_clip.functional import health
 from lightning_clip.functional.norms import grad_norms, group_norms
+from lightning_clip.guard.events import run_log_dir
 from lightning_clip.step import LOSS_RIDER, StepState, optimizer_params
 
 __all__ = ["VanishingGradientMonitor"]
@@ -67,8 +68,12 @@ class VanishingGradientMonitor(LightningClipCallback):
       module's input captures ``‖∂L/∂x_t‖`` for each time step of the check step's batch. The module is
       flagged when the mean over the earliest 10% of the time steps is below ``time_threshold`` × the
       mean over the latest 10%.
-    * **No gradient.** Trainable parameters of the optimizer (``requires_grad=True``) whose ``.grad`` is
-      ``None`` (unused in the forward pass, or detached from the loss). Frozen parameters are ignored.
+    * **No gradient.** Trainable parameters of the optimizer (``requires_grad=True``) that got no gradient
+      (``.grad`` is ``None``: unused in the forward pass, or detached from the loss) on *any* optimizer step
+      since the previous check (at the first check of a fit: on that step). A head used on some steps
+      only (multi-task heads taken in turn, an auxiliary loss every few steps) is not flagged. Tracked on
+      every step by reading ``.grad is None`` of the parameters not seen yet in the window (no kernel, no
+      transfer). Frozen parameters are ignored.
 
     A layer flagged at ``patience`` consecutive checks raises one `VanishingGradientWarning`
     (rank zero) naming the layers, their gradient norms, ratios to the largest layer, gradient-to-weight
@@ -118,7 +123,9 @@ class VanishingGradientMonitor(LightningClipCallback):
             in ``(0, 1)``.
         log_layer_metrics: also log per-layer figures at each check (keys below).
         save_figure: at the end of fit, save the gradient-flow figure (per-layer gradient norm against
-            depth, one line per check, log scale) as ``gradient_flow.png`` in the log directory and add it
+            depth, one line per check, log scale) as ``gradient_flow.png`` in the run's directory (the
+            logger's ``log_dir``; without one ``<default_root_dir>/lightning_clip_logs/version_<N>``, as
+            the event log) and add it
             to TensorBoard with a ``TensorBoardLogger``; needs matplotlib (the ``plot`` extra).
         measure_causes: measure the causes (above) for the warnings; ``False`` keeps only the generic
             fixes that fit the model's modules, and costs nothing beyond the checks themselves.
@@ -207,6 +214,9 @@ class VanishingGradientMonitor(LightningClipCallback):
         self._stepped = False
         self._norm_seen: int | None = None  # id() of the last StepState whose norm was recorded
         self._weight_norms: dict[int, torch.Tensor] = {}  # id(parameter) -> its norm, at this check
+        self._log_dir: str | None = None  # where the figure goes (known from setup on)
+        # optimizer index -> its trainable parameters that got no gradient since its last check
+        self._unseen: dict[int, list[torch.Tensor]] = {}
 
     @override
     def _state_key_args(self) -> dict[str, Any]:
@@ -242,6 +252,12 @@ class VanishingGradientMonitor(LightningClipCallback):
 
     # ----------------------------------------------------------------------------------------- hooks
     @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.save_figure:
+            self._log_dir = run_log_dir(trainer)  # the run's own folder, also without a logger (collective)
+
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._layers = health.model_layers(pl_module)
         self._layer_of = health.param_layer_index(self._layers)
@@ -249,6 +265,7 @@ class VanishingGradientMonitor(LightningClipCallback):
         if self.layer_names and self.layer_names[: len(names)] != names:
             self.history = []  # another model: the restored history does not describe it
         self.layer_names = [*names, OTHER_LAYER]
+        self._unseen = {}
         self._remove_hooks()
         self._recurrent = {}
         for name, mod in self._layers:
@@ -298,14 +315,19 @@ class VanishingGradientMonitor(LightningClipCallback):
         raw = _compat.unwrap_optimizer(optimizer)
         if self.measure_causes and index == 0:
             self.probe.record_lr(trainer.global_step, float(raw.param_groups[0]["lr"]))
+        state = self.step_state(raw, trainer.global_step)
+        self._note_gradients(index, raw, state)
         if count % self.check_every_n_steps:
             return
-        measurement = self.step_state(raw, trainer.global_step).measure(2.0)
+        measurement = state.measure(2.0)
         if measurement.skipped:
             return
         trainable = [p for p in optimizer_params(raw) if p.requires_grad]
         self._recent.setdefault(index, deque(maxlen=RECENT_CHECKS)).append(trainer.global_step)
-        figures = self.check(measurement.params, measurement.per_param, trainable, trainer.global_step)
+        unseen = self._unseen.pop(index, [])  # the next step opens a new window
+        figures = self.check(
+            measurement.params, measurement.per_param, trainable, trainer.global_step, no_grad=unseen
+        )
         if figures and self.log_layer_metrics:
             pl_module.log_dict(messages.layer_metrics(figures), on_step=True, on_epoch=False)
 
@@ -323,6 +345,22 @@ class VanishingGradientMonitor(LightningClipCallback):
         self._tap.clear()
         self.probe.end_step()
 
+    def _note_gradients(self, index: int, optimizer: torch.optim.Optimizer, state: StepState) -> None:
+        """Keep, for optimizer ``index``, the trainable parameters that got no gradient on any step since its
+        last check: only those not seen yet are looked at (a ``.grad is None`` read each, no kernel, no
+        transfer), so after a window's first step the cost is that of the few that are still unseen. A step
+        another callback skipped before this hook (its gradients already dropped) counts through what it
+        measured."""
+        unseen = self._unseen.get(index)
+        if unseen is None:
+            unseen = [p for p in optimizer_params(optimizer) if p.requires_grad]
+        if state.skipped:
+            measured = next(iter(state.measurements.values()), None)
+            seen = {id(p) for p in measured.params} if measured is not None else set()
+            self._unseen[index] = [p for p in unseen if id(p) not in seen]
+        else:
+            self._unseen[index] = [p for p in unseen if p.grad is None]
+
     def _share_step(self, state: StepState) -> None:
         """What the other lightning-clip callbacks measured at this step, for the blow-up signal: the
         gradient norm (a host value if one of them read it, else the tensor, no transfer) and the training
@@ -339,7 +377,7 @@ class VanishingGradientMonitor(LightningClipCallback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._remove_hooks()
         if self.save_figure and self.history:
-            self._save_figure(trainer)
+            self._save_figure(trainer, self._log_dir or _compat.log_dir(trainer))
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -358,14 +396,17 @@ class VanishingGradientMonitor(LightningClipCallback):
         per_param: torch.Tensor,
         trainable: list[torch.Tensor],
         step: int,
+        no_grad: list[torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         """One check: measure, update the patience state, warn. Returns the check's figures (also kept
         in `last`), or ``{}`` when the gradients are not finite (such a check does not count).
 
         Args:
             params: parameters with a gradient; ``per_param`` their gradient norms (a 1-D tensor).
-            trainable: every trainable parameter of the optimizer (those without gradient are reported).
+            trainable: every trainable parameter of the optimizer.
             step: the Trainer's ``global_step``, quoted in the warnings.
+            no_grad: the trainable parameters that got no gradient on any step since the last check
+                (reported); None: those of ``trainable`` without a gradient now (a window of this step).
         """
         other = len(self.layer_names) - 1
         layer_idx = [self._layer_of.get(id(p), other) for p in params]
@@ -381,7 +422,10 @@ class VanishingGradientMonitor(LightningClipCallback):
         if not figures:
             return {}
         figures["evidence"] = evidence
-        figures["no_grad"] = self._no_grad_layers(params, trainable)
+        if no_grad is None:
+            with_grad = {id(p) for p in params}
+            no_grad = [p for p in trainable if id(p) not in with_grad and p.grad is None]
+        figures["no_grad"] = self._no_grad_layers(no_grad)
         due = self._update_patience(figures, trainable)
         figures["warned"] = due
         self.last = figures
@@ -467,15 +511,11 @@ class VanishingGradientMonitor(LightningClipCallback):
         observed += [f"nograd:{name}" for name in trainable_layers]
         return self.tracker.update(flagged, observed)
 
-    def _no_grad_layers(
-        self, params: list[torch.Tensor], trainable: list[torch.Tensor]
-    ) -> dict[str, list[str]]:
-        with_grad = {id(p) for p in params}
+    def _no_grad_layers(self, no_grad: list[torch.Tensor]) -> dict[str, list[str]]:
+        """``layer -> names of its parameters`` in ``no_grad``."""
         out: dict[str, list[str]] = {}
         other = len(self.layer_names) - 1
-        for p in trainable:
-            if id(p) in with_grad or p.grad is not None:
-                continue
+        for p in no_grad:
             layer = self._layer_of.get(id(p), other)
             mod = self._layers[layer][1] if layer < len(self._layers) else None
             pname = "?"
@@ -575,7 +615,7 @@ class VanishingGradientMonitor(LightningClipCallback):
 
     # ----------------------------------------------------------------------------------- figure
     @rank_zero_only
-    def _save_figure(self, trainer: Trainer) -> None:
+    def _save_figure(self, trainer: Trainer, directory: str) -> None:
         try:
             from lightning_clip.report.plot import plot_gradient_flow
 
@@ -585,7 +625,6 @@ class VanishingGradientMonitor(LightningClipCallback):
                 "matplotlib is not installed: no gradient-flow figure (pip install 'lightning-clip[plot]')."
             )
             return
-        directory = _compat.log_dir(trainer)
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, "gradient_flow.png")
         fig.savefig(path, dpi=100)

@@ -7,6 +7,12 @@ p-norm of the per-tensor norms, so it overflows to ``inf`` once a per-tensor 2-n
 0-size tensor has norm 0 for every p (torch refuses its inf-norm). ``None`` gradients are skipped;
 nothing here calls ``.item()``.
 
+Sparse gradients (``torch.sparse_coo``: ``nn.Embedding(sparse=True)``, ``nn.EmbeddingBag(sparse=True)``): the
+norm of a sparse tensor is the norm of its *coalesced* values (duplicate indices summed first, as the
+optimizer applies them), which is the norm of the dense tensor it stands for. Other sparse layouts (CSR,
+CSC, BSR, BSC) raise a ``ValueError`` naming the layout. Complex tensors: the norm of the moduli, as
+``torch.linalg.vector_norm`` takes it; `all_finite` sees a NaN or Inf in the real or the imaginary part.
+
 Sharded tensors (``DTensor``: FSDP2's ``fully_shard``, tensor parallelism, e.g. under Lightning's
 ``ModelParallelStrategy``): `grad_norms` returns the norms of the *full* tensors, the same on every
 rank. Each rank reduces its local shards in the same fused pass, then one all-reduce of the per-tensor
@@ -36,7 +42,7 @@ import torch
 from lightning_clip._compat import group_tensors_by_device_and_dtype, is_dtensor, local_tensor, replication
 from lightning_clip._validation import check_norm_type
 
-__all__ = ["all_finite", "collect_grads", "grad_norms", "group_norms", "total_norm"]
+__all__ = ["all_finite", "collect_grads", "dense_values", "grad_norms", "group_norms", "total_norm"]
 
 
 def collect_grads(parameters: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -45,6 +51,30 @@ def collect_grads(parameters: Iterable[torch.Tensor]) -> list[torch.Tensor]:
 
 
 _FLOAT32_SAFE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def dense_values(t: torch.Tensor, coalesce: bool = True) -> torch.Tensor:
+    """The strided tensor whose entries are ``t``'s stored values: ``t`` itself when strided; a sparse COO
+    tensor's values, coalesced first when ``coalesce`` (duplicate indices summed: what a norm needs; scaling
+    and finite checks do without, and then the values are an alias that writes through to ``t``).
+
+    Raises:
+        ValueError: ``t`` has a sparse layout other than COO (CSR, CSC, BSR, BSC).
+
+    Examples:
+        >>> g = torch.sparse_coo_tensor(torch.tensor([[1, 1, 3]]), torch.tensor([3.0, 1.0, 3.0]), (5,))
+        >>> dense_values(g).tolist(), dense_values(g, coalesce=False).tolist()
+        ([4.0, 3.0], [3.0, 1.0, 3.0])
+    """
+    layout = t.layout
+    if layout == torch.strided:
+        return t
+    if layout == torch.sparse_coo:
+        return (t.coalesce() if coalesce and not t.is_coalesced() else t)._values()
+    raise ValueError(
+        f"lightning-clip measures strided and sparse COO tensors, got a tensor with layout {layout}:"
+        " convert it with `.to_sparse_coo()` or `.to_dense()`."
+    )
 
 
 def _float32_norms(group: list[Any], norm_type: float) -> torch.Tensor:
@@ -79,6 +109,8 @@ def grad_norms(tensors: Sequence[torch.Tensor], norm_type: float = 2.0) -> tuple
     if len(tensors) == 0:
         zero = torch.zeros((), dtype=torch.float32)
         return zero, torch.zeros(0, dtype=torch.float32)
+    if any(t.layout != torch.strided for t in tensors):
+        tensors = [dense_values(t) for t in tensors]
     if any(is_dtensor(t) for t in tensors):
         return _sharded_norms(tensors, norm_type)
     if math.isinf(norm_type) and any(t.numel() == 0 for t in tensors):
@@ -140,15 +172,19 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """A 0-d bool tensor: no NaN or Inf in any of ``tensors`` (one fused pass, no host sync).
 
     Each tensor's largest magnitude (inf-norm) is taken in its own dtype, so huge finite values never
-    overflow into a false alarm, and a NaN anywhere propagates.
+    overflow into a false alarm, and a NaN anywhere propagates. A complex tensor is checked through its
+    real and imaginary parts, a sparse COO tensor through its stored values.
 
     Examples:
         >>> bool(all_finite([torch.ones(2), torch.tensor([1.0, float("nan")])]))
         False
         >>> bool(all_finite([torch.tensor([3e38, 3e38])]))  # a 1- or 2-norm would overflow here
         True
+        >>> bool(all_finite([torch.tensor([1 + 1j, complex(0.0, float("nan"))])]))
+        False
     """
-    nonempty: list[Any] = [local for local in map(local_tensor, tensors) if local.numel() > 0]
+    nonempty: list[Any] = [_real_view(t) for t in map(local_tensor, tensors)]
+    nonempty = [t for t in nonempty if t.numel() > 0]
     if len(nonempty) == 0:
         return torch.tensor(True)
     device = nonempty[0].device
@@ -161,6 +197,13 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
             extrema = torch.stack(torch._foreach_norm(group, math.inf))
         flags.append(torch.isfinite(extrema).all().to(device))
     return flags[0] if len(flags) == 1 else torch.stack(flags).all()
+
+
+def _real_view(t: torch.Tensor) -> torch.Tensor:
+    """A real strided view holding every stored number of ``t`` (complex: real and imaginary parts side by
+    side; sparse COO: its values, uncoalesced), for the finite check."""
+    t = dense_values(t, coalesce=False)
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def group_norms(

@@ -1,5 +1,5 @@
 """ExplosionGuard's event record and the event log: one JSON object per line in
-``lightning_clip_events.jsonl``. No Lightning import.
+``lightning_clip_events.jsonl``, one file per run (`run_log_dir`). No Lightning import.
 
 Strict JSON has no NaN or Infinity, so non-finite numbers are written as the strings ``"nan"``,
 ``"inf"`` and ``"-inf"`` (read them back with ``float(value)``). The reader is
@@ -18,19 +18,69 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 __all__ = [
     "EVENTS_FILENAME",
     "KIND_TEXT",
+    "RUN_LOGS_DIRNAME",
     "EventLog",
     "EventRecord",
+    "events_path",
     "failure_message",
     "json_number",
+    "next_version",
+    "run_log_dir",
 ]
 
 EVENTS_FILENAME = "lightning_clip_events.jsonl"
+RUN_LOGS_DIRNAME = "lightning_clip_logs"
+"""Without a logger that has a per-run directory, each run's files go to
+``<default_root_dir>/lightning_clip_logs/version_<N>``."""
+
+
+def next_version(root: str) -> int:
+    """The next free ``version_<N>`` number in ``root`` (0 when ``root`` holds none), as Lightning's
+    ``CSVLogger`` and ``TensorBoardLogger`` number their runs.
+
+    Examples:
+        >>> import tempfile
+        >>> root = tempfile.mkdtemp()
+        >>> os.makedirs(os.path.join(root, "version_0")); os.makedirs(os.path.join(root, "version_4"))
+        >>> next_version(root), next_version(os.path.join(root, "absent"))
+        (5, 0)
+    """
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return 0
+    found = [int(m.group(1)) for n in names if (m := re.fullmatch(r"version_(\d+)", n))]
+    return max(found) + 1 if found else 0
+
+
+def run_log_dir(trainer: Any) -> str:
+    """This run's own directory for lightning-clip's files (the event log, the gradient-flow figure).
+
+    The first logger's ``log_dir`` when it has one (``CSVLogger``, ``TensorBoardLogger``:
+    ``.../version_<N>``); otherwise (``logger=False``, or a logger without a local run directory) a new
+    ``version_<N>`` folder under ``<default_root_dir>/lightning_clip_logs`` (`RUN_LOGS_DIRNAME`), numbered
+    after the ones already there, so two runs never share a file. The folder is created by the first
+    write. Rank zero chooses and every rank gets its choice: call it on every rank (a broadcast), once per
+    fit (at ``setup``): a later call after a write gives the next number.
+    """
+    logger = trainer.loggers[0] if trainer.loggers else None
+    path = getattr(logger, "log_dir", None) if logger is not None else None
+    if path is None and trainer.is_global_zero:
+        root = os.path.join(os.fspath(trainer.default_root_dir), RUN_LOGS_DIRNAME)
+        path = os.path.join(root, f"version_{next_version(root)}")
+    return os.fspath(trainer.strategy.broadcast(path))
+
+
+def events_path(trainer: Any) -> str:
+    """Path of this run's event log: ``lightning_clip_events.jsonl`` in `run_log_dir` (collective)."""
+    return os.path.join(run_log_dir(trainer), EVENTS_FILENAME)
 
 
 def json_number(value: float | None) -> float | str | None:
@@ -51,6 +101,9 @@ class EventRecord:
 
     Attributes:
         step, epoch, batch: where it happened (``global_step``, epoch, batch index in the epoch).
+        log_step: the step the Trainer's loggers write the batch's metrics under (``metrics.csv``'s
+            ``step``: batches that stepped, so in manual optimization with several optimizers it differs
+            from ``global_step``, which counts every optimizer's steps); None when unknown.
         optimizer: index of the optimizer whose step it was.
         kinds: every kind seen, in order of precedence; ``kind`` is the first.
         norm, loss: the step's total gradient norm and mean training loss (None when not measured).
@@ -78,6 +131,7 @@ class EventRecord:
     checkpoint_refused: bool = False
     loss_ratio: float | None = None
     norm_ratio: float | None = None
+    log_step: int | None = None
 
     @property
     def kind(self) -> str:
@@ -90,6 +144,8 @@ class EventRecord:
         out["norm"], out["loss"] = json_number(self.norm), json_number(self.loss)
         if not self.checkpoint_refused:
             del out["checkpoint_refused"]
+        if out["log_step"] is None:
+            del out["log_step"]
         for key in ("loss_ratio", "norm_ratio"):
             if out[key] is None:
                 del out[key]

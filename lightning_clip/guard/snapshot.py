@@ -111,11 +111,16 @@ def _local(t: Any) -> torch.Tensor:
     return t.local if isinstance(t, LocalShard) else _compat.local_tensor(t)
 
 
+def _inexact(t: torch.Tensor) -> bool:
+    """A tensor that can hold a NaN or Inf: floating point or complex."""
+    return t.is_floating_point() or t.is_complex()
+
+
 def float_tensors(obj: Any) -> list[torch.Tensor]:
-    """Every real floating-point tensor inside ``obj`` (nested collections; of a ``DTensor`` or
+    """Every floating-point or complex tensor inside ``obj`` (nested collections; of a ``DTensor`` or
     :class:`LocalShard`, the local shard), in order."""
     found: list[torch.Tensor] = []
-    _map(obj, lambda t: found.append(_local(t)) if _local(t).is_floating_point() else None)
+    _map(obj, lambda t: found.append(_local(t)) if _inexact(_local(t)) else None)
     return found
 
 
@@ -133,7 +138,8 @@ def nbytes(obj: Any) -> int:
 
 
 def all_finite(obj: Any) -> bool:
-    """True when no floating-point tensor inside ``obj`` holds a NaN or Inf (one fused pass; local shards)."""
+    """True when no floating-point or complex tensor inside ``obj`` holds a NaN or Inf (one fused pass; local
+    shards)."""
     tensors = float_tensors(obj)
     return bool(norms.all_finite(tensors)) if tensors else True
 
@@ -143,7 +149,7 @@ def nonfinite_names(named: Iterable[tuple[str, torch.Tensor]], limit: int = 5) -
     out = []
     for name, t in named:
         t = _local(t)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if _inexact(t) and not bool(norms.all_finite([t])):
             out.append(name)
             if len(out) >= limit:
                 break

@@ -245,31 +245,37 @@ def _add_tensorboard(run: RunData, tb_files: list[str]) -> None:
 def load_run(run_dir: str) -> RunData:
     """Read a run's log directory: ``metrics.csv`` and/or TensorBoard event files, and the event log.
 
+    A directory holding the event log alone is a run too: one trained with ``logger=False`` (its
+    ``lightning_clip_logs/version_<N>``), or one that never reached a logging step.
+
     Args:
-        run_dir: the logger's ``log_dir`` (e.g. ``lightning_logs/version_0``).
+        run_dir: the logger's ``log_dir`` (e.g. ``lightning_logs/version_0``), or the run's
+            ``lightning_clip_logs/version_<N>``.
 
     Returns:
         The series, events, files read and notes of the run.
 
     Raises:
-        ReportError: the directory does not exist, holds neither ``metrics.csv`` nor a TensorBoard event
-            file, or a file in it is malformed.
+        ReportError: the directory does not exist, holds none of ``metrics.csv``, a TensorBoard event
+            file and ``lightning_clip_events.jsonl``, or a file in it is malformed.
     """
     _check_run_dir(run_dir)
     run = RunData(run_dir=run_dir, series={})
     csv_path = os.path.join(run_dir, METRICS_FILENAME)
     tb_files = sorted(glob.glob(os.path.join(run_dir, TENSORBOARD_PATTERN)))
-    if not os.path.exists(csv_path) and not tb_files:
+    events_path = os.path.join(run_dir, EVENTS_FILENAME)
+    if not os.path.exists(csv_path) and not tb_files and not os.path.exists(events_path):
         raise ReportError(
-            f"{run_dir}: holds neither {METRICS_FILENAME} (CSVLogger) nor a TensorBoard event file; pass the"
-            " logger's log_dir (e.g. lightning_logs/version_0)."
+            f"{run_dir}: holds none of {METRICS_FILENAME} (CSVLogger), a TensorBoard event file and"
+            f" {EVENTS_FILENAME} (ExplosionGuard); pass the logger's log_dir (e.g."
+            " lightning_logs/version_0) or, for a run without a logger, its"
+            " lightning_clip_logs/version_<N>."
         )
     if os.path.exists(csv_path):
         run.series.update(load_metrics_csv(csv_path))
         run.sources.append(csv_path)
     if tb_files:
         _add_tensorboard(run, tb_files)
-    events_path = os.path.join(run_dir, EVENTS_FILENAME)
     if os.path.exists(events_path):
         run.events = load_events(events_path)
         run.sources.append(events_path)

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lightning_clip.report.load import ReportError, RunData
-from lightning_clip.report.summary import NORM_KEY
+from lightning_clip.report.summary import NORM_KEY, event_x
 
 __all__ = ["plot_gradient_flow", "plot_norms", "write_figures"]
 
@@ -154,7 +154,8 @@ def _draw_norm_series(ax: Any, run: RunData, key: str, color: str, top: float) -
 
 
 def _draw_events(ax: Any, run: RunData) -> tuple[list[Any], list[str]]:
-    """A vertical line per event (red: rollback, orange: skip); the legend's handles and labels."""
+    """A vertical line per event (red: rollback, orange: skip) at its ``log_step`` (the x of the metrics,
+    also in manual optimization with several optimizers); the legend's handles and labels."""
     from matplotlib.lines import Line2D
 
     handles, labels = ax.get_legend_handles_labels()
@@ -163,7 +164,7 @@ def _draw_events(ax: Any, run: RunData) -> tuple[list[Any], list[str]]:
     for event in run.events:
         action = str(event.get("action", ""))
         color, style = styles.get(action, ("purple", ":"))
-        ax.axvline(int(event["step"]), color=color, linestyle=style, linewidth=1.2, alpha=0.8)
+        ax.axvline(event_x(event), color=color, linestyle=style, linewidth=1.2, alpha=0.8)
         if action not in seen:
             seen.add(action)
             handles.append(Line2D([], [], color=color, linestyle=style))

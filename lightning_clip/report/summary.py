@@ -9,14 +9,40 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from lightning_clip._numbers import percentile_of_sorted
 from lightning_clip.report.load import RunData, Series
 
-__all__ = ["NORM_KEY", "NormSummary", "RunSummary", "format_summary", "percentile", "summarize"]
+__all__ = [
+    "NORM_KEY",
+    "TRAINING_STEP_KEYS",
+    "NormSummary",
+    "RunSummary",
+    "event_x",
+    "format_summary",
+    "percentile",
+    "summarize",
+]
 
 NORM_KEY = re.compile(r"^grad/norm(?P<suffix>(_opt\d+)?)$")
 """The gradient-norm keys ``AdaptiveGradientClipping`` logs; ``suffix`` is ``""`` or ``_opt{i}``."""
+
+
+TRAINING_STEP_KEYS = ("explosion/", "grad_health/")
+"""Prefixes of the keys lightning-clip's callbacks log on the Trainer's training logging steps."""
+
+
+def event_x(event: dict[str, Any]) -> int:
+    """An event's position on the loggers' x axis (``metrics.csv``'s ``step``): its ``log_step``, else (an
+    event log written before the field existed) its ``global_step``.
+
+    Examples:
+        >>> event_x({"step": 8, "log_step": 4}), event_x({"step": 8})
+        (4, 8)
+    """
+    x = event.get("log_step")
+    return int(x) if isinstance(x, int) and not isinstance(x, bool) else int(event["step"])
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -82,6 +108,10 @@ class RunSummary:
         skipped_steps: the last logged ``explosion/skipped_steps``; None without it.
         final: the last value of every loss and ``train*`` / ``val*`` / ``test*`` metric.
         notes: what was skipped while reading and why.
+        training_logged: the directory shows a training logging step (a key lightning-clip's guard or
+            monitor logs on those steps, ``explosion/*`` / ``grad_health/*``, or a ``*_step`` key of
+            ``self.log(on_step=True, on_epoch=True)``): at such a step ``AdaptiveGradientClipping`` logs
+            ``grad/norm``, so its absence means the clipper was not attached.
     """
 
     run_dir: str
@@ -94,6 +124,7 @@ class RunSummary:
     skipped_steps: int | None
     final: dict[str, float]
     notes: list[str]
+    training_logged: bool = False
 
 
 def _last(series: Series, key: str) -> float | None:
@@ -132,7 +163,7 @@ def summarize(run: RunData) -> RunSummary:
         The run's summary.
     """
     steps = [s for values in run.series.values() for s, _ in values]
-    steps += [int(e["step"]) for e in run.events]
+    steps += [event_x(e) for e in run.events]
     norms = [
         _norm_summary(run.series, key, match.group("suffix"))
         for key in sorted(run.series)
@@ -162,6 +193,7 @@ def summarize(run: RunData) -> RunSummary:
         skipped_steps=None if skipped is None or not math.isfinite(skipped) else int(skipped),
         final=final,
         notes=list(run.notes),
+        training_logged=any(k.startswith(TRAINING_STEP_KEYS) or k.endswith("_step") for k in run.series),
     )
 
 
@@ -194,8 +226,13 @@ def format_summary(summary: RunSummary) -> str:
     out += [f"  read: {os.path.basename(s)}" for s in summary.sources]
     out += [f"  note: {n}" for n in summary.notes]
     out.append(f"last step: {summary.last_step if summary.last_step is not None else '-'}")
-    if not summary.norms:
+    if not summary.norms and summary.training_logged:
         out.append("gradient norms: none logged (attach AdaptiveGradientClipping to log grad/norm)")
+    elif not summary.norms:
+        out.append(
+            "gradient norms: none logged (no training logging step in this directory; AdaptiveGradientClipping"
+            " logs grad/norm on the Trainer's logging steps, every `log_every_n_steps`)"
+        )
     for n in summary.norms:
         out += _format_norm(n)
     if summary.events_by_kind:

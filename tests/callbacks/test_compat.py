@@ -199,3 +199,63 @@ def test_module_families_cover_torch_layers() -> None:
     ):
         assert isinstance(layer, channels)
     assert not isinstance(nn.LayerNorm(2), channels) and not isinstance(nn.Linear(2, 2), channels)
+
+
+def test_logger_step_is_the_step_metrics_csv_writes_in_manual_optimization(tmp_path: Any) -> None:
+    """Two optimizers stepped per batch: ``global_step`` grows by 2, the loggers' step by 1; the value read
+    inside each optimizer step is the ``step`` the batch's metrics are written under."""
+    seen: list[tuple[int, int]] = []
+
+    class Steps(pl.Callback):
+        def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
+            seen.append((trainer.global_step, _compat.logger_step(trainer)))
+            pl_module.log("probe", float(trainer.global_step), on_step=True, on_epoch=False)
+
+    logger = CSVLogger(str(tmp_path), name="run", version="v")
+    trainer = make_trainer(tmp_path, callbacks=[Steps()], max_steps=8, logger=logger)
+    trainer.fit(TwoOptimizerModel(), regression_loader())
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as fh:
+        written = {int(float(r["probe"])): int(r["step"]) for r in csv.DictReader(fh) if r.get("probe")}
+    # each batch's row holds the value logged last (at its second optimizer step): global steps 1, 3, 5, 7
+    assert written == {1: 0, 3: 1, 5: 2, 7: 3}
+    assert seen == [(g, g // 2) for g in range(8)]
+
+
+def test_epoch_logged_values_restored_leave_the_epoch_aggregates(tmp_path: Any) -> None:
+    """Saved at the start of batch 2, restored at the end of batch 3: batches 2 and 3 leave the epoch mean
+    (and max) of the logged values; a key first logged in batch 3 starts again from nothing."""
+    logged: dict[int, float] = {}
+
+    class Logs(RegressionModel):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            logged[batch_idx] = float(loss)
+            self.log("mean_loss", loss, on_step=False, on_epoch=True)
+            self.log("max_loss", loss, on_step=False, on_epoch=True, reduce_fx="max")
+            if batch_idx >= 3:
+                self.log("late", loss, on_step=False, on_epoch=True)
+            return loss
+
+    class Window(pl.Callback):
+        def __init__(self) -> None:
+            self.restored: list[str] = []
+
+        def on_train_batch_start(
+            self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int
+        ) -> None:
+            if batch_idx == 2:
+                self.saved = _compat.epoch_logged_values(trainer)
+
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
+            if args[-1] == 3:
+                self.restored = _compat.restore_epoch_logged_values(trainer, self.saved)
+
+    window = Window()
+    trainer = make_trainer(tmp_path, callbacks=[window], max_steps=8)
+    trainer.fit(Logs(), regression_loader())  # one epoch of 8 batches
+    kept = [logged[b] for b in (0, 1, 4, 5, 6, 7)]
+    metrics = trainer.callback_metrics
+    assert sorted(window.restored) == ["late", "max_loss", "mean_loss"]
+    assert float(metrics["mean_loss"]) == pytest.approx(sum(kept) / 6, rel=1e-6)
+    assert float(metrics["max_loss"]) == pytest.approx(max(kept), rel=1e-6)
+    assert float(metrics["late"]) == pytest.approx(sum(logged[b] for b in (4, 5, 6, 7)) / 4, rel=1e-6)

@@ -102,7 +102,7 @@ def construct(cls: type, kwargs: dict[str, Any]) -> Any:
 
 def check_working(obj: Any, cls: type, kwargs: dict[str, Any]) -> None:
     if cls is FaultInjector:
-        assert obj.target in ("loss", "grad", "weight", "input")
+        assert obj.target in ("loss", "grad", "weight", "input", "forward")
         return
     assert isinstance(obj.state_key, str) and cls.__name__ in obj.state_key
     fresh = cls(**kwargs)

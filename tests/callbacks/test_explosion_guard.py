@@ -337,6 +337,7 @@ def test_events_jsonl_and_logged_counters(tmp_path: Any) -> None:
     assert events == [
         {
             "step": 6,
+            "log_step": 6,  # one optimizer: the loggers' step is global_step
             "epoch": 0,
             "batch": 6,
             "optimizer": 0,

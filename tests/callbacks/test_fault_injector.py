@@ -62,6 +62,38 @@ def test_input_fault_poisons_the_batch_and_the_loss(tmp_path: Any) -> None:
     assert inj.injected == [{"step": 2, "batch": 2, "target": "input", "rank": 0}]
 
 
+class Logged(RegressionModel):
+    """Logs its loss in ``training_step`` and records the value it logged."""
+
+    def __init__(self) -> None:
+        super().__init__(optimizer="sgd")
+        self.logged: dict[int, float] = {}
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        self.logged[self.global_step] = float(loss)
+        return loss
+
+
+@pytest.mark.parametrize("target", ["forward", "loss"])
+def test_forward_fault_makes_the_logged_value_non_finite_the_loss_fault_does_not(
+    tmp_path: Any, target: str
+) -> None:
+    """``"forward"`` poisons the forward pass, so the value ``training_step`` logs is NaN; ``"loss"``
+    multiplies the loss after it was logged. Both make the gradients non-finite, only on that step; the
+    forward hooks are gone after the batch."""
+    probe, model = Probe(), Logged()
+    inj = FaultInjector(target=target, steps=[2])
+    torch.manual_seed(0)
+    make_trainer(tmp_path, callbacks=[inj, probe], max_steps=4).fit(model, regression_loader(n=32))
+    assert [math.isnan(model.logged[s]) for s in range(4)] == [False, False, target == "forward", False]
+    assert [math.isnan(probe.loss[s]) for s in range(4)] == [False, False, True, False]
+    assert [all(probe.grads[s].values()) for s in range(4)] == [True, True, False, True]
+    assert inj.injected == [{"step": 2, "batch": 2, "target": target, "rank": 0}]
+    assert all(not m._forward_hooks for m in model.modules())
+
+
 @pytest.mark.parametrize(("value", "check"), [(float("nan"), math.isnan), (float("inf"), math.isinf)])
 def test_loss_fault_makes_training_step_output_and_gradients_non_finite(
     tmp_path: Any, value: float, check: Any
@@ -119,7 +151,7 @@ def test_is_not_a_lightning_clip_callback() -> None:
         (
             {"target": "bias", "steps": [0]},
             ValueError,
-            "`target` must be one of 'loss' | 'grad' | 'weight' | 'input', got 'bias'.",
+            "`target` must be one of 'loss' | 'grad' | 'weight' | 'input' | 'forward', got 'bias'.",
         ),
         (
             {"value": 1.0, "steps": [0]},

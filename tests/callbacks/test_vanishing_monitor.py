@@ -133,9 +133,9 @@ def test_healthy_model_is_silent_and_checks_only_on_check_steps(tmp_path: Any) -
     calls: list[int] = []
 
     class Counting(VanishingGradientMonitor):
-        def check(self, params: Any, per_param: Any, trainable: Any, step: int) -> dict[str, Any]:
+        def check(self, params: Any, per_param: Any, trainable: Any, step: int, **kw: Any) -> dict[str, Any]:
             calls.append(step)
-            return super().check(params, per_param, trainable, step)
+            return super().check(params, per_param, trainable, step, **kw)
 
     monitor = Counting(check_every_n_steps=3, save_figure=False)
     make_trainer(tmp_path, max_steps=10, callbacks=[monitor]).fit(RegressionModel(), regression_loader())
@@ -189,7 +189,8 @@ def test_unused_trainable_parameters_get_their_own_warning_frozen_never(tmp_path
     assert len(messages) == 1  # once per episode, although every later check is flagged too
     msg = messages[0]
     assert msg.startswith(
-        "Trainable parameters got no gradient at step 2, 2 checks in a row: `unused` (weight, bias)."
+        "Trainable parameters got no gradient on any step up to step 2 since the check before, 2 checks in a"
+        " row: `unused` (weight, bias)."
     )
     assert "frozen" not in msg.replace("freeze them", "")
     assert monitor.last["no_grad"] == {"unused": ["weight", "bias"]}
@@ -293,7 +294,9 @@ def test_resume_continues_patience_and_step_counters(tmp_path: Any) -> None:
     assert msgs == [] and first.tracker.state_dict()["counts"] == {"nograd:unused": [2, 0, 0]}
     resumed, msgs = run_no_grad(tmp_path / "b", 10, ckpt=ckpt)
     straight, straight_msgs = run_no_grad(tmp_path / "c", 10)
-    assert len(msgs) == 1 and "at step 4, 3 checks in a row" in msgs[0]  # the third check, after the resume
+    assert (
+        len(msgs) == 1 and "up to step 4 since the check before, 3 checks in a row" in msgs[0]
+    )  # the third check, after the resume
     assert msgs == straight_msgs
     for key in ("steps", "tracker", "recent_checks"):
         assert resumed.state_dict()[key] == straight.state_dict()[key]
@@ -320,11 +323,15 @@ def test_figure_saved_and_sent_to_tensorboard(tmp_path: Any) -> None:
     assert "grad_health/gradient_flow" in events.Tags()["images"]
 
 
-def test_figure_without_logger_goes_to_default_root_dir(tmp_path: Any) -> None:
-    make_trainer(tmp_path, max_steps=3, callbacks=[VanishingGradientMonitor()]).fit(
-        RegressionModel(), regression_loader()
-    )
-    assert (tmp_path / "gradient_flow.png").exists()
+def test_figure_without_logger_goes_to_a_folder_of_its_run(tmp_path: Any) -> None:
+    for _ in range(2):
+        make_trainer(tmp_path, max_steps=3, callbacks=[VanishingGradientMonitor()]).fit(
+            RegressionModel(), regression_loader()
+        )
+    runs = tmp_path / "lightning_clip_logs"
+    assert sorted(os.listdir(runs)) == ["version_0", "version_1"]
+    assert all((runs / v / "gradient_flow.png").exists() for v in ("version_0", "version_1"))
+    assert not (tmp_path / "gradient_flow.png").exists()
     make_trainer(tmp_path / "off", max_steps=3, callbacks=[VanishingGradientMonitor(save_figure=False)]).fit(
         RegressionModel(), regression_loader()
     )
@@ -354,8 +361,8 @@ def test_several_optimizers_are_checked_separately(tmp_path: Any) -> None:
     checked: list[tuple[int, list[str]]] = []
 
     class Recording(VanishingGradientMonitor):
-        def check(self, params: Any, per_param: Any, trainable: Any, step: int) -> dict[str, Any]:
-            fig = super().check(params, per_param, trainable, step)
+        def check(self, params: Any, per_param: Any, trainable: Any, step: int, **kw: Any) -> dict[str, Any]:
+            fig = super().check(params, per_param, trainable, step, **kw)
             checked.append((step, fig["layers"]))
             return fig
 

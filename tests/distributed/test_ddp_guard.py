@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_clip.callbacks.explosion_guard import ExplosionGuard
-from lightning_clip.guard.events import EVENTS_FILENAME
+from lightning_clip.guard.events import EVENTS_FILENAME, RUN_LOGS_DIRNAME
 from lightning_clip.report import load_events
 from lightning_clip.testing import FaultInjector
 from tests.models import RegressionModel, make_trainer, regression_loader
@@ -71,8 +71,8 @@ def test_fault_on_rank_one_only(tmp_path: Any) -> None:
             assert torch.equal(w, r1["after_rollback"][step][name]), (step, name)
     for name, w in r0["weights"].items():
         assert torch.isfinite(w).all() and torch.equal(w, r1["weights"][name]), name
-    # rank zero alone wrote the event log
-    events = load_events(os.path.join(tmp_path, EVENTS_FILENAME))
+    # rank zero alone wrote the event log, in the folder of this run (no logger: a version folder)
+    events = load_events(os.path.join(tmp_path, RUN_LOGS_DIRNAME, "version_0", EVENTS_FILENAME))
     assert [(e["step"], e["kind"]) for e in events] == [(3, "nonfinite_grad"), (7, "nonfinite_weights")]
 
 

@@ -205,7 +205,7 @@ def test_file_instead_of_directory(tmp_path: Path) -> None:
 
 
 def test_directory_without_metrics(tmp_path: Path) -> None:
-    with pytest.raises(ReportError, match=rf"^{tmp_path}: holds neither metrics.csv .* nor a TensorBoard"):
+    with pytest.raises(ReportError, match=rf"^{tmp_path}: holds none of metrics.csv .*, a TensorBoard event"):
         report.load_run(str(tmp_path))
 
 
