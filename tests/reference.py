@@ -160,7 +160,8 @@ def loss_aware_thresholds(
     per step for the pre-clip ``norms`` and the step ``losses`` (None: no loss), every step applied.
 
     Ceiling: 0.1 x the first finite norm; an episode while the loss excess is above its elevated threshold
-    (`loss_band_readings`; base = the threshold in force, re-based after 10 steps, 3 bases at most; ceiling
+    (`loss_band_readings`), opened only when the norm's own band (the same band fed the norms) reads an
+    excess above ln 2 (the norms confirm the rise; an open episode goes on without); base = the threshold in force, re-based after 10 steps, 3 bases at most; ceiling
     cut to ``base * max(exp(-excess), 1e-3)``, slow-start level = base / 2); otherwise, with the excess at
     most its calm threshold (or no loss) and the norm above the ceiling, the ceiling grows by ``2**0.1``
     below the slow-start level, by ``1.0005`` above it. The mean term is `mean_thresholds`'s, fed without
@@ -168,15 +169,17 @@ def loss_aware_thresholds(
     """
     cap = math.inf if max_norm is None else max_norm
     readings = loss_band_readings(losses)
+    norm_readings = loss_band_readings(list(norms))
     out = []
     m, t = 0.0, 0  # running mean of the norms (plain rule)
     ceiling, slow, base, age, bases = math.inf, math.inf, None, 0, 0
-    for n, reading in zip(norms, readings, strict=True):
+    for n, reading, norm_reading in zip(norms, readings, norm_readings, strict=True):
         excess, elevated, calm = (None, math.inf, math.inf) if reading is None else reading
+        confirmed = norm_reading is not None and norm_reading[0] > math.log(2.0)
         mean_term = cap if t < warmup_steps else min(factor * m / (1.0 - decay**t), cap)
         if t == 0 and ceiling == math.inf and math.isfinite(n) and n > 0:
             ceiling = 0.1 * n
-        if excess is not None and excess > elevated:
+        if excess is not None and excess > elevated and (confirmed or base is not None):
             if base is None or (age >= 10 and bases < 3):
                 current = min(ceiling, mean_term)
                 if math.isfinite(current):

@@ -13,9 +13,9 @@ from lightning_clip import _compat
 from lightning_clip._validation import check_norm_type
 from lightning_clip.callbacks._base import LightningClipCallback
 from lightning_clip.exceptions import LightningClipWarning
+from lightning_clip.functional.ceiling import LossAwareMeanThreshold, ceiling_applies
 from lightning_clip.functional.thresholds import (
     RULE_DEFAULTS,
-    LossAwareMeanThreshold,
     ThresholdRule,
     check_max_norm,
     make_rule,
@@ -29,7 +29,40 @@ if TYPE_CHECKING:
 RULE_ARGS = ("mode", *RULE_DEFAULTS)
 """The arguments that make the threshold rule (`make_rule`)."""
 
-__all__ = ["AdaptiveGradientClipping"]
+__all__ = ["AdaptiveGradientClipping", "ThrottleWatch"]
+
+
+class ThrottleWatch:
+    """The last ``window`` clip coefficients of one optimizer, judged every ``window`` steps.
+
+    `add` returns True when an episode of persistent throttling starts: the median of a full window below
+    ``low`` while no episode is open. The episode closes when a window's median is above ``release``.
+    (Only a warning depends on it: it is not saved in checkpoints.)
+
+    Examples:
+        >>> watch = ThrottleWatch(window=4)
+        >>> [watch.add(c, low=0.1, release=0.5) for c in (0.05, 0.02, 0.03, 0.04, 0.01, 0.02, 0.02, 0.02)]
+        [False, False, False, True, False, False, False, False]
+    """
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.values: list[float] = []
+        self.open = False
+        self.median = 1.0
+
+    def add(self, coef: float, low: float, release: float) -> bool:
+        self.values.append(coef)
+        if len(self.values) < self.window:
+            return False
+        ordered = sorted(self.values)
+        self.values = []
+        self.median = ordered[len(ordered) // 2]
+        if self.open:
+            self.open = self.median <= release
+            return False
+        self.open = self.median < low
+        return self.open
 
 
 class AdaptiveGradientClipping(LightningClipCallback):
@@ -44,11 +77,16 @@ class AdaptiveGradientClipping(LightningClipCallback):
     * ``"mean"`` (default): ``min(factor · μ̂_{t−1}, ceiling_t, max_norm)`` where ``μ̂`` is the
       bias-corrected EMA of the norms as the plain rule applies them (Pascanu et al. 2013 suggest the average
       norm as the threshold; a spike never inflates its own statistics) and ``ceiling`` an absolute bound
-      learned from the training loss (`~lightning_clip.functional.thresholds.LossAwareMeanThreshold`):
+      learned from the training loss (`~lightning_clip.functional.ceiling.LossAwareMeanThreshold`):
       it starts at a tenth of the first norm, widens while the loss stays in its band, and is cut by the
-      factor the smoothed loss rose when it climbs above twice its healthy level. No statistic of the norms
-      alone can bound a runaway (the mean of clipped norms follows it up); the loss can. With
-      ``loss_aware=False`` the first release's plain rule, ``min(factor · μ̂_{t−1}, max_norm)``.
+      factor the smoothed loss rose when it climbs above its healthy level *and* the gradient norms
+      confirm it (the smoothed norm more than twice its own level): the loss on its own never cuts it. No
+      statistic of the norms alone can bound a runaway (the mean of clipped norms follows it up). The
+      ceiling applies only to optimizers whose step is proportional to the gradient (SGD, with or without
+      momentum: `~lightning_clip.functional.ceiling.ceiling_applies`): an optimizer that normalises the
+      gradient's scale (Adam, AdamW, RMSprop, ...) takes the same step under any ceiling, so for it the
+      rule is the plain one. With ``loss_aware=False`` the first release's plain rule,
+      ``min(factor · μ̂_{t−1}, max_norm)``, for every optimizer.
     * ``"zscore"``: ZClip (Kumar et al. 2025) — reproduces ``zclip.ZClip`` 1.0.0 (``mode="zscore"``,
       ``clip_option="adaptive_scaling"``, ``clip_factor=1``); pass ``warmup_steps=25, max_norm=1.0`` for
       ZClip's defaults.
@@ -68,13 +106,18 @@ class AdaptiveGradientClipping(LightningClipCallback):
         warmup_steps: steps (``≥ 1``) before the mode's own rule applies; None: 1, or 25 for ``zscore``.
         max_norm: optional absolute cap (``> 0``), applied always, also during warm-up.
         norm_type: p of the p-norm, any ``p > 0`` or ``float("inf")``.
-        loss_aware: ``mean`` mode: also follow the training loss (the ceiling above). False for a loss that
-            rises for good by design (adversarial or curriculum objectives) or that is not positive.
+        loss_aware: ``mean`` mode: also follow the training loss (the ceiling above) for the optimizers
+            it can act on. False: the plain rule for every optimizer (for a loss that is not a signal of
+            the step length: adversarial or curriculum objectives, RL).
 
     Raises:
         ValueError / TypeError: at construction, for an argument out of range or of the wrong type.
         ValueError: at fit start (``on_fit_start``, the first hook where the optimizers exist), for a fused
             optimizer under 16-mixed with a GradScaler (its gradients are still scaled in the hook).
+
+    Warns (``LightningClipWarning``, rank zero, once per episode) when it throttles an optimizer
+    persistently: the median clip coefficient of the last `throttle_window` (100) steps below
+    `throttle_coef` (0.1). The episode ends when that median is back above 0.5.
 
     Logged keys (through ``pl_module.log``, on the Trainer's logging steps):
 
@@ -106,6 +149,13 @@ class AdaptiveGradientClipping(LightningClipCallback):
         >>> from lightning_clip import AdaptiveGradientClipping
         >>> trainer = pl.Trainer(callbacks=[AdaptiveGradientClipping(factor=2.0)], logger=False)
     """
+
+    throttle_window: int = 100
+    """Steps over which the median clip coefficient is judged for the throttling warning."""
+    throttle_coef: float = 0.1
+    """A median coefficient below this over `throttle_window` steps is a persistent throttle (warned)."""
+    throttle_release: float = 0.5
+    """... and one back above this ends the episode (the next throttle is warned again)."""
 
     def __init__(
         self,
@@ -141,14 +191,21 @@ class AdaptiveGradientClipping(LightningClipCallback):
         self._uncommitted: dict[int, tuple[GradMeasurement, float, float | None]] = {}
         #: figures of the last step, per optimizer index: (norm, threshold, coef)
         self.last: dict[int, tuple[float, float, float]] = {}
+        self._ceiling_applies: dict[int, bool] = {}  # per optimizer index, from its `defaults` (fit start)
+        self._throttle: dict[int, ThrottleWatch] = {}
 
-    def _new_rule(self) -> ThresholdRule:
-        return make_rule(**{name: getattr(self, name) for name in RULE_ARGS})
+    def _new_rule(self, index: int | None = None) -> ThresholdRule:
+        arguments = {name: getattr(self, name) for name in RULE_ARGS}
+        if index is not None and not self._ceiling_applies.get(index, True):
+            arguments["loss_aware"] = False
+        return make_rule(**arguments)
 
     @property
     def uses_loss(self) -> bool:
-        """``mode="mean"`` with ``loss_aware``: the threshold also follows the training loss (its ceiling)."""
-        return self.mode == "mean" and self.loss_aware is True
+        """``mode="mean"`` with ``loss_aware``, and (once the fit started) at least one optimizer the
+        ceiling applies to: the threshold also follows the training loss (its ceiling)."""
+        applies = not self._ceiling_applies or any(self._ceiling_applies.values())
+        return self.mode == "mean" and self.loss_aware is True and applies
 
     def _state_key_args(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in (*RULE_ARGS, "norm_type")}
@@ -158,7 +215,7 @@ class AdaptiveGradientClipping(LightningClipCallback):
         """The threshold statistics of optimizer ``index`` (created on first use)."""
         found = self._rules.get(index)
         if found is None:
-            found = self._new_rule()
+            found = self._new_rule(index)
             if index in self._saved:
                 found.load_state_dict(self._saved.pop(index))
             self._rules[index] = found
@@ -203,6 +260,18 @@ class AdaptiveGradientClipping(LightningClipCallback):
                         " (e.g. `fused=False`) or precision='bf16-mixed'."
                     )
         self._multi = len(trainer.optimizers) > 1
+        self._ceiling_applies = {
+            i: ceiling_applies(_compat.unwrap_optimizer(opt).defaults)
+            for i, opt in enumerate(trainer.optimizers)
+        }
+        for i, rule in list(
+            self._rules.items()
+        ):  # a rule made before the fit: of the kind this optimizer takes
+            if isinstance(rule, LossAwareMeanThreshold) != (
+                self.uses_loss and self._ceiling_applies.get(i, True)
+            ):
+                self._rules[i] = self._new_rule(i)
+                self._rules[i].load_state_dict(rule.state_dict())
         scaler = _compat.gradient_scaler(trainer)
         self._losses.clear()
         self._last_loss = None
@@ -231,6 +300,8 @@ class AdaptiveGradientClipping(LightningClipCallback):
             self._last_loss = loss
             self._losses.clear()
         norm, threshold, coef = self.clip(measurement, index, loss)
+        if measurement.finite:
+            self._watch_throttle(trainer, optimizer, index, coef)
         if _compat.should_update_logs(trainer):
             suffix = f"_opt{index}" if self._multi else ""
             pl_module.log_dict(
@@ -278,6 +349,22 @@ class AdaptiveGradientClipping(LightningClipCallback):
             if pending is not None and not pending[0].skipped:
                 measurement, threshold, loss = pending
                 self.rule(i).update(measurement.total_norm, threshold, loss)
+
+    def _watch_throttle(self, trainer: Trainer, optimizer: Any, index: int, coef: float) -> None:
+        """Warn once per episode when the clip coefficient stays far below 1 (see the class docstring)."""
+        watch = self._throttle.setdefault(index, ThrottleWatch(self.throttle_window))
+        if watch.add(coef, self.throttle_coef, self.throttle_release) and trainer.is_global_zero:
+            name = type(_compat.unwrap_optimizer(optimizer)).__name__
+            rank_zero_warn(
+                f"AdaptiveGradientClipping has throttled optimizer {index} ({name}) for"
+                f" {self.throttle_window} steps: its median clip coefficient is {watch.median:.2g} (the"
+                f" gradients are scaled to {watch.median:.2g} × their norm; threshold now"
+                f" {self.last[index][1]:.3g}, norm {self.last[index][0]:.3g}). If this run is healthy and its"
+                " loss rises by design (an adversarial objective, a KL warm-up, a curriculum), pass"
+                " `loss_aware=False` for the plain running-mean rule, or `max_norm` with a bound you know to be"
+                " safe. If the norms really grew (a runaway), lower the learning rate.",
+                category=LightningClipWarning,
+            )
 
     # -------------------------------------------------------------------------------- rollbacks
     @override

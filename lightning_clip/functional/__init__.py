@@ -26,13 +26,13 @@ Examples:
 """
 
 from lightning_clip.functional import causes, clipping, divergence, gates, health, norms, thresholds
+from lightning_clip.functional.ceiling import LossAwareMeanThreshold, ceiling_applies
 from lightning_clip.functional.clipping import EPS, clip_coef, clip_grads_, scale_grads_
 from lightning_clip.functional.divergence import DivergenceDetector, LossBand
 from lightning_clip.functional.health import spectral_radius
 from lightning_clip.functional.norms import all_finite, collect_grads, grad_norms, group_norms, total_norm
 from lightning_clip.functional.thresholds import (
     MODES,
-    LossAwareMeanThreshold,
     MeanThreshold,
     PercentileThreshold,
     ThresholdRule,
@@ -52,6 +52,7 @@ __all__ = [
     "ZScoreThreshold",
     "all_finite",
     "causes",
+    "ceiling_applies",
     "clip_coef",
     "clip_grads_",
     "clipping",

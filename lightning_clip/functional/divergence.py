@@ -11,14 +11,18 @@ plain values (loadable with ``torch.load(weights_only=True)``).
   end, a runaway — a factor 10 or more within tens of steps — is not). The **excess** ``fast − reference`` is the log of
   the ratio between the smoothed value and its healthy level. Values that are not positive and finite are
   not judged.
-* `DivergenceDetector` is `ExplosionGuard`'s view of a step: ``"diverged"`` when the
-  smoothed loss is more than 4 times its healthy level (`DIVERGED_LOSS_EXCESS`) or the smoothed norm
-  more than 1,000 times its own (`DIVERGED_NORM_EXCESS`); ``"healthy"`` when the loss is at most twice
-  its level (`ELEVATED_EXCESS`) and the norm within 10 times of its own; ``"elevated"`` in
-  between. A state is taken as known-good only after `HEALTHY_STREAK` healthy steps in a row (or when
-every step so far was healthy).
+* `DivergenceDetector` is `ExplosionGuard`'s view of a step. A loss is not evidence on its own: many
+  healthy losses rise by design (a KL warm-up, a curriculum stage, a stronger adversary, a loss trained
+  towards zero that bounces back). So the verdict is ``"diverged"`` when the smoothed gradient norm is
+  more than 1,000 times its own healthy level (`DIVERGED_NORM_EXCESS`), or when the smoothed loss is more
+  than 4 times its healthy level (`DIVERGED_LOSS_EXCESS`) *confirmed* by the norm (more than 10 times its
+  level, `HEALTHY_NORM_EXCESS`) and by the loss being above where training started (its first healthy
+  level): training that lost everything it learned, with gradients that grew with it. ``"healthy"``
+  when the smoothed norm is within 10 times its level, whatever the loss does (snapshots go on through a
+  long healthy rise of the loss); ``"elevated"`` otherwise. A state is taken as known-good only after
+  `HEALTHY_STREAK` healthy steps in a row (or when every step so far was healthy).
 
-The clipper's loss-aware rule (`lightning_clip.functional.thresholds.LossAwareMeanThreshold`)
+The clipper's loss-aware rule (`lightning_clip.functional.ceiling.LossAwareMeanThreshold`)
 uses a `LossBand` of its own and cuts its ceiling when the excess passes `ELEVATED_EXCESS`
 (twice the healthy level).
 
@@ -26,10 +30,12 @@ Examples:
     >>> detector = DivergenceDetector()
     >>> for loss in (1.0, 0.9, 0.8, 0.8, 0.7):
     ...     _ = detector.update(loss, norm=1.0)
-    >>> detector.peek(0.75, 1.0).verdict, detector.peek(40.0, 1.0).verdict  # one spike is no divergence
-    ('healthy', 'elevated')
-    >>> [detector.update(40.0, 1.0).verdict for _ in range(3)]  # a loss that stays up is
-    ['elevated', 'diverged', 'diverged']
+    >>> detector.peek(40.0, 1.0).verdict  # one high loss is no divergence
+    'healthy'
+    >>> [detector.update(40.0, 1.0).verdict for _ in range(3)]  # nor one that stays up with calm gradients
+    ['healthy', 'healthy', 'healthy']
+    >>> [detector.update(40.0, 100.0).verdict for _ in range(4)]  # once gradients confirm it (>10x), it is
+    ['healthy', 'healthy', 'diverged', 'diverged']
 """
 
 from __future__ import annotations
@@ -305,6 +311,9 @@ class DivergenceDetector:
         self.norm = LossBand(max_smoothing=DETECTOR_SMOOTHING)
         self.healthy_streak = 0
         self.steps = 0
+        self.loss_start: float | None = (
+            None  # the loss band's first healthy level (log): where training began
+        )
 
     def peek(self, loss: float | None, norm: float | None) -> Reading:
         """The step's `Reading` (no state change)."""
@@ -312,9 +321,16 @@ class DivergenceDetector:
         norm_reading = self.norm.peek(norm)
         le = None if loss_reading is None else loss_reading.excess
         ne = None if norm_reading is None else norm_reading.excess
-        if (le is not None and le > DIVERGED_LOSS_EXCESS) or (ne is not None and ne > DIVERGED_NORM_EXCESS):
+        norm_up = ne is not None and ne > HEALTHY_NORM_EXCESS
+        lost = (
+            le is not None
+            and le > DIVERGED_LOSS_EXCESS
+            and loss_reading is not None
+            and (self.loss_start is None or loss_reading.fast > self.loss_start)
+        )
+        if (ne is not None and ne > DIVERGED_NORM_EXCESS) or (lost and norm_up):
             verdict = DIVERGED
-        elif (le is None or le <= ELEVATED_EXCESS) and (ne is None or ne <= HEALTHY_NORM_EXCESS):
+        elif not norm_up:
             verdict = HEALTHY
         else:
             verdict = ELEVATED
@@ -325,6 +341,8 @@ class DivergenceDetector:
         reading = self.peek(loss, norm)
         self.loss.update(loss)
         self.norm.update(norm)
+        if self.loss_start is None and self.loss.reference is not None:
+            self.loss_start = self.loss.reference
         self.healthy_streak = self.healthy_streak + 1 if reading.verdict == HEALTHY else 0
         self.steps += 1
         return reading
@@ -341,6 +359,7 @@ class DivergenceDetector:
             "norm": self.norm.state_dict(),
             "healthy_streak": self.healthy_streak,
             "steps": self.steps,
+            "loss_start": self.loss_start,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -348,3 +367,5 @@ class DivergenceDetector:
         self.norm.load_state_dict(state.get("norm", {}))
         self.healthy_streak = int(state.get("healthy_streak", 0))
         self.steps = int(state.get("steps", 0))
+        start = state.get("loss_start")
+        self.loss_start = None if start is None else float(start)

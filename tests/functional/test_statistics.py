@@ -21,8 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from zclip import ZClip
 
+from lightning_clip.functional.ceiling import LossAwareMeanThreshold
 from lightning_clip.functional.thresholds import (
-    LossAwareMeanThreshold,
     MeanThreshold,
     PercentileThreshold,
     ThresholdRule,
@@ -381,7 +381,11 @@ def test_loss_aware_first_steps_and_a_cut_by_hand():
     # 0.001 (no noise, so no early spread)
     excess = 0.2 * math.log(50.0) / (1 - 0.8**6) - 0.001
     expected = 2**0.5 * math.exp(-excess)  # base = the ceiling in force, shrunk by the loss ratio
-    assert rule.step(10.0, loss=50.0) == pytest.approx(expected, rel=1e-12)
+    # the loss on its own cuts nothing: with the norm at its level the ceiling stands
+    assert rule.threshold(10.0, loss=50.0) == pytest.approx(2**0.5, rel=1e-12)
+    # a norm ×100 confirms it: the norm band's excess 0.2·ln 100 / (1 − 0.8⁶) − 0.001 > ln 2
+    assert 0.2 * math.log(100.0) / (1 - 0.8**6) - 0.001 > math.log(2.0)
+    assert rule.step(1000.0, loss=50.0) == pytest.approx(expected, rel=1e-12)
     assert rule.cuts == 1 and rule.slow_start == pytest.approx(0.5 * 2**0.5)
 
 
@@ -390,7 +394,7 @@ def test_loss_aware_ceiling_never_collapses_to_zero():
     loss = 1.0
     for t in range(3000):  # a loss that keeps exploding: every episode cuts
         loss = 1.0 if t % 40 < 20 else loss * 1e3
-        threshold = rule.step(5.0, loss)
+        threshold = rule.step(5.0 if t % 40 < 20 else 5e3, loss)  # the norms confirm every runaway
         assert threshold > 0.0 and math.isfinite(threshold)
     assert rule.ceiling >= 1.1754943508222875e-38
 

@@ -1,0 +1,241 @@
+"""The ``mean`` rule's ceiling learned from the training loss (`LossAwareMeanThreshold`), and where it
+applies (`ceiling_applies`).
+
+No Lightning and no tensors here, like `lightning_clip.functional.thresholds`, whose contract the rule
+keeps: host-side floats once per optimizer step, a ``state_dict`` of plain values.
+
+**Where it applies.** A clipping threshold bounds the length of the step only for an optimizer whose step
+is proportional to the gradient (SGD, with or without momentum). An optimizer that normalises the gradient
+by its own running scale (Adam, AdamW, RMSprop, Adagrad, Lion, ...) takes the same step whatever uniform
+factor the gradients were scaled by: a ceiling cannot shorten its step, and a ceiling that stays far below
+the norms only distorts its moment estimates (a GAN's generator clipped to 2e-4 of its norms collapsed).
+`ceiling_applies` tells the two apart from the optimizer's ``defaults``; where it says no,
+``AdaptiveGradientClipping`` uses the plain `~lightning_clip.functional.thresholds.MeanThreshold`.
+
+**The loss only confirms.** The ceiling is cut only when the smoothed loss is elevated *and* the
+smoothed pre-clip norm is more than twice its own healthy level (`NORM_CONFIRM_EXCESS`): a loss that
+rises while the gradients stay at their scale (a KL warm-up, a harder curriculum stage, a stronger
+adversary) never cuts it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from lightning_clip.functional.divergence import LossBand
+from lightning_clip.functional.thresholds import FLOAT32_MAX, MeanThreshold, _bounded
+
+__all__ = ["NORMALISING_KEYS", "NORM_CONFIRM_EXCESS", "LossAwareMeanThreshold", "ceiling_applies"]
+
+NORM_CONFIRM_EXCESS = math.log(2.0)
+"""A loss rise cuts the ceiling only with the smoothed pre-clip norm above twice its healthy level."""
+FLOAT32_TINY = 1.1754943508222875e-38
+"""Smallest normal float32: the loss-aware ceiling never goes below it (so it can always widen again)."""
+NORMALISING_KEYS = ("eps", "betas", "etas")
+"""An optimizer whose ``defaults`` hold one of these normalises the gradient's scale (Adam's family,
+RMSprop, Adagrad, Adadelta, Adafactor, Lion, Rprop, ...): its step does not follow a uniform rescaling."""
+
+
+def ceiling_applies(defaults: Mapping[str, Any]) -> bool:
+    """Whether a clipping threshold bounds the step of an optimizer with these ``defaults``
+    (``optimizer.defaults``): True for SGD-like optimizers, whose step is proportional to the gradient;
+    False for those that normalise its scale (`NORMALISING_KEYS`).
+
+    Examples:
+        >>> import torch
+        >>> w = [torch.nn.Parameter(torch.zeros(1))]
+        >>> ceiling_applies(torch.optim.SGD(w, lr=0.1, momentum=0.9).defaults)
+        True
+        >>> ceiling_applies(torch.optim.AdamW(w).defaults), ceiling_applies(torch.optim.RMSprop(w).defaults)
+        (False, False)
+    """
+    return not any(key in defaults for key in NORMALISING_KEYS)
+
+
+@dataclass(frozen=True)
+class _CeilingPlan:
+    """What one step decides about the ceiling (computed identically in ``threshold`` and ``update``)."""
+
+    threshold: float
+    ceiling: float
+    slow_start: float
+    base: float | None
+    age: int
+    bases: int
+    cut: bool
+    excess: float | None
+    calm: float
+
+
+class LossAwareMeanThreshold(MeanThreshold):
+    """The ``mean`` rule under a ceiling learned from the training loss (the default of ``mode="mean"``).
+
+    ``threshold_t = min(factor · μ̂_{t−1}, ceiling_t, max_norm)``. ``μ̂`` is exactly `MeanThreshold`'s
+    statistic (the bias-corrected EMA of the norms as the plain mean rule applies them, so with a ceiling
+    that never binds this is the first release's rule). The **ceiling** is an absolute bound, fed by a
+    `~lightning_clip.functional.divergence.LossBand` of the loss (its *excess*: the log of the
+    smoothed loss over its healthy level):
+
+    * it starts at `start` (a tenth) × the first finite norm: nothing is known about the scale of the
+      problem yet, so the first steps are clipped to a tenth of their own norm (a trust-region warm-up);
+    * on a step where it binds (the norm is above it) and the loss is in its band (excess ≤ log(2)/2), it
+      widens by `fast_growth` (doubles every 10 such steps) up to the *slow-start level*, by
+      `slow_growth` (doubles every ~1,400) above it (TCP's slow start and congestion avoidance);
+    * when the smoothed loss is more than twice its healthy level (excess > log 2) and the smoothed pre-clip
+      norm more than twice its own (`NORM_CONFIRM_EXCESS`: the loss alone is no evidence), an *episode* opens:
+      its base is the threshold in force, the slow-start level drops to half the base, and the ceiling is
+      cut to ``base × exp(−excess)`` — shrunk by the factor the loss rose (at most `max_cut` per base) —
+      following the worst excess of the episode. An episode still open after `rebase_steps` steps is
+      re-based on the current threshold, so a runaway the first cut did not stop is cut again, up to
+      `episode_bases` bases in all: a loss that stays up whatever the threshold (it rose for good) stops
+      lowering it. The episode closes when the loss is back below twice its level.
+
+    The running mean cannot ratchet the threshold up through a runaway (the ceiling does not follow the
+    norms) and the ceiling does not depend on the mean (it cannot collapse with it). Without a loss
+    (``loss=None``, or one that is not positive and finite) the step only widens a binding ceiling.
+    `tighten` lowers the ceiling after a rollback for a divergence (`ExplosionGuard`).
+
+    Args:
+        factor: threshold = factor × running mean, ``> 1``.
+        decay: EMA decay of the running mean, in ``[0, 1)``.
+        warmup_steps: counted steps (``≥ 1``) before the mean's term applies (the ceiling and
+            ``max_norm`` apply from the first step).
+        max_norm: optional absolute cap.
+
+    Examples:
+        >>> rule = LossAwareMeanThreshold()
+        >>> rule.step(10.0, loss=1.0)  # first step: a tenth of its norm
+        1.0
+        >>> [round(rule.step(10.0, loss=0.9), 4) for _ in range(4)]  # loss in band, ceiling binding: widened
+        [1.0718, 1.1487, 1.2311, 1.3195]
+        >>> round(rule.threshold(10.0, loss=50.0), 4)  # the loss alone (norm at its level) cuts nothing
+        1.4142
+        >>> round(rule.step(1000.0, loss=50.0), 4)  # loss 2.9 x its level, norms confirm: ceiling cut 2.9 x
+        0.4829
+    """
+
+    start = 0.1
+    """The ceiling starts at this fraction of the first finite norm."""
+    fast_growth = 2.0 ** (1.0 / 10.0) - 1.0
+    """Growth of a binding ceiling per healthy step below the slow-start level (doubles every 10 steps)."""
+    slow_growth = 5e-4
+    """Growth above the slow-start level (doubles every ~1,400 steps)."""
+    slow_start_fraction = 0.5
+    """At an episode the slow-start level becomes this fraction of the episode's base."""
+    rebase_steps = 10
+    """An episode still open after this many steps is re-based on the current threshold."""
+    episode_bases = 3
+    """At most this many bases (the first and the re-bases) per episode."""
+    max_cut = 1000.0
+    """One base cuts the ceiling by at most this factor."""
+
+    def __init__(
+        self, factor: float = 1.5, decay: float = 0.97, warmup_steps: int = 1, max_norm: float | None = None
+    ) -> None:
+        super().__init__(factor, decay, warmup_steps, max_norm)
+        self.ceiling = math.inf
+        self.slow_start = math.inf
+        self.episode_base: float | None = None
+        self.episode_age = 0
+        self.episode_count = 0  # bases of the open episode
+        self.cuts = 0
+        self.band = LossBand()
+        self.norm_band = LossBand()
+
+    def mean_term(self) -> float:
+        """The plain mean rule's threshold, ``min(factor · μ̂, max_norm)`` (``max_norm`` or ∞ in warm-up)."""
+        return MeanThreshold.current(self)
+
+    def current(self) -> float:
+        """The threshold the next norm meets when its loss changes nothing: ``min(mean term, ceiling)``."""
+        return min(self.mean_term(), self.ceiling)
+
+    def _plan(self, norm: float, loss: float | None) -> _CeilingPlan:
+        mean_term = self.mean_term()
+        ceiling, slow_start = self.ceiling, self.slow_start
+        base, age, bases = self.episode_base, self.episode_age, self.episode_count
+        if self.count == 0 and not math.isfinite(ceiling) and math.isfinite(norm) and norm > 0.0:
+            ceiling = self.start * _bounded(norm)
+        reading = self.band.peek(loss)
+        excess = None if reading is None else reading.excess
+        cut = False
+        calm = self.band.calm_excess()
+        norm_reading = self.norm_band.peek(norm)
+        confirmed = norm_reading is not None and norm_reading.excess > NORM_CONFIRM_EXCESS
+        if excess is not None and excess > self.band.elevated_excess() and (confirmed or base is not None):
+            if base is None or (age >= self.rebase_steps and bases < self.episode_bases):
+                current = min(ceiling, mean_term)
+                if math.isfinite(current):
+                    base, age, bases = current, 0, bases + 1
+                    slow_start = self.slow_start_fraction * base
+            if base is not None:
+                target = max(base * max(math.exp(-excess), 1.0 / self.max_cut), FLOAT32_TINY)
+                if target < ceiling:
+                    ceiling, cut = target, True
+        else:
+            base, age, bases = None, 0, 0
+        return _CeilingPlan(min(mean_term, ceiling), ceiling, slow_start, base, age, bases, cut, excess, calm)
+
+    def threshold(self, norm: float, loss: float | None = None) -> float:
+        return self._plan(norm, loss).threshold
+
+    def update(self, norm: float, threshold: float, loss: float | None = None) -> None:
+        plan = self._plan(norm, loss)
+        self.band.update(loss)
+        self.norm_band.update(norm)
+        self.slow_start = plan.slow_start
+        self.episode_base = plan.base
+        self.episode_age = plan.age + 1 if plan.base is not None else 0
+        self.episode_count = plan.bases
+        self.ceiling = plan.ceiling
+        self.cuts += int(plan.cut)
+        healthy = plan.excess is None or plan.excess <= plan.calm
+        binding = math.isfinite(norm) and math.isfinite(self.ceiling) and norm > self.ceiling
+        if plan.base is None and healthy and binding:
+            growth = self.fast_growth if self.ceiling < self.slow_start else self.slow_growth
+            self.ceiling = min(self.ceiling * (1.0 + growth), FLOAT32_MAX)
+        super().update(norm, self.mean_term())  # the mean as the plain rule applies the norm
+
+    def tighten(self, threshold_at_event: float, fraction: float = 0.5) -> None:
+        """After a rollback for a divergence: clip tighter than when it happened.
+
+        ``ceiling ← min(ceiling, fraction × threshold_at_event)``, the slow-start level no higher (the
+        ceiling then widens only slowly), and any open episode closed (the restored state is healthy).
+
+        Examples:
+            >>> rule = LossAwareMeanThreshold()
+            >>> _ = rule.step(8.0, loss=1.0)
+            >>> rule.tighten(0.5)
+            >>> rule.ceiling, rule.slow_start
+            (0.25, 0.25)
+        """
+        if math.isfinite(threshold_at_event) and threshold_at_event > 0.0:
+            self.ceiling = min(self.ceiling, fraction * threshold_at_event)
+            self.slow_start = min(self.slow_start, self.ceiling)
+        self.episode_base, self.episode_age, self.episode_count = None, 0, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "ceiling": self.ceiling,
+            "slow_start": self.slow_start,
+            "episode_base": self.episode_base,
+            "episode_age": self.episode_age,
+            "episode_count": self.episode_count,
+            "cuts": self.cuts,
+            "loss_band": self.band.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.ceiling = float(state.get("ceiling", math.inf))
+        self.slow_start = float(state.get("slow_start", math.inf))
+        base = state.get("episode_base")
+        self.episode_base = None if base is None else float(base)
+        self.episode_age = int(state.get("episode_age", 0))
+        self.episode_count = int(state.get("episode_count", 0))
+        self.cuts = int(state.get("cuts", 0))
+        self.band.load_state_dict(state.get("loss_band", {}))
