@@ -17,7 +17,11 @@ plain values (loadable with ``torch.load(weights_only=True)``).
   more than 1,000 times its own healthy level (`DIVERGED_NORM_EXCESS`), or when the smoothed loss is more
   than 4 times its healthy level (`DIVERGED_LOSS_EXCESS`) *confirmed* by the norm (more than 10 times its
   level, `HEALTHY_NORM_EXCESS`) and by the loss being above where training started (its first healthy
-  level): training that lost everything it learned, with gradients that grew with it. ``"healthy"``
+  level) — and *still compounding*: within `RUNAWAY_WINDOW` (20) steps of the rise, the smoothed loss
+  climbs twice as high (`RUNAWAY_GROWTH`) as the highest single loss of the rise's first steps, or
+  stands more than 100 times its healthy level (`WRECKED_LOSS_EXCESS`: wrecked weights). A jump by
+  design (a curriculum stage: the loss and the gradients ×5 at once) settles where it jumped; a ramp takes
+  hundreds of steps; a runaway compounds. ``"healthy"``
   when the smoothed norm is within 10 times its level, whatever the loss does (snapshots go on through a
   long healthy rise of the loss); ``"elevated"`` otherwise. A state is taken as known-good only after
   `HEALTHY_STREAK` healthy steps in a row (or when every step so far was healthy).
@@ -34,8 +38,10 @@ Examples:
     'healthy'
     >>> [detector.update(40.0, 1.0).verdict for _ in range(3)]  # nor one that stays up with calm gradients
     ['healthy', 'healthy', 'healthy']
-    >>> [detector.update(40.0, 100.0).verdict for _ in range(4)]  # once gradients confirm it (>10x), it is
-    ['healthy', 'healthy', 'diverged', 'diverged']
+    >>> [detector.update(40.0, 100.0).verdict for _ in range(4)]  # gradients >10x: elevated; a jump that
+    ['healthy', 'healthy', 'elevated', 'elevated']
+    >>> [detector.update(40.0 * 2**k, 100.0 * 2**k).verdict for k in range(1, 9)][-1]  # ...compounds diverges
+    'diverged'
 """
 
 from __future__ import annotations
@@ -57,6 +63,9 @@ __all__ = [
     "HEALTHY_EXCESS",
     "HEALTHY_NORM_EXCESS",
     "HEALTHY_STREAK",
+    "RUNAWAY_GROWTH",
+    "RUNAWAY_WINDOW",
+    "WRECKED_LOSS_EXCESS",
     "BandReading",
     "DivergenceDetector",
     "LossBand",
@@ -84,6 +93,17 @@ HEALTHY_NORM_EXCESS = math.log(10.0)
 """A step counts as healthy only with the smoothed norm within ten times its level."""
 HEALTHY_STREAK = 10
 """Healthy steps in a row before a state may be taken as known-good (or every step so far, early on)."""
+RUNAWAY_GROWTH = math.log(2.0)
+"""A confirmed rise is a divergence once the smoothed loss climbs this far (×2) above the highest single
+loss of the rise's first `ANCHOR_STEPS` steps: it keeps compounding. A jump by design (a curriculum stage)
+settles at the level it jumped to."""
+RUNAWAY_WINDOW = 20
+"""... within this many steps; a rise that takes longer (a ramp) is re-anchored: it is no runaway."""
+WRECKED_LOSS_EXCESS = math.log(100.0)
+"""A confirmed rise to more than 100× the healthy level is a divergence whether or not it still climbs
+(the weights were wrecked: no curriculum stage jumps that far)."""
+ANCHOR_STEPS = 5
+"""The anchor is the highest single loss of this many first steps of a confirmed rise."""
 
 DETECTOR_SMOOTHING = 19.0
 """The detector's bands average at most this many steps (decay ≥ 0.9), however noisy the signal: a loss
@@ -314,6 +334,19 @@ class DivergenceDetector:
         self.loss_start: float | None = (
             None  # the loss band's first healthy level (log): where training began
         )
+        self.anchor: float | None = None  # open suspicion: the highest single log loss of its first steps
+        self.suspect_age = 0  # steps since the suspicion opened (or was re-anchored)
+
+    def _suspect(self, loss_reading: BandReading | None, norm_reading: BandReading | None) -> bool:
+        """Far above the healthy level, confirmed: the loss over 4× its level and above where training
+        started, the norm over 10× its own."""
+        if loss_reading is None or norm_reading is None:
+            return False
+        return (
+            loss_reading.excess > DIVERGED_LOSS_EXCESS
+            and (self.loss_start is None or loss_reading.fast > self.loss_start)
+            and norm_reading.excess > HEALTHY_NORM_EXCESS
+        )
 
     def peek(self, loss: float | None, norm: float | None) -> Reading:
         """The step's `Reading` (no state change)."""
@@ -321,16 +354,14 @@ class DivergenceDetector:
         norm_reading = self.norm.peek(norm)
         le = None if loss_reading is None else loss_reading.excess
         ne = None if norm_reading is None else norm_reading.excess
-        norm_up = ne is not None and ne > HEALTHY_NORM_EXCESS
-        lost = (
-            le is not None
-            and le > DIVERGED_LOSS_EXCESS
-            and loss_reading is not None
-            and (self.loss_start is None or loss_reading.fast > self.loss_start)
-        )
-        if (ne is not None and ne > DIVERGED_NORM_EXCESS) or (lost and norm_up):
+        growing = False
+        if loss_reading is not None and self._suspect(loss_reading, norm_reading):
+            wrecked = loss_reading.excess > WRECKED_LOSS_EXCESS  # no stage of a curriculum jumps x100
+            climbing = self.anchor is not None and loss_reading.fast > self.anchor + RUNAWAY_GROWTH
+            growing = wrecked or climbing
+        if (ne is not None and ne > DIVERGED_NORM_EXCESS) or growing:
             verdict = DIVERGED
-        elif not norm_up:
+        elif ne is None or ne <= HEALTHY_NORM_EXCESS:
             verdict = HEALTHY
         else:
             verdict = ELEVATED
@@ -339,10 +370,19 @@ class DivergenceDetector:
     def update(self, loss: float | None, norm: float | None) -> Reading:
         """Commit an applied step; returns its `Reading`."""
         reading = self.peek(loss, norm)
-        self.loss.update(loss)
-        self.norm.update(norm)
+        loss_reading = self.loss.update(loss)
+        norm_reading = self.norm.update(norm)
         if self.loss_start is None and self.loss.reference is not None:
             self.loss_start = self.loss.reference
+        if loss_reading is not None and self._suspect(loss_reading, norm_reading):
+            if self.anchor is None or self.suspect_age >= RUNAWAY_WINDOW:  # open, or re-anchor a slow rise
+                self.anchor, self.suspect_age = loss_reading.log_value, 0
+            else:
+                self.suspect_age += 1
+                if self.suspect_age < ANCHOR_STEPS:  # the level a jump went to, with its noise
+                    self.anchor = max(self.anchor, loss_reading.log_value)
+        else:
+            self.anchor, self.suspect_age = None, 0
         self.healthy_streak = self.healthy_streak + 1 if reading.verdict == HEALTHY else 0
         self.steps += 1
         return reading
@@ -360,6 +400,8 @@ class DivergenceDetector:
             "healthy_streak": self.healthy_streak,
             "steps": self.steps,
             "loss_start": self.loss_start,
+            "anchor": self.anchor,
+            "suspect_age": self.suspect_age,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -369,3 +411,6 @@ class DivergenceDetector:
         self.steps = int(state.get("steps", 0))
         start = state.get("loss_start")
         self.loss_start = None if start is None else float(start)
+        anchor = state.get("anchor")
+        self.anchor = None if anchor is None else float(anchor)
+        self.suspect_age = int(state.get("suspect_age", 0))
