@@ -11,27 +11,28 @@ from __future__ import annotations
 import logging
 import math
 import os
+import uuid
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
+from lightning_utilities.core.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_clip import _compat
 from lightning_clip._validation import check_bool, check_choice, check_int, check_number
 from lightning_clip.callbacks._base import LightningClipCallback
-from lightning_clip.exceptions import GradientExplosionError
+from lightning_clip.exceptions import GradientExplosionError, LightningClipWarning
 from lightning_clip.functional.divergence import DIVERGED, DivergenceDetector, Reading
 from lightning_clip.functional.thresholds import MeanThreshold
 from lightning_clip.guard import decision as D
-from lightning_clip.guard.checkpoints import write_state
-from lightning_clip.guard.events import EVENTS_FILENAME, EventLog, EventRecord, failure_message
+from lightning_clip.guard import rollback
+from lightning_clip.guard.events import EVENTS_FILENAME, EventRecord
 from lightning_clip.guard.known_good import KnownGoodStates
-from lightning_clip.guard.snapshot import (
-    all_finite,
-    nonfinite_names,
-    restore,
-    scale_learning_rates,
-)
+from lightning_clip.guard.recorder import EventRecorder
+from lightning_clip.guard.rollback.read import guard_state
+from lightning_clip.guard.rollback.restore import write_state
+from lightning_clip.guard.rollback.sources import RUN_KEY, RunIdentity, is_remote
+from lightning_clip.guard.snapshot import all_finite
 from lightning_clip.step import LOSS_RIDER, GradMeasurement, LossWindow, StepState
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ __all__ = ["ExplosionGuard"]
 log = logging.getLogger(__name__)
 
 ACTIONS = ("rollback", "skip", "raise")
+SCHEDULES = ("fast_forward", "restore")
 GUARD_FLAGS = "ExplosionGuard.flags"
 """The guard's per-rank flags in the step's one all-reduce (`StepTracker.contribute`)."""
 
@@ -76,20 +78,24 @@ class ExplosionGuard(LightningClipCallback):
       runs) the model, every optimizer, every LR scheduler, the precision plugin (GradScaler) and the
       state of the other lightning-clip callbacks go back to the newest known-good state: the in-memory
       snapshot (taken at train start and every ``snapshot_every_n_steps`` good steps, copied to the CPU) or
-      the newest file of the Trainer's ``ModelCheckpoint``, whichever has the higher ``global_step``. A
-      state with non-finite weights or optimizer state is never used; an unreadable or truncated file gives
-      a warning and the next older state is tried. Files are read with ``weights_only=True``; one that
-      needs more (pickled objects, e.g. in its hyper-parameters) gives a warning naming the types and is
-      skipped, unless ``trust_checkpoints=True``. A state taken during a runaway is never a known-good
+      this run's newest own file in the Trainer's ``ModelCheckpoint`` folders, whichever holds the higher
+      ``global_step`` (files are ordered by the step they hold, never by modification time; another run's
+      files are never used; under DDP every rank restores the same step: see ``docs/reliability.md``,
+      "What the guard trusts"). Everything restored is validated first (names and shapes against the live
+      model, finite weights, optimizer state, learning rates, loss scale, scheduler numbers); an
+      unreadable, invalid or mismatched file gives a warning and the next older state is tried. Files are
+      read with ``weights_only=True``; one that needs more (pickled objects, e.g. in its hyper-parameters)
+      gives a warning naming the types and is skipped, unless ``trust_checkpoints=True``. Remote folders
+      (``s3://``...) are not rollback sources. A state taken during a runaway is never a known-good
       state: a snapshot is taken only after 10 healthy steps in a row (the loss at most twice its healthy
       level, or every step since the start), otherwise it waits for them, and a checkpoint file written
       while training was not healthy is passed over. The divergence detector is rewound with the state;
       after a ``divergence`` rollback `AdaptiveGradientClipping` (``mode="mean"``) halves the
       threshold it was at (its ceiling), so training resumes with a tighter clip. Then every learning rate
-      is multiplied by
-      ``lr_factor`` (param groups and the schedulers' ``base_lrs``, so the schedule continues from the
-      lowered value) and the next ``skip_batches`` batches are not learned from. Loop counters
-      (``global_step``, epoch, batch) do not go back.
+      is multiplied by ``lr_factor`` (param groups and the schedulers' ``base_lrs``), step-interval LR
+      schedulers are fast-forwarded back to where they were (``schedulers_after_rollback``), and the next
+      ``skip_batches`` batches are not learned from. Loop counters (``global_step``, epoch, batch) do not
+      go back.
     * ``"raise"``: `GradientExplosionError` at the first event.
 
     A NaN state never reaches a checkpoint file: in ``on_save_checkpoint`` the checkpoint's weights are
@@ -100,8 +106,9 @@ class ExplosionGuard(LightningClipCallback):
     Args:
         action: ``"rollback"`` | ``"skip"`` | ``"raise"``.
         spike_factor: also an event: gradient norm ``> spike_factor`` × running mean (``> 1``; None: off).
-        snapshot_every_n_steps: in-memory snapshot every N good optimizer steps (``≥ 0``); 0: roll back to
-            checkpoint files only (needs a ``ModelCheckpoint``; checked at setup).
+        snapshot_every_n_steps: in-memory snapshot at every multiple of N of ``global_step`` (``≥ 0``; a
+            resumed run snapshots the same steps as an uninterrupted one); 0: roll back to checkpoint files
+            only (needs a local ``ModelCheckpoint`` folder; checked at setup).
         max_rollbacks: rollbacks allowed in the whole run, resumes included (``≥ 0``); one more is an error.
         skip_batches: after a rollback, the next N batches are not learned from (``≥ 0``): every optimizer
             step whose gradients include one of them is not applied (PaLM, Chowdhery et al. 2022).
@@ -110,10 +117,16 @@ class ExplosionGuard(LightningClipCallback):
         trust_checkpoints: read checkpoint files as rollback sources with ``weights_only=False`` (any pickled
             object, so arbitrary code: only for files you trust). Default False: ``weights_only=True``,
             which loads everything Lightning itself writes.
+        schedulers_after_rollback: ``"fast_forward"`` (default): after a rollback, every step-interval LR
+            scheduler steps again as often as it had since the restored state, so the schedule stays tied
+            to ``global_step`` and ends on time (keeping ``lr_factor``); ``"restore"``: schedulers keep the
+            restored state (the schedule then lags ``global_step`` by the steps rolled back).
+            Epoch-interval schedulers and ``ReduceLROnPlateau`` always keep their restored state.
 
     Raises:
         ValueError / TypeError: at construction, for an argument out of range or of the wrong type.
-        ValueError: at setup, for ``snapshot_every_n_steps=0`` without a ``ModelCheckpoint``.
+        ValueError: at setup, for ``snapshot_every_n_steps=0`` without a ``ModelCheckpoint`` writing to a
+            local folder.
         GradientExplosionError: ``action="raise"`` at the first event; ``max_rollbacks`` spent; no
             known-good state; ``action="skip"`` facing a state a skip cannot repair. The message says what
             happened, at which step, which parameters went bad first and what to try.
@@ -165,7 +178,6 @@ class ExplosionGuard(LightningClipCallback):
     spike_warmup_steps: int = 10
     overflow_patience: int = 20
     min_loss_scale: float = 2.0**-8
-    max_param_names: int = 5
 
     def __init__(
         self,
@@ -176,6 +188,7 @@ class ExplosionGuard(LightningClipCallback):
         skip_batches: int = 0,
         lr_factor: float = 1.0,
         trust_checkpoints: bool = False,
+        schedulers_after_rollback: str = "fast_forward",
     ) -> None:
         super().__init__()
         self.action = check_choice("action", action, ACTIONS)
@@ -189,6 +202,9 @@ class ExplosionGuard(LightningClipCallback):
         self.skip_batches = check_int("skip_batches", skip_batches, low=0)
         self.lr_factor = check_number("lr_factor", lr_factor, low=0.0, high=1.0, low_inclusive=False)
         self.trust_checkpoints = check_bool("trust_checkpoints", trust_checkpoints)
+        self.schedulers_after_rollback = check_choice(
+            "schedulers_after_rollback", schedulers_after_rollback, SCHEDULES
+        )
         # counters (saved)
         self.events = 0
         self.rollbacks = 0
@@ -198,19 +214,18 @@ class ExplosionGuard(LightningClipCallback):
         self._overflow_streak = 0
         self._spike = self._make_spike_rule()
         self._detector = DivergenceDetector()
+        self._run_id = ""  # this run's identity, kept across resumes (saved); set at setup
         # transient
+        self._identity = RunIdentity("", "", 0)
         self._known_good = KnownGoodStates(self.snapshot_every_n_steps, trust=self.trust_checkpoints)
+        self._events = EventRecorder()
         self._losses = LossWindow()
         self._pending: EventRecord | None = None  # a rollback due at the end of the batch
         self._stepped = False
         self._tainted = False
         self._batch_idx = -1
-        self._names: dict[int, str] = {}
         self._has_scaler = False
         self._signals: tuple[StepState, D.LocalSignals] | None = None  # this step's local signals
-        self._events_path: str | None = None
-        #: every event of this run as written to the event log (also on ranks that do not write the file)
-        self.records: list[dict[str, Any]] = []
 
     def _make_spike_rule(self) -> MeanThreshold | None:
         if self.spike_factor is None:
@@ -232,13 +247,23 @@ class ExplosionGuard(LightningClipCallback):
     @property
     def events_path(self) -> str | None:
         """Path of ``lightning_clip_events.jsonl`` (known from setup on)."""
-        return self._events_path
+        return self._events.path
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """Every event of this run as written to the event log (also on ranks that do not write the file)."""
+        return self._events.records
+
+    @property
+    def run_id(self) -> str:
+        """This run's identity (set at setup, kept across resumes): only files carrying it are restored."""
+        return self._run_id
 
     # ----------------------------------------------------------------------------------------- state
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "version": 1,
+            "version": 2,
             "events": self.events,
             "rollbacks": self.rollbacks,
             "skipped_steps": self.skipped_steps,
@@ -248,6 +273,7 @@ class ExplosionGuard(LightningClipCallback):
             "spike": None if self._spike is None else self._spike.state_dict(),
             "divergence": self._detector.state_dict(),
             "healthy": self._detector.snapshot_ok,
+            "run_id": self._run_id,
         }
 
     @override
@@ -255,7 +281,18 @@ class ExplosionGuard(LightningClipCallback):
         self.events = int(state_dict.get("events", 0))
         self.rollbacks = int(state_dict.get("rollbacks", 0))
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
-        self.lr_scale = float(state_dict.get("lr_scale", 1.0))
+        lr_scale = state_dict.get("lr_scale", 1.0)
+        if (
+            isinstance(lr_scale, bool)
+            or not isinstance(lr_scale, (int, float))
+            or not 0 < lr_scale < math.inf
+        ):
+            rank_zero_warn(
+                f"ExplosionGuard: the saved `lr_scale` is {lr_scale!r} (must be finite and > 0); using 1.0.",
+                category=LightningClipWarning,
+            )
+            lr_scale = 1.0
+        self.lr_scale = float(lr_scale)
         self._skip_remaining = int(state_dict.get("skip_remaining", 0))
         self._overflow_streak = int(state_dict.get("overflow_streak", 0))
         self._spike = self._make_spike_rule()
@@ -264,6 +301,31 @@ class ExplosionGuard(LightningClipCallback):
             self._spike.load_state_dict(spike)
         self._detector = DivergenceDetector()
         self._detector.load_state_dict(state_dict.get("divergence", {}))
+        run_id = state_dict.get("run_id")
+        self._run_id = run_id if isinstance(run_id, str) and run_id else self._run_id
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """A resume: adopt the run identity the checkpoint carries; when the guard's arguments changed since
+        (another ``state_key``), carry its saved state over from the one other ``ExplosionGuard`` entry."""
+        saved = checkpoint.get(RUN_KEY)
+        if isinstance(saved, dict) and isinstance(saved.get("run_id"), str):
+            self._run_id = saved["run_id"]
+        callbacks = checkpoint.get("callbacks", {})
+        if self.state_key in callbacks:
+            return
+        own = guard_state(checkpoint, self.state_key)
+        if own:
+            old = next(k for k in callbacks if callbacks[k] is own)
+            rank_zero_warn(
+                f"ExplosionGuard: the checkpoint holds the guard's state under {old!r}, this guard is"
+                f" {self.state_key!r} (its `action` or `spike_factor` changed); its counters (rollbacks count"
+                " toward `max_rollbacks`), `lr_scale`, divergence detector and run identity are carried over.",
+                category=LightningClipWarning,
+            )
+            self.load_state_dict(own)
 
     # ----------------------------------------------------------------------------------------- hooks
     @override
@@ -271,27 +333,44 @@ class ExplosionGuard(LightningClipCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        if (
-            self.action == "rollback"
-            and self.snapshot_every_n_steps == 0
-            and not trainer.checkpoint_callbacks
-        ):
+        if self.action == "rollback":
+            self._check_folders(trainer)
+        self._events.path = os.path.join(_compat.log_dir(trainer), EVENTS_FILENAME)
+        # one identity for every rank (the subprocess DDP launcher builds one guard per rank)
+        run_id, fit_id = trainer.strategy.broadcast((self._run_id or uuid.uuid4().hex, uuid.uuid4().hex))
+        self._run_id, self._identity = run_id, RunIdentity(run_id, fit_id, 0)
+
+    def _check_folders(self, trainer: Trainer) -> None:
+        folders = [
+            os.fspath(getattr(cb, "dirpath", None) or trainer.default_root_dir)
+            for cb in trainer.checkpoint_callbacks
+        ]
+        remote = [f for f in folders if is_remote(f)]
+        if self.snapshot_every_n_steps == 0 and len(remote) == len(folders):
             raise ValueError(
                 "ExplosionGuard(snapshot_every_n_steps=0) rolls back to checkpoint files only, but the Trainer"
-                " has no ModelCheckpoint. Add `ModelCheckpoint(every_n_train_steps=...)` to `callbacks`, or set"
-                " `snapshot_every_n_steps` > 0 to keep an in-memory snapshot."
+                " has no ModelCheckpoint writing to a local folder"
+                + (f" (remote folders are not rollback sources: {', '.join(remote)})" if remote else "")
+                + ". Add `ModelCheckpoint(dirpath=<local folder>, every_n_train_steps=...)` to `callbacks`, or"
+                " set `snapshot_every_n_steps` > 0 to keep an in-memory snapshot."
             )
-        self._events_path = os.path.join(_compat.log_dir(trainer), EVENTS_FILENAME)
+        if remote:
+            rank_zero_warn(
+                f"ExplosionGuard: checkpoint files in remote folders ({', '.join(remote)}) are not rollback"
+                " sources; rollbacks use the in-memory snapshot (`snapshot_every_n_steps`) and local folders.",
+                category=LightningClipWarning,
+            )
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._names = {id(p): name for name, p in pl_module.named_parameters()}
+        self._events.names = {id(p): name for name, p in pl_module.named_parameters()}
         self._pending, self._tainted, self._signals = None, False, None
         scaler = _compat.gradient_scaler(trainer)
         self._has_scaler = scaler is not None
         self._losses.clear()
         self._losses.scale = None if scaler is None else (lambda: _compat.loss_scale_tensor(scaler))
         self._known_good.reset()
+        self._identity = RunIdentity(self._run_id, self._identity.fit_id, trainer.global_step)
         # the state a fit starts (or resumes) from is known-good, whatever the restored detector says:
         # the in-memory snapshots of the interrupted run are gone
         if self._snapshots_on:
@@ -376,6 +455,11 @@ class ExplosionGuard(LightningClipCallback):
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         self._known_good.last_checkpoint_step = trainer.global_step
+        checkpoint[RUN_KEY] = {
+            "run_id": self._run_id,
+            "fit_id": self._identity.fit_id,
+            "step": trainer.global_step,
+        }
         local_bad = not (
             all_finite(checkpoint.get("state_dict", {}))
             and all_finite(checkpoint.get("optimizer_states", []))
@@ -473,11 +557,11 @@ class ExplosionGuard(LightningClipCallback):
         record = self._record(trainer, list(decision.kinds), measurement.total_norm, loss)
         if D.DIVERGENCE in decision.kinds and reading is not None:
             record.loss_ratio, record.norm_ratio = reading.loss_ratio, reading.norm_ratio
-        record.params = self._grad_param_names(measurement, decision.kinds)
+        record.params = self._events.grad_params(measurement, decision.kinds)
         record.optimizer = _compat.optimizer_index(trainer, state.optimizer)
         if self._weights_bad(trainer, pl_module):
             record.kinds = list(decision.with_kind(D.NONFINITE_WEIGHTS, self.action).kinds)
-            record.params = nonfinite_names(pl_module.named_parameters(), self.max_param_names)
+            self._events.bad_weights(record, pl_module.named_parameters())
         self._act(trainer, record, deferred=True)
 
     def _is_spike(self, m: GradMeasurement) -> bool:
@@ -527,39 +611,34 @@ class ExplosionGuard(LightningClipCallback):
                 f"The rollback budget is spent: {self.rollbacks} rollback(s) already done"
                 f" (max_rollbacks={self.max_rollbacks}, counted across resumes).",
             )
-        state = self._known_good.newest(trainer, self.state_key, self._agree(trainer))
+        siblings = self._siblings(trainer)
+        state = self._known_good.newest(trainer, self._identity, self.state_key, siblings)
         if state is None:
             self._fail(
                 trainer,
                 record,
-                "There is no known-good state to go back to: no finite in-memory snapshot and no readable,"
-                " finite checkpoint file at or before this step.",
+                "There is no known-good state to go back to: no valid in-memory snapshot and no readable, valid"
+                " checkpoint file of this run at or before this step.",
             )
-        siblings = self._siblings(trainer)
-        memos = [(cb, cb.before_rollback()) for cb in siblings]
-        restore(trainer, state, siblings)
+        self.rollbacks += 1
+        self.lr_scale *= self.lr_factor
+        fast_forward = self.schedulers_after_rollback == "fast_forward"
+        rollback.apply(
+            trainer, state, siblings, self.lr_scale / state.lr_scale, tuple(record.kinds), fast_forward
+        )
         self._detector = DivergenceDetector()  # rewound with the state (fresh when the state has none)
         if state.guard is not None:
             self._detector.load_state_dict(state.guard.get("divergence", {}))
-        self.rollbacks += 1
-        self.lr_scale *= self.lr_factor
-        scale_learning_rates(trainer, self.lr_scale / state.lr_scale)
         self._skip_remaining = self.skip_batches
         self._overflow_streak = 0
-        for cb, memo in memos:  # e.g. after a divergence, AdaptiveGradientClipping clips tighter
-            cb.after_rollback(memo, tuple(record.kinds))
         record.restored = {"source": state.source, "step": state.step, "path": state.path}
         self._write(trainer, record)
         if (
             self._snapshots_on
         ):  # the restored state (LRs lowered) is the new snapshot; its step is the content's
+            agree = self._agree(trainer)
             self._known_good.take(
-                trainer,
-                siblings,
-                self.lr_scale,
-                label=state.step,
-                agree=self._agree(trainer),
-                guard=self._own_state(),
+                trainer, siblings, self.lr_scale, label=state.step, agree=agree, guard=self._own_state()
             )
 
     @property
@@ -579,44 +658,20 @@ class ExplosionGuard(LightningClipCallback):
         local = not all_finite([p.detach() for p in pl_module.parameters()])
         return bool(self._sum_over_ranks(trainer, [int(local)])[0])
 
-    def _grad_param_names(self, m: GradMeasurement, kinds: tuple[str, ...]) -> list[str]:
-        if not m.finite:
-            idx = m.nonfinite_indices()
-        elif (D.SPIKE in kinds or D.DIVERGENCE in kinds) and len(m.params):
-            idx = torch.topk(m.per_param, min(self.max_param_names, len(m.params))).indices.tolist()
-        else:
-            return []
-        return [self._names.get(id(m.params[i]), f"param[{i}]") for i in idx[: self.max_param_names]]
-
     # --------------------------------------------------------------------------------- records
     def _record(
         self, trainer: Trainer, kinds: list[str], norm: float | None, loss: float | None
     ) -> EventRecord:
         self.events += 1
-        return EventRecord(
-            step=trainer.global_step,
-            epoch=trainer.current_epoch,
-            batch=self._batch_idx,
-            kinds=list(D.sort_kinds(kinds)),
-            action=self.action,
-            norm=norm,
-            loss=loss,
-        )
+        return self._events.new(trainer, kinds, self.action, self._batch_idx, norm, loss)
 
     def _weights_record(self, trainer: Trainer, named: Any) -> EventRecord:
-        record = self._record(trainer, [D.NONFINITE_WEIGHTS], None, None)
-        record.params = nonfinite_names(named, self.max_param_names)
-        return record
+        return self._events.bad_weights(self._record(trainer, [D.NONFINITE_WEIGHTS], None, None), named)
 
     def _write(self, trainer: Trainer, record: EventRecord) -> None:
-        record.rollbacks, record.lr_scale = self.rollbacks, self.lr_scale
-        line = record.to_json()
-        self.records.append(line)
-        log.info("ExplosionGuard event: %s", line)
-        if trainer.is_global_zero and self._events_path is not None:
-            EventLog(self._events_path).write(line)
+        self._events.write(trainer, record, self.rollbacks, self.lr_scale)
 
     def _fail(self, trainer: Trainer, record: EventRecord, reason: str) -> NoReturn:
         record.action = "raise" if self.action == "raise" else "error"
         self._write(trainer, record)
-        raise GradientExplosionError(failure_message(record, reason, self._events_path or EVENTS_FILENAME))
+        raise GradientExplosionError(self._events.failure(record, reason))
