@@ -9,8 +9,8 @@ touched before it says yes.
   group; every number in the groups finite, learning rates ``>= 0``;
 * the LR schedulers: as many as the Trainer's, every number in their state finite;
 * the precision plugin: a GradScaler's scale finite and ``> 0``;
-* the other lightning-clip callbacks' states and the guard's own: no NaN (infinite bounds are legitimate
-  there); the guard's ``lr_scale`` finite and ``> 0``;
+* the other lightning-clip callbacks' states: what each says of its own (``state_problem``); the
+  guard's own: ``lr_scale`` finite and ``> 0``, no NaN in its divergence detector;
 * the weights and optimizer states: finite (one fused pass).
 """
 
@@ -145,10 +145,9 @@ def _callbacks(state: TrainingState, siblings: Sequence[Any]) -> str | None:
         return "its callback states are not a dict"
     for cb in siblings:
         saved = state.callbacks.get(cb.state_key)
-        if saved is not None:
-            bad = _numbers(saved, f"{cb.state_key}: ", allow_inf=True)
-            if bad is not None:
-                return bad
+        found = cb.state_problem(saved) if saved is not None and hasattr(cb, "state_problem") else None
+        if found is not None:
+            return f"{cb.state_key}: {found}"
     return None
 
 
