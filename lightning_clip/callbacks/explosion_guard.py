@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import uuid
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_warn
@@ -21,19 +21,22 @@ from typing_extensions import override
 from lightning_clip import _compat
 from lightning_clip._validation import check_bool, check_choice, check_int, check_number
 from lightning_clip.callbacks._base import LightningClipCallback
-from lightning_clip.exceptions import GradientExplosionError, LightningClipWarning
-from lightning_clip.functional.divergence import DIVERGED, DivergenceDetector, Reading
+from lightning_clip.exceptions import LightningClipWarning
+from lightning_clip.functional.divergence import DIVERGED, DivergenceDetector
 from lightning_clip.functional.thresholds import MeanThreshold
 from lightning_clip.guard import decision as D
-from lightning_clip.guard import rollback
+from lightning_clip.guard import observe
 from lightning_clip.guard.events import EVENTS_FILENAME, EventRecord
 from lightning_clip.guard.known_good import KnownGoodStates
 from lightning_clip.guard.recorder import EventRecorder
+from lightning_clip.guard.recovery import RecoveryMixin
+from lightning_clip.guard.rollback import sources
 from lightning_clip.guard.rollback.read import guard_state
 from lightning_clip.guard.rollback.restore import write_state
-from lightning_clip.guard.rollback.sources import RUN_KEY, RunIdentity, is_remote
+from lightning_clip.guard.rollback.sources import RUN_KEY, RunIdentity
+from lightning_clip.guard.rollback.validate import valid_lr_scale
 from lightning_clip.guard.snapshot import all_finite
-from lightning_clip.step import LOSS_RIDER, GradMeasurement, LossWindow, StepState
+from lightning_clip.step import LOSS_RIDER, LossWindow, StepState
 
 if TYPE_CHECKING:
     from lightning_clip._compat import LightningModule, Trainer
@@ -48,90 +51,58 @@ GUARD_FLAGS = "ExplosionGuard.flags"
 """The guard's per-rank flags in the step's one all-reduce (`StepTracker.contribute`)."""
 
 
-class ExplosionGuard(LightningClipCallback):
+class ExplosionGuard(RecoveryMixin, LightningClipCallback):  # type: ignore[misc, unused-ignore]
     r"""Detect exploding training (NaN/Inf, finite divergence, optional spikes) and skip the update or roll back.
 
-    Detection (the bad update is never applied: decided in ``on_before_optimizer_step``, where the
-    gradients are accumulated and AMP-unscaled, its gradients are then set to ``None``):
+    Detection, in ``on_before_optimizer_step`` (gradients accumulated and AMP-unscaled; the bad update is
+    never applied, its gradients are set to ``None``): a non-finite total gradient norm (shared with
+    `AdaptiveGradientClipping`); a non-finite training loss; a finite **divergence** (the loss, averaged
+    over the ranks, smoothed to more than 4× its healthy level, or the norm to more than 1,000× its own:
+    `lightning_clip.functional.divergence.DivergenceDetector`); with ``spike_factor``, a norm above
+    ``spike_factor`` × the running mean of recent finite norms; non-finite weights (checked on snapshot
+    steps, on every event, at the end of training and before every checkpoint is written).
 
-    * a non-finite total gradient norm (measured once per step, shared with
-      `AdaptiveGradientClipping`);
-    * a non-finite training loss (the tensor handed to ``backward``, captured in ``on_before_backward``;
-      automatic and manual optimization, every micro-batch of an accumulation window);
-    * a finite **divergence** (kind ``"divergence"``): the step's training loss, averaged over the ranks,
-      smoothed to more than 4 times its healthy level, or the gradient norm to more than 1,000 times its
-      own (`lightning_clip.functional.divergence.DivergenceDetector`; one high batch is no divergence, a
-      loss that stays up is);
-    * with ``spike_factor``: a norm above ``spike_factor`` × the bias-corrected running mean of the recent
-      finite, non-spike norms (EMA decay ``spike_decay`` = 0.97, after ``spike_warmup_steps`` = 10 steps);
-    * non-finite weights (or optimizer state): checked every ``snapshot_every_n_steps`` steps, before a
-      snapshot is taken, on every event, at the end of training, and in ``on_save_checkpoint`` before a
-      checkpoint is written.
-
-    Actions:
-
-    * ``"skip"``: the update is not applied; weights and optimizer state stay bit-identical. The LR
-      scheduler and ``global_step`` still advance (the schedule stays tied to ``global_step``). A skip
-      cannot repair a state that is already bad (non-finite weights, collapsed loss scale, a divergence):
-      those raise `GradientExplosionError`.
-    * ``"rollback"``: the update is not applied, and in ``on_train_batch_end`` (before ``ModelCheckpoint``
-      runs) the model, every optimizer, every LR scheduler, the precision plugin (GradScaler) and the
-      state of the other lightning-clip callbacks go back to the newest known-good state: the in-memory
-      snapshot (taken at train start and every ``snapshot_every_n_steps`` good steps, copied to the CPU) or
-      this run's newest own file in the Trainer's ``ModelCheckpoint`` folders, whichever holds the higher
-      ``global_step`` (files are ordered by the step they hold, never by modification time; another run's
-      files are never used; under DDP every rank restores the same step: see ``docs/reliability.md``,
-      "What the guard trusts"). Everything restored is validated first (names and shapes against the live
-      model, finite weights, optimizer state, learning rates, loss scale, scheduler numbers); an
-      unreadable, invalid or mismatched file gives a warning and the next older state is tried. Files are
-      read with ``weights_only=True``; one that needs more (pickled objects, e.g. in its hyper-parameters)
-      gives a warning naming the types and is skipped, unless ``trust_checkpoints=True``. Remote folders
-      (``s3://``...) are not rollback sources. A state taken during a runaway is never a known-good
-      state: a snapshot is taken only after 10 healthy steps in a row (the loss at most twice its healthy
-      level, or every step since the start), otherwise it waits for them, and a checkpoint file written
-      while training was not healthy is passed over. The divergence detector is rewound with the state;
-      after a ``divergence`` rollback `AdaptiveGradientClipping` (``mode="mean"``) halves the
-      threshold it was at (its ceiling), so training resumes with a tighter clip. Then every learning rate
-      is multiplied by ``lr_factor`` (param groups and the schedulers' ``base_lrs``), step-interval LR
-      schedulers are fast-forwarded back to where they were (``schedulers_after_rollback``), and the next
-      ``skip_batches`` batches are not learned from. Loop counters (``global_step``, epoch, batch) do not
-      go back.
-    * ``"raise"``: `GradientExplosionError` at the first event.
-
-    A NaN state never reaches a checkpoint file: in ``on_save_checkpoint`` the checkpoint's weights are
-    checked; with ``"rollback"`` the live state is rolled back and the checkpoint is rewritten from the
-    restored state, otherwise `GradientExplosionError` is raised before the file is
-    written.
+    Actions: ``"skip"`` drops the update (weights and optimizer state bit-identical); it cannot repair a
+    state that is already bad (non-finite weights, collapsed loss scale, a divergence), which raises.
+    ``"rollback"`` drops it, and in ``on_train_batch_end`` (before ``ModelCheckpoint``) the model, every
+    optimizer and LR scheduler, the GradScaler and the other lightning-clip callbacks go back to the newest
+    known-good state: the in-memory snapshot (taken at train start and at every multiple of
+    ``snapshot_every_n_steps`` of ``global_step``, while training is healthy) or this run's own newest
+    checkpoint file, whichever holds the higher step. Files are ordered by the step they hold, read with
+    ``weights_only=True`` within a memory bound, agreed on by every rank, and validated against the live
+    run before anything is touched; a bad file is a warning and the next older state is tried (see
+    ``docs/reliability.md``, "What the guard trusts"). Then the learning rates are multiplied by
+    ``lr_factor``, step-interval schedulers are fast-forwarded (``schedulers_after_rollback``), and the next
+    ``skip_batches`` batches are not learned from. Loop counters do not go back. ``"raise"``:
+    `GradientExplosionError` at the first event. A NaN state never reaches a checkpoint file.
 
     Args:
         action: ``"rollback"`` | ``"skip"`` | ``"raise"``.
         spike_factor: also an event: gradient norm ``> spike_factor`` × running mean (``> 1``; None: off).
         snapshot_every_n_steps: in-memory snapshot at every multiple of N of ``global_step`` (``≥ 0``; a
-            resumed run snapshots the same steps as an uninterrupted one); 0: roll back to checkpoint files
-            only (needs a local ``ModelCheckpoint`` folder; checked at setup).
+            resumed run snapshots the same steps as an uninterrupted one); 0: checkpoint files only (needs a
+            ``ModelCheckpoint`` writing to a local folder; checked at setup).
         max_rollbacks: rollbacks allowed in the whole run, resumes included (``≥ 0``); one more is an error.
-        skip_batches: after a rollback, the next N batches are not learned from (``≥ 0``): every optimizer
-            step whose gradients include one of them is not applied (PaLM, Chowdhery et al. 2022).
-        lr_factor: after a rollback, multiply every learning rate by this (in ``(0, 1]``; OPT, Zhang et al.
-            2022). Cumulative: after ``k`` rollbacks the learning rates are ``lr_factor**k`` × the original.
-        trust_checkpoints: read checkpoint files as rollback sources with ``weights_only=False`` (any pickled
-            object, so arbitrary code: only for files you trust). Default False: ``weights_only=True``,
-            which loads everything Lightning itself writes.
-        schedulers_after_rollback: ``"fast_forward"`` (default): after a rollback, every step-interval LR
-            scheduler steps again as often as it had since the restored state, so the schedule stays tied
-            to ``global_step`` and ends on time (keeping ``lr_factor``); ``"restore"``: schedulers keep the
-            restored state (the schedule then lags ``global_step`` by the steps rolled back).
-            Epoch-interval schedulers and ``ReduceLROnPlateau`` always keep their restored state.
+        skip_batches: after a rollback, the next N batches are not learned from (``≥ 0``; PaLM, Chowdhery
+            et al. 2022).
+        lr_factor: after a rollback, multiply every learning rate by this (in ``(0, 1]``; cumulative; OPT,
+            Zhang et al. 2022).
+        trust_checkpoints: read checkpoint files with ``weights_only=False`` (any pickled object, so
+            arbitrary code: only for files you trust). Default False.
+        schedulers_after_rollback: ``"fast_forward"`` (default): after a rollback each step-interval LR
+            scheduler steps again as often as it had since the restored state, so the schedule stays tied to
+            ``global_step`` and ends on time (``lr_factor`` kept); ``"restore"``: they keep the restored
+            state (the schedule then lags ``global_step``). Epoch-interval and ``ReduceLROnPlateau``
+            schedulers always keep their restored state.
 
     Raises:
         ValueError / TypeError: at construction, for an argument out of range or of the wrong type.
-        ValueError: at setup, for ``snapshot_every_n_steps=0`` without a ``ModelCheckpoint`` writing to a
-            local folder.
+        ValueError: at setup, ``snapshot_every_n_steps=0`` without a ``ModelCheckpoint`` in a local folder.
         GradientExplosionError: ``action="raise"`` at the first event; ``max_rollbacks`` spent; no
             known-good state; ``action="skip"`` facing a state a skip cannot repair. The message says what
-            happened, at which step, which parameters went bad first and what to try.
+            happened, where, which parameters went bad first and what to try.
 
-    Logged keys (through ``pl_module.log``, cumulative counts, on the Trainer's logging steps):
+    Logged keys (through ``pl_module.log``, cumulative counts):
 
     | key | meaning |
     |---|---|
@@ -139,33 +110,17 @@ class ExplosionGuard(LightningClipCallback):
     | ``explosion/rollbacks`` | rollbacks done |
     | ``explosion/skipped_steps`` | optimizer steps not applied (events and ``skip_batches``) |
 
-    Each event is also written (rank zero) as one JSON line to ``lightning_clip_events.jsonl`` in the run's
-    log directory (the first logger's ``log_dir``, else ``default_root_dir``): ``step``, ``epoch``,
-    ``batch``, ``optimizer``, ``kind``, ``kinds``, ``norm``, ``loss``, ``params`` (the first parameters whose
-    gradients, or weights, went bad; for a divergence or a spike the largest), ``action``, ``restored``
-    (``source``, ``step``, ``path``), ``rollbacks``, ``lr_scale``, and for a divergence ``loss_ratio`` /
-    ``norm_ratio`` (the smoothed loss and norm as multiples of their healthy levels). Non-finite numbers
-    are the strings ``"nan"``, ``"inf"``, ``"-inf"``.
+    Each event is also one JSON line (rank zero) in ``lightning_clip_events.jsonl`` in the run's log
+    directory (`lightning_clip.guard.events.EventRecord`); a failed write is a warning.
 
     Notes:
-        16-mixed: a non-finite gradient norm is the GradScaler's normal loss-scale calibration (it skips
-        that step and halves its scale), so it is not an event. What triggers there: a non-finite loss,
-        non-finite weights, the scale falling below ``min_loss_scale`` (2⁻⁸), or ``overflow_patience`` (20)
-        consecutive overflow steps. Under bf16-mixed and fp32 a non-finite norm is an event.
-        DDP: the kinds seen on each rank are summed in one small all-reduce per optimizer step (the loss's
-        mean over the ranks rides on it, for the divergence detector and the clipper), so every
-        rank takes the same decision (a fault on one rank makes all of them skip or roll back) and after a
-        rollback every rank holds the same weights. Under 16-mixed the same all-reduce says whether any
-        rank's GradScaler overflowed; if so every rank's scaler skips the step and lowers its scale alike.
-        FSDP2 / tensor parallelism (``ModelParallelStrategy``): the norm is the global one (the same on every
-        rank; one more small all-reduce per step), a fault on one rank's shards makes every rank take the
-        same action, each rank snapshots only its own shards (about ``(1 + k) / shards`` × the parameter
-        bytes of CPU memory per rank, ``k`` optimizer state tensors per parameter: 2 for Adam), and rollback
-        also reads the distributed checkpoint directories ``ModelCheckpoint`` writes there. DeepSpeed,
-        FSDP1 (``FSDPStrategy``) and XLA are refused at setup.
-        Structure: the hooks only gather and route; `decide` turns a step's observation into a
-        `Decision` (pure, testable on its own).
-        Memory: a snapshot is a CPU copy of the model and optimizer states (of this rank's shards when sharded).
+        16-mixed: a non-finite gradient norm is the GradScaler's calibration, not an event; what triggers
+        there: a non-finite loss, non-finite weights, the scale below ``min_loss_scale`` (2⁻⁸), or
+        ``overflow_patience`` (20) overflow steps in a row. DDP: one small all-reduce per optimizer step
+        makes every rank take the same decision. FSDP2 (``ModelParallelStrategy``): global norms, each rank
+        snapshots its own shards, and distributed checkpoint directories are rollback sources. DeepSpeed,
+        FSDP1 and XLA are refused at setup. Remote checkpoint folders (``s3://``...) are not rollback
+        sources (a warning at setup). The hooks gather; `decide` is the pure decision.
 
     Examples:
         >>> import pytorch_lightning as pl
@@ -282,11 +237,7 @@ class ExplosionGuard(LightningClipCallback):
         self.rollbacks = int(state_dict.get("rollbacks", 0))
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
         lr_scale = state_dict.get("lr_scale", 1.0)
-        if (
-            isinstance(lr_scale, bool)
-            or not isinstance(lr_scale, (int, float))
-            or not 0 < lr_scale < math.inf
-        ):
+        if not valid_lr_scale(lr_scale):
             rank_zero_warn(
                 f"ExplosionGuard: the saved `lr_scale` is {lr_scale!r} (must be finite and > 0); using 1.0.",
                 category=LightningClipWarning,
@@ -334,32 +285,11 @@ class ExplosionGuard(LightningClipCallback):
         if stage != "fit":
             return
         if self.action == "rollback":
-            self._check_folders(trainer)
+            sources.check_folders(trainer, self.snapshot_every_n_steps)
         self._events.path = os.path.join(_compat.log_dir(trainer), EVENTS_FILENAME)
         # one identity for every rank (the subprocess DDP launcher builds one guard per rank)
         run_id, fit_id = trainer.strategy.broadcast((self._run_id or uuid.uuid4().hex, uuid.uuid4().hex))
         self._run_id, self._identity = run_id, RunIdentity(run_id, fit_id, 0)
-
-    def _check_folders(self, trainer: Trainer) -> None:
-        folders = [
-            os.fspath(getattr(cb, "dirpath", None) or trainer.default_root_dir)
-            for cb in trainer.checkpoint_callbacks
-        ]
-        remote = [f for f in folders if is_remote(f)]
-        if self.snapshot_every_n_steps == 0 and len(remote) == len(folders):
-            raise ValueError(
-                "ExplosionGuard(snapshot_every_n_steps=0) rolls back to checkpoint files only, but the Trainer"
-                " has no ModelCheckpoint writing to a local folder"
-                + (f" (remote folders are not rollback sources: {', '.join(remote)})" if remote else "")
-                + ". Add `ModelCheckpoint(dirpath=<local folder>, every_n_train_steps=...)` to `callbacks`, or"
-                " set `snapshot_every_n_steps` > 0 to keep an in-memory snapshot."
-            )
-        if remote:
-            rank_zero_warn(
-                f"ExplosionGuard: checkpoint files in remote folders ({', '.join(remote)}) are not rollback"
-                " sources; rollbacks use the in-memory snapshot (`snapshot_every_n_steps`) and local folders.",
-                category=LightningClipWarning,
-            )
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -408,7 +338,7 @@ class ExplosionGuard(LightningClipCallback):
         self._losses.clear()
         scaler = _compat.gradient_scaler(trainer)
         any_overflow = scaler is not None and reduced[-1] > 0
-        reading = self._divergence_reading(state, reduced, local, mean_loss)
+        reading = observe.divergence_reading(self._detector, state, reduced, mean_loss)
         obs = D.Observation.from_flags(
             reduced,
             local,
@@ -481,197 +411,7 @@ class ExplosionGuard(LightningClipCallback):
         return D.decide(obs, rules, self.action)
 
     def _local_signals(self, state: StepState) -> D.LocalSignals:
-        """What this rank saw at the step (computed once per step: the all-reduce contribution and the
-        hook use the same object)."""
+        """What this rank saw at the step (once per step: the all-reduce and the hook share it)."""
         if self._signals is None or self._signals[0] is not state:
-            measurement = state.measure(2.0)
-            loss = state.rider(LOSS_RIDER)
-            if loss is None:  # the loss was registered after the step's transfer: fetch it apart
-                mean = self._losses.unscaled_mean()
-                loss = None if mean is None else float(mean.item())
-            signals = D.LocalSignals(
-                nonfinite_loss=loss is not None and not math.isfinite(loss),
-                nonfinite_norm=not measurement.finite,
-                spike=self._is_spike(measurement),
-                has_scaler=self._has_scaler,
-            )
-            self._signals = (state, signals)
+            self._signals = (state, observe.local_signals(state, self._losses, self._spike, self._has_scaler))
         return self._signals[1]
-
-    def _divergence_reading(
-        self, state: StepState, reduced: list[float], local: D.LocalSignals, mean_loss: float | None
-    ) -> Reading | None:
-        """The divergence detector's view of the step, from values identical on every rank (the loss's mean
-        over the ranks, the all-reduced gradients' norm); None when the step is not judged (a non-finite
-        loss or norm anywhere: another kind covers it). Shared with the other callbacks as
-        ``StepState.divergence``."""
-        norm = state.measure(2.0).total_norm
-        if any(v > 0 for v in reduced) or not math.isfinite(norm):
-            return None
-        if mean_loss is not None and not math.isfinite(mean_loss):
-            return None
-        reading = self._detector.peek(mean_loss, norm)
-        state.divergence = reading
-        return reading
-
-    def _take_snapshot(self, trainer: Trainer) -> None:
-        """Take the current state as the newest known-good one (with the guard's own state)."""
-        self._known_good.take(
-            trainer,
-            self._siblings(trainer),
-            self.lr_scale,
-            agree=self._agree(trainer),
-            guard=self._own_state(),
-        )
-
-    def _own_state(self) -> dict[str, Any]:
-        """What of the guard's own state a known-good state keeps: its divergence detector (rewound by a
-        rollback, so the restored state starts from the healthy band it was taken in)."""
-        return {"divergence": self._detector.state_dict(), "healthy": self._detector.snapshot_ok}
-
-    def _act_on_step(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        state: StepState,
-        decision: D.Decision,
-        loss: float | None,
-        scaler: Any,
-        reading: Reading | None = None,
-    ) -> None:
-        """Carry out the step's decision: the GradScaler, the spike statistics, the skip, the event."""
-        measurement = state.measure(2.0)
-        if decision.force_scaler_skip:
-            _compat.force_scaler_skip(scaler, state.optimizer)
-        if decision.scaler_skips:
-            state.skipped = True
-        self._overflow_streak = decision.overflow_streak
-        if decision.feed_spike_rule and self._spike is not None:
-            self._spike.step(measurement.total_norm)  # the same finite norm on every rank
-        if not decision.skip:
-            return
-        state.skip()
-        self.skipped_steps += 1
-        if not decision.kinds:
-            return
-        record = self._record(trainer, list(decision.kinds), measurement.total_norm, loss)
-        if D.DIVERGENCE in decision.kinds and reading is not None:
-            record.loss_ratio, record.norm_ratio = reading.loss_ratio, reading.norm_ratio
-        record.params = self._events.grad_params(measurement, decision.kinds)
-        record.optimizer = _compat.optimizer_index(trainer, state.optimizer)
-        if self._weights_bad(trainer, pl_module):
-            record.kinds = list(decision.with_kind(D.NONFINITE_WEIGHTS, self.action).kinds)
-            self._events.bad_weights(record, pl_module.named_parameters())
-        self._act(trainer, record, deferred=True)
-
-    def _is_spike(self, m: GradMeasurement) -> bool:
-        return m.finite and self._spike is not None and m.total_norm > self._spike.current()
-
-    def _snapshot_step(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """A snapshot step: check the weights (every rank joins this all-reduce: the branch depends only on
-        values identical on all ranks), then snapshot, unless in the middle of a run of fp16 overflows."""
-        if self._weights_bad(trainer, pl_module):
-            self._act(trainer, self._weights_record(trainer, pl_module.named_parameters()), deferred=False)
-        elif self._overflow_streak > 0:
-            pass  # retry next step
-        elif self._snapshots_on:
-            if self._detector.snapshot_ok:  # never a state taken during a runaway: retry next step
-                self._take_snapshot(trainer)
-        else:
-            self._known_good.postpone(trainer.global_step)
-
-    # --------------------------------------------------------------------------------- actions
-    def _act(self, trainer: Trainer, record: EventRecord, deferred: bool) -> None:
-        """Apply the action to an event: raise, skip (the update is already dropped) or roll back.
-
-        ``deferred``: called from ``on_before_optimizer_step``, the rollback waits for ``on_train_batch_end``.
-        """
-        action = D.action_for(tuple(record.kinds), self.action)
-        if action == "raise":
-            self._fail(trainer, record, "`action='raise'` stops training at the first event.")
-        if action == "error":
-            self._fail(
-                trainer,
-                record,
-                "`action='skip'` cannot repair this: skipping an update does not fix a state that is already"
-                " bad. Use `action='rollback'` to go back to the last good state.",
-            )
-        if action == "skip":
-            self._write(trainer, record)
-        elif deferred:
-            self._pending = record
-        else:
-            self._rollback(trainer, record)
-
-    def _rollback(self, trainer: Trainer, record: EventRecord) -> None:
-        if self.rollbacks >= self.max_rollbacks:
-            self._fail(
-                trainer,
-                record,
-                f"The rollback budget is spent: {self.rollbacks} rollback(s) already done"
-                f" (max_rollbacks={self.max_rollbacks}, counted across resumes).",
-            )
-        siblings = self._siblings(trainer)
-        state = self._known_good.newest(trainer, self._identity, self.state_key, siblings)
-        if state is None:
-            self._fail(
-                trainer,
-                record,
-                "There is no known-good state to go back to: no valid in-memory snapshot and no readable, valid"
-                " checkpoint file of this run at or before this step.",
-            )
-        self.rollbacks += 1
-        self.lr_scale *= self.lr_factor
-        fast_forward = self.schedulers_after_rollback == "fast_forward"
-        rollback.apply(
-            trainer, state, siblings, self.lr_scale / state.lr_scale, tuple(record.kinds), fast_forward
-        )
-        self._detector = DivergenceDetector()  # rewound with the state (fresh when the state has none)
-        if state.guard is not None:
-            self._detector.load_state_dict(state.guard.get("divergence", {}))
-        self._skip_remaining = self.skip_batches
-        self._overflow_streak = 0
-        record.restored = {"source": state.source, "step": state.step, "path": state.path}
-        self._write(trainer, record)
-        if (
-            self._snapshots_on
-        ):  # the restored state (LRs lowered) is the new snapshot; its step is the content's
-            agree = self._agree(trainer)
-            self._known_good.take(
-                trainer, siblings, self.lr_scale, label=state.step, agree=agree, guard=self._own_state()
-            )
-
-    @property
-    def _snapshots_on(self) -> bool:
-        return self.action == "rollback" and self.snapshot_every_n_steps > 0
-
-    def _agree(self, trainer: Trainer) -> Any:
-        """Sums integer flags over the ranks (the decisions that rest on each rank's shards)."""
-        return lambda flags: self._sum_over_ranks(trainer, flags)
-
-    def _siblings(self, trainer: Trainer) -> list[LightningClipCallback]:
-        """The other lightning-clip callbacks: their state is snapshotted and restored with the model's."""
-        return [cb for cb in trainer.callbacks if isinstance(cb, LightningClipCallback) and cb is not self]  # type: ignore[attr-defined, union-attr, unused-ignore]
-
-    # ------------------------------------------------------------------------------- gathering
-    def _weights_bad(self, trainer: Trainer, pl_module: LightningModule) -> bool:
-        local = not all_finite([p.detach() for p in pl_module.parameters()])
-        return bool(self._sum_over_ranks(trainer, [int(local)])[0])
-
-    # --------------------------------------------------------------------------------- records
-    def _record(
-        self, trainer: Trainer, kinds: list[str], norm: float | None, loss: float | None
-    ) -> EventRecord:
-        self.events += 1
-        return self._events.new(trainer, kinds, self.action, self._batch_idx, norm, loss)
-
-    def _weights_record(self, trainer: Trainer, named: Any) -> EventRecord:
-        return self._events.bad_weights(self._record(trainer, [D.NONFINITE_WEIGHTS], None, None), named)
-
-    def _write(self, trainer: Trainer, record: EventRecord) -> None:
-        self._events.write(trainer, record, self.rollbacks, self.lr_scale)
-
-    def _fail(self, trainer: Trainer, record: EventRecord, reason: str) -> NoReturn:
-        record.action = "raise" if self.action == "raise" else "error"
-        self._write(trainer, record)
-        raise GradientExplosionError(self._events.failure(record, reason))

@@ -95,7 +95,8 @@ def fast_forward(trainer: Trainer, positions: Sequence[int | None]) -> int:
     with warnings.catch_warnings():
         # torch warns when a scheduler steps before its optimizer did (a rollback at the first steps)
         warnings.filterwarnings("ignore", message=r".*lr_scheduler\.step\(\)", category=UserWarning)
-        for cfg, target in zip(trainer.lr_scheduler_configs, positions, strict=True):
+        configs: list[Any] = list(trainer.lr_scheduler_configs)
+        for cfg, target in zip(configs, positions, strict=True):
             if target is None or not _steppable(cfg):
                 continue
             for _ in range(max(0, target - int(cfg.scheduler.last_epoch))):

@@ -19,19 +19,53 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from lightning_utilities.core.rank_zero import rank_zero_warn
+
 from lightning_clip import _compat
+from lightning_clip.exceptions import LightningClipWarning
 from lightning_clip.guard.rollback import files
 from lightning_clip.guard.snapshot import nbytes
 
 if TYPE_CHECKING:
     from lightning_clip._compat import Trainer
 
-__all__ = ["RUN_KEY", "Candidate", "Peeked", "RunIdentity", "is_remote", "list_candidates", "read_budget"]
+__all__ = [
+    "RUN_KEY",
+    "Candidate",
+    "Peeked",
+    "RunIdentity",
+    "check_folders",
+    "is_remote",
+    "list_candidates",
+    "read_budget",
+]
 
 log = logging.getLogger(__name__)
 
 RUN_KEY = "lightning_clip_run"
 """The key `ExplosionGuard` adds to every checkpoint it sees written: ``{"run_id", "fit_id", "step"}``."""
+
+
+def check_folders(trainer: Trainer, snapshot_every_n_steps: int) -> None:
+    """At setup: remote ``ModelCheckpoint`` folders are no rollback sources. Without a snapshot and without a
+    local folder there is no rollback source at all (``ValueError``); with a snapshot, a warning."""
+    callbacks: list[Any] = list(trainer.checkpoint_callbacks)
+    folders = [os.fspath(getattr(cb, "dirpath", None) or trainer.default_root_dir) for cb in callbacks]
+    remote = [f for f in folders if is_remote(f)]
+    if snapshot_every_n_steps == 0 and len(remote) == len(folders):
+        raise ValueError(
+            "ExplosionGuard(snapshot_every_n_steps=0) rolls back to checkpoint files only, but the Trainer"
+            " has no ModelCheckpoint writing to a local folder"
+            + (f" (remote folders are not rollback sources: {', '.join(remote)})" if remote else "")
+            + ". Add `ModelCheckpoint(dirpath=<local folder>, every_n_train_steps=...)` to `callbacks`, or"
+            " set `snapshot_every_n_steps` > 0 to keep an in-memory snapshot."
+        )
+    if remote:
+        rank_zero_warn(
+            f"ExplosionGuard: checkpoint files in remote folders ({', '.join(remote)}) are not rollback"
+            " sources; rollbacks use the in-memory snapshot (`snapshot_every_n_steps`) and local folders.",
+            category=LightningClipWarning,
+        )
 
 
 def is_remote(path: Any) -> bool:

@@ -27,7 +27,7 @@ from lightning_clip.guard.snapshot import LocalShard, TrainingState
 if TYPE_CHECKING:
     from lightning_clip._compat import Trainer
 
-__all__ = ["MAX_DEPTH", "problem"]
+__all__ = ["MAX_DEPTH", "problem", "valid_lr_scale"]
 
 MAX_DEPTH = 64
 """The deepest nesting of dicts, lists and tuples a restored state may have."""
@@ -151,14 +151,14 @@ def _callbacks(state: TrainingState, siblings: Sequence[Any]) -> str | None:
     return None
 
 
+def valid_lr_scale(value: Any) -> bool:
+    """The guard's ``lr_scale``: a finite real number ``> 0``."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < math.inf
+
+
 def _guard(state: TrainingState) -> str | None:
     lr_scale = state.lr_scale
-    if (
-        isinstance(lr_scale, bool)
-        or not isinstance(lr_scale, (int, float))
-        or not math.isfinite(lr_scale)
-        or lr_scale <= 0
-    ):
+    if not valid_lr_scale(lr_scale):
         return f"the guard's saved lr_scale is {lr_scale!r} (must be finite and > 0)"
     if state.guard is not None:
         return _numbers(state.guard, "the guard's state: ", allow_inf=True)
