@@ -278,7 +278,9 @@ def test_rank_local_nan_skips_on_every_rank(tmp_path: Any) -> None:
 # ----------------------------------------------------------------------- distributed checkpoint rollback
 def _from_checkpoint(rank: int, tmp_path: Any) -> dict[str, Any]:
     pl.seed_everything(0, verbose=False)
-    guard = ExplosionGuard(snapshot_every_n_steps=0, schedulers_after_rollback="restore")  # checkpoint directories are the only rollback source
+    guard = ExplosionGuard(
+        snapshot_every_n_steps=0, schedulers_after_rollback="restore"
+    )  # checkpoint directories are the only rollback source
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2, save_top_k=-1)
     record = Record()
     callbacks = [guard, FaultInjector(target="grad", steps=[5], rank=1), record, ckpt]
