@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from lightning_utilities.core.rank_zero import rank_zero_warn
+
+from lightning_clip.exceptions import LightningClipWarning
 from lightning_clip.guard.rollback import FileSources, validate
 from lightning_clip.guard.rollback.sources import RunIdentity
 from lightning_clip.guard.snapshot import TrainingState, capture
@@ -38,6 +41,7 @@ class KnownGoodStates:
         self.next_snapshot_step = 0
         self.last_checkpoint_step = -1
         self.files = FileSources(trust=trust)
+        self._warned = False  # a refused snapshot is a warning once per fit
 
     def reset(self) -> None:
         """A new fit: no snapshot, no file written yet, no file known."""
@@ -45,6 +49,7 @@ class KnownGoodStates:
         self.next_snapshot_step = 0
         self.last_checkpoint_step = -1
         self.files.reset()
+        self._warned = False
 
     def snapshot_due(self, step: int) -> bool:
         return self.every_n_steps > 0 and step >= self.next_snapshot_step
@@ -70,11 +75,19 @@ class KnownGoodStates:
         state = capture(trainer, callbacks, lr_scale=lr_scale, guard=guard)
         if label is not None:
             state.step = label
-        bad = validate.problem(state, trainer, callbacks) is not None
+        problem = validate.problem(state, trainer, callbacks)
+        bad = problem is not None
         if state.sharded and agree is not None:
             bad = bool(agree([int(bad)])[0])
         if not bad:
             self.snapshot = state
+        elif problem is not None and not self._warned:
+            self._warned = True
+            rank_zero_warn(
+                f"ExplosionGuard: the live state at step {trainer.global_step} is not kept as a snapshot: {problem}"
+                " (the previous known-good state stays the rollback target).",
+                category=LightningClipWarning,
+            )
         self.postpone(trainer.global_step)
 
     def newest(

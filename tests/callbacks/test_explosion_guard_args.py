@@ -41,6 +41,16 @@ from tests.models import RegressionModel, make_trainer, regression_loader
         ({"lr_factor": 0.0}, ValueError, "`lr_factor` must be a number in (0, 1], got 0.0."),
         ({"lr_factor": 1.5}, ValueError, "`lr_factor` must be a number in (0, 1], got 1.5."),
         ({"lr_factor": float("inf")}, ValueError, "`lr_factor` must be a finite number in (0, 1], got inf."),
+        (
+            {"schedulers_after_rollback": "rewind"},
+            ValueError,
+            "`schedulers_after_rollback` must be one of 'fast_forward' | 'restore', got 'rewind'.",
+        ),
+        (
+            {"schedulers_after_rollback": None},
+            TypeError,
+            "`schedulers_after_rollback` must be one of 'fast_forward' | 'restore', got None.",
+        ),
     ],
 )
 def test_argument_errors(kwargs: dict, exc: type, message: str) -> None:

@@ -220,6 +220,11 @@ def nan_scheduler(ckpt: dict[str, Any]) -> None:
     ckpt["lr_schedulers"][0]["base_lrs"] = [float("inf")]
 
 
+def nan_scale_state(ckpt: dict[str, Any]) -> None:
+    key = next(k for k in ckpt["callbacks"] if k.startswith("ExplosionGuard"))
+    ckpt["callbacks"][key]["divergence"]["loss"]["ema"] = float("nan")
+
+
 def deep(ckpt: dict[str, Any]) -> None:
     key = next(k for k in ckpt["callbacks"] if k.startswith("ExplosionGuard"))
     nested: list[Any] = []
@@ -235,6 +240,7 @@ def deep(ckpt: dict[str, Any]) -> None:
         (nan_lr, "group 0.lr is nan"),
         (zero_lr_scale, "lr_scale is 0.0 (must be finite and > 0)"),
         (nan_scheduler, "LR scheduler 0: .base_lrs.0 is inf"),
+        (nan_scale_state, "the guard's state: .divergence.loss.ema is nan"),
         (deep, "nested deeper than 64 levels"),
     ],
 )

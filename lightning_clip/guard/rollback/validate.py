@@ -7,7 +7,8 @@ touched before it says yes.
 * the model: the same parameter and buffer names as the live model, each with the same shape;
 * the optimizers: as many as the Trainer's, the same number of parameter groups and of parameters per
   group; every number in the groups finite, learning rates ``>= 0``;
-* the LR schedulers: as many as the Trainer's, every number in their state finite;
+* the LR schedulers: as many as the Trainer's, no NaN in their state, their learning rates finite and
+  ``>= 0``;
 * the precision plugin: a GradScaler's scale finite and ``> 0``;
 * the other lightning-clip callbacks' states: what each says of its own (``state_problem``); the
   guard's own: ``lr_scale`` finite and ``> 0``, no NaN in its divergence detector;
@@ -123,7 +124,14 @@ def _schedulers(state: TrainingState, trainer: Trainer) -> str | None:
     for i, saved in enumerate(state.schedulers):
         if not isinstance(saved, dict):
             return f"LR scheduler {i}'s state is not a dict"
-        bad = _numbers(saved, f"LR scheduler {i}: ")
+        # no NaN anywhere (``ReduceLROnPlateau``'s ``best`` starts infinite); learning rates finite, >= 0
+        bad = _numbers(saved, f"LR scheduler {i}: ", allow_inf=True)
+        if bad is None:
+            rates = {k: v for k, v in saved.items() if isinstance(k, str) and "lr" in k}
+            bad = _numbers(rates, f"LR scheduler {i}: ")
+            negative = [v for _, v in _walk(rates) if isinstance(v, (int, float)) and v < 0]
+            if bad is None and negative:
+                bad = f"LR scheduler {i} holds a negative learning rate {negative[0]!r}"
         if bad is not None:
             return bad
     return None
