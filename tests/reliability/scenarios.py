@@ -360,7 +360,9 @@ def float_tensors(obj: Any) -> Iterator[tuple[str, torch.Tensor]]:
 
 def _model_checkpoint_bound(name: str) -> bool:
     """``ModelCheckpoint``'s own ``kth_value`` is ±inf by design until a monitored score exists."""
-    return name.startswith(".callbacks.ModelCheckpoint") and name.endswith(".kth_value")
+    return name.startswith((".callbacks.ModelCheckpoint", ".callbacks.LaggingView")) and name.endswith(
+        ".kth_value"
+    )
 
 
 def _load_any(path: Path) -> Any:

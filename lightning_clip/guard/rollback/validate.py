@@ -50,16 +50,15 @@ def _walk(obj: Any, path: str = "") -> Iterator[tuple[str, Any]]:
 
 
 def _bad_number(value: Any, allow_inf: bool) -> bool:
+    """A NaN (or, unless ``allow_inf``, an infinity) in a Python number or a small tensor."""
     if isinstance(value, bool):
         return False
     if isinstance(value, (int, float)):
         return math.isnan(value) or (not allow_inf and math.isinf(value))
-    if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()):
-        local = value.local if isinstance(value, LocalShard) else value
-        finite = torch.isfinite(local) if not allow_inf else ~torch.isnan(local)
-        return not bool(finite.all())
-    if isinstance(value, LocalShard) and value.local.is_floating_point():
-        return not bool(torch.isfinite(value.local).all())
+    local = value.local if isinstance(value, LocalShard) else value
+    if isinstance(local, torch.Tensor) and (local.is_floating_point() or local.is_complex()):
+        good = ~torch.isnan(local) if allow_inf else torch.isfinite(local)
+        return not bool(good.all())
     return False
 
 
