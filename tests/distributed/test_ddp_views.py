@@ -35,7 +35,9 @@ class View(ModelCheckpoint):
 
 
 class Mirror(pl.Callback):
-    """Before each batch, rank 1's view receives rank 0's files: all but the newest (``lag``), or none."""
+    """Before each batch, rank 1's view receives rank 0's files: all but the newest (``lag``), all of them
+    with a NaN weight in the newest (``damaged``: rank 1 lists and reads the same steps, and its validation
+    of the newest fails after the ranks agreed on it), or none."""
 
     def __init__(self, source: Path, view: Path, mode: str) -> None:
         self.source, self.view, self.mode = source, view, mode
@@ -50,8 +52,13 @@ class Mirror(pl.Callback):
     def copy(self) -> None:
         files = sorted(self.source.glob("*.ckpt"), key=lambda p: int(p.stem.split("=")[1]))
         for f in files[:-1]:
-            if not (self.view / f.name).exists():
-                shutil.copy2(f, self.view / f.name)
+            target = self.view / f.name
+            if not target.exists() or target.stat().st_size != f.stat().st_size:
+                shutil.copy2(f, target)
+        if self.mode == "damaged" and files:  # lists and loads like the others, fails validation on rank 1
+            ckpt = torch.load(files[-1], weights_only=True)
+            ckpt["state_dict"]["net.0.weight"][0, 0] = float("nan")
+            torch.save(ckpt, self.view / files[-1].name)
 
 
 class Report(pl.Callback):
@@ -97,7 +104,10 @@ def _rank(rank: int, root: Path, mode: str) -> dict[str, Any]:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize(("mode", "expected"), [("lag", ("checkpoint", 4)), ("none", ("snapshot", 0))])
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [("lag", ("checkpoint", 4)), ("damaged", ("checkpoint", 4)), ("none", ("snapshot", 0))],
+)
 def test_ranks_with_different_folder_views_restore_the_same_state(
     tmp_path: Path, mode: str, expected: tuple[str, int]
 ) -> None:
@@ -107,5 +117,7 @@ def test_ranks_with_different_folder_views_restore_the_same_state(
         assert torch.equal(w, r1["after"][name]), name
     for name, w in r0["weights"].items():
         assert torch.isfinite(w).all() and torch.equal(w, r1["weights"][name]), name
-    # the views did differ at the fault: rank 0 saw steps 2, 4, 6; rank 1 one file fewer, or none
-    assert r1["listed"] == (["step=2.ckpt", "step=4.ckpt"] if mode == "lag" else [])
+    # the views did differ at the fault: rank 0 saw steps 2, 4, 6; rank 1 one file fewer, a damaged step 6
+    # (its failure on rank 1 alone moves both ranks to step 4), or none
+    views = {"lag": ["step=2.ckpt", "step=4.ckpt"], "damaged": ["step=2.ckpt", "step=4.ckpt", "step=6.ckpt"]}
+    assert r1["listed"] == views.get(mode, [])
