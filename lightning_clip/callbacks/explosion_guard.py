@@ -31,11 +31,9 @@ from lightning_clip.guard.known_good import KnownGoodStates
 from lightning_clip.guard.recorder import EventRecorder
 from lightning_clip.guard.recovery import RecoveryMixin
 from lightning_clip.guard.rollback import sources
-from lightning_clip.guard.rollback.read import guard_state
-from lightning_clip.guard.rollback.restore import write_state
+from lightning_clip.guard.rollback.read import moved_guard_state
 from lightning_clip.guard.rollback.sources import RUN_KEY, RunIdentity
 from lightning_clip.guard.rollback.validate import valid_lr_scale
-from lightning_clip.guard.snapshot import all_finite
 from lightning_clip.step import LOSS_RIDER, LossWindow, StepState
 
 if TYPE_CHECKING:
@@ -264,14 +262,10 @@ class ExplosionGuard(RecoveryMixin, LightningClipCallback):  # type: ignore[misc
         saved = checkpoint.get(RUN_KEY)
         if isinstance(saved, dict) and isinstance(saved.get("run_id"), str):
             self._run_id = saved["run_id"]
-        callbacks = checkpoint.get("callbacks", {})
-        if self.state_key in callbacks:
-            return
-        own = guard_state(checkpoint, self.state_key)
-        if own:
-            old = next(k for k in callbacks if callbacks[k] is own)
+        old_key, own = moved_guard_state(checkpoint, self.state_key)
+        if old_key is not None:
             rank_zero_warn(
-                f"ExplosionGuard: the checkpoint holds the guard's state under {old!r}, this guard is"
+                f"ExplosionGuard: the checkpoint holds the guard's state under {old_key!r}, this guard is"
                 f" {self.state_key!r} (its `action` or `spike_factor` changed); its counters (rollbacks count"
                 " toward `max_rollbacks`), `lr_scale`, divergence detector and run identity are carried over.",
                 category=LightningClipWarning,
@@ -390,18 +384,7 @@ class ExplosionGuard(RecoveryMixin, LightningClipCallback):  # type: ignore[misc
             "fit_id": self._identity.fit_id,
             "step": trainer.global_step,
         }
-        local_bad = not (
-            all_finite(checkpoint.get("state_dict", {}))
-            and all_finite(checkpoint.get("optimizer_states", []))
-        )
-        if not self._sum_over_ranks(trainer, [int(local_bad)])[0]:
-            return
-        record = self._weights_record(trainer, checkpoint.get("state_dict", {}).items())
-        record.checkpoint_refused = True
-        self._act(trainer, record, deferred=False)  # raises unless rolled back
-        write_state(
-            checkpoint, trainer, [self, *self._siblings(trainer)]
-        )  # the restored state, not the bad one
+        self._refuse_nonfinite_checkpoint(trainer, checkpoint)
 
     # -------------------------------------------------------------------------------- decision
     def decide(self, obs: D.Observation) -> D.Decision:

@@ -19,6 +19,7 @@ from lightning_clip.guard import rollback
 from lightning_clip.guard.events import EventRecord
 from lightning_clip.guard.known_good import KnownGoodStates
 from lightning_clip.guard.recorder import EventRecorder
+from lightning_clip.guard.rollback.restore import write_state
 from lightning_clip.guard.rollback.sources import RunIdentity
 from lightning_clip.guard.snapshot import all_finite
 from lightning_clip.step import StepState
@@ -216,3 +217,19 @@ class RecoveryMixin:
             record.kinds = list(decision.with_kind(D.NONFINITE_WEIGHTS, self.action).kinds)
             self._events.bad_weights(record, pl_module.named_parameters())
         self._act(trainer, record, deferred=True)
+
+    def _refuse_nonfinite_checkpoint(self, trainer: Trainer, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint about to be written with non-finite weights or optimizer state (on any rank): act on
+        it (raises unless rolled back) and write the restored state into it instead."""
+        local_bad = not (
+            all_finite(checkpoint.get("state_dict", {}))
+            and all_finite(checkpoint.get("optimizer_states", []))
+        )
+        if not self._sum_over_ranks(trainer, [int(local_bad)])[0]:
+            return
+        record = self._weights_record(trainer, checkpoint.get("state_dict", {}).items())
+        record.checkpoint_refused = True
+        self._act(trainer, record, deferred=False)
+        write_state(
+            checkpoint, trainer, [self, *self._siblings(trainer)]
+        )  # the restored state, not the bad one

@@ -30,7 +30,7 @@ from lightning_clip.guard.snapshot import TrainingState, copy_to_cpu, materializ
 if TYPE_CHECKING:
     from lightning_clip._compat import Trainer
 
-__all__ = ["UnsafeCheckpointError", "finish", "guard_state", "load_guarded", "prepare"]
+__all__ = ["UnsafeCheckpointError", "finish", "guard_state", "load_guarded", "moved_guard_state", "prepare"]
 
 GUARD_PREFIX = "ExplosionGuard"
 
@@ -100,6 +100,17 @@ def guard_state(meta: dict[str, Any], state_key: str) -> dict[str, Any]:
         others = [k for k in callbacks if isinstance(k, str) and k.startswith(GUARD_PREFIX)]
         own = callbacks[others[0]] if len(others) == 1 else None
     return own if isinstance(own, dict) else {}
+
+
+def moved_guard_state(checkpoint: dict[str, Any], state_key: str) -> tuple[str | None, dict[str, Any]]:
+    """On resume: when ``checkpoint`` holds no state under ``state_key`` but one under another
+    ``ExplosionGuard`` key (the guard's arguments changed since), that key and its state; else None, {}."""
+    callbacks = checkpoint.get("callbacks")
+    if not isinstance(callbacks, dict) or state_key in callbacks:
+        return None, {}
+    own = guard_state(checkpoint, state_key)
+    old = next((k for k in callbacks if callbacks[k] is own), None) if own else None
+    return old, own
 
 
 def prepare(trainer: Trainer, candidate: Candidate, limit: int, trust: bool = False) -> dict[str, Any]:
