@@ -115,7 +115,8 @@ class Peeked:
 
 def read_budget(trainer: Trainer) -> int:
     """The most bytes one read may take: 64 MiB plus 4 times this rank's live model and optimizer state."""
-    live = nbytes(trainer.lightning_module.state_dict())
+    module = trainer.lightning_module  # parameters and buffers, not state_dict(): never a collective
+    live = nbytes([*module.parameters(), *module.buffers()])
     live += sum(nbytes(list(opt.state.values())) for opt in trainer.optimizers)
     return 64 * 2**20 + 4 * live
 
