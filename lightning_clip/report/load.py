@@ -34,6 +34,9 @@ METRICS_FILENAME = "metrics.csv"
 TENSORBOARD_PATTERN = "events.out.tfevents.*"
 """The names of the files ``TensorBoardLogger`` writes in its ``log_dir``."""
 
+MAX_STEP = 2**63 - 1
+"""The largest step an event may carry (Lightning's ``global_step`` is a 64-bit counter)."""
+
 Series = dict[str, list[tuple[int, float]]]
 """Metric name -> ``(step, value)`` pairs in file order."""
 
@@ -209,13 +212,19 @@ def load_events(path: str) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise ReportError(f"{path}: line {number} is not valid JSON ({err.msg}).") from None
+        except (RecursionError, ValueError) as err:  # nested too deep, an integer of thousands of digits
+            raise ReportError(
+                f"{path}: line {number} cannot be read ({type(err).__name__}: {err})."
+            ) from None
         if not isinstance(record, dict):
             raise ReportError(f"{path}: line {number} must be a JSON object, got {type(record).__name__}.")
         step = record.get("step")
         if not isinstance(step, int) or isinstance(step, bool) or not isinstance(record.get("kind"), str):
             raise ReportError(
-                f"{path}: line {number} must have an integer 'step' and a string 'kind', got {line.strip()!r}."
+                f"{path}: line {number} must have an integer 'step' and a string 'kind', got {line.strip()[:200]!r}."
             )
+        if not 0 <= step <= MAX_STEP:
+            raise ReportError(f"{path}: line {number}: 'step' must be in [0, 2**63 - 1], got {step}.")
         events.append(record)
     return events
 
