@@ -195,7 +195,8 @@ def load_events(path: str) -> list[dict[str, Any]]:
 
     Raises:
         ReportError: the file cannot be read, a line is not JSON, or a record is not an object with an
-            integer ``step`` and a string ``kind`` (the message gives the line).
+            integer ``step`` and a string ``kind`` (the message gives the line); a ``step`` or a
+            ``log_step`` outside ``[0, 2**63 - 1]``.
 
     Examples:
         >>> import os, tempfile
@@ -225,6 +226,14 @@ def load_events(path: str) -> list[dict[str, Any]]:
             )
         if not 0 <= step <= MAX_STEP:
             raise ReportError(f"{path}: line {number}: 'step' must be in [0, 2**63 - 1], got {step}.")
+        log_step = record.get("log_step")  # the event's x in the figures (optional)
+        if log_step is not None and (
+            not isinstance(log_step, int) or isinstance(log_step, bool) or not 0 <= log_step <= MAX_STEP
+        ):
+            raise ReportError(
+                f"{path}: line {number}: 'log_step' must be an integer in [0, 2**63 - 1], got"
+                f" {str(log_step)[:200]}."
+            )
         events.append(record)
     return events
 

@@ -284,6 +284,10 @@ def test_cli_errors_exit_2(run_copy: Path, capsys: pytest.CaptureFixture[str]) -
         ('{"step": ' + "9" * 5000 + ', "kind": "spike"}', "cannot be read (ValueError"),
         ('{"step": ' + str(10**30) + ', "kind": "spike"}', "'step' must be in [0, 2**63 - 1]"),
         ('{"step": -1, "kind": "spike"}', "'step' must be in [0, 2**63 - 1], got -1."),
+        # the figure's x (issue 19's log_step): a 400-digit integer was an OverflowError in the figure
+        ('{"step": 3, "log_step": ' + str(10**400) + ', "kind": "spike"}', "'log_step' must be an integer"),
+        ('{"step": 3, "log_step": -2, "kind": "spike"}', "'log_step' must be an integer in [0, 2**63 - 1]"),
+        ('{"step": 3, "log_step": "4", "kind": "spike"}', "'log_step' must be an integer in [0, 2**63 - 1]"),
     ],
 )
 def test_cli_hostile_event_log_exits_2(
