@@ -16,14 +16,13 @@ import functools
 import importlib
 import io
 import os
-import pickle
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from typing import TypeAlias
 
     import lightning.pytorch as L
@@ -36,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "channel_first_modules",
+    "child_schedulers",
     "dcp_is_checkpoint_dir",
     "dcp_load",
     "dcp_metadata_filename",
@@ -87,6 +87,12 @@ def sync_scheduler_last_lr(scheduler: Any) -> None:
     learning rates were changed by hand, e.g. multiplied at a rollback)."""
     if hasattr(scheduler, "_last_lr"):
         scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def child_schedulers(scheduler: Any) -> list[Any]:
+    """The schedulers a ``SequentialLR`` or ``ChainedScheduler`` drives (``_schedulers``); empty for others."""
+    children = getattr(scheduler, "_schedulers", None)
+    return list(children) if isinstance(children, (list, tuple)) else []
 
 
 def force_scaler_skip(scaler: Any, optimizer: Any) -> None:
@@ -297,42 +303,17 @@ def unsafe_globals(path: str) -> list[str]:
         return []
 
 
-# What the `.metadata` file of a torch.distributed.checkpoint directory holds (torch 2.13): DCP's own
-# dataclasses, torch.Size, dtypes, layouts by name, and the path of the files. Nothing else is unpickled.
-_DCP_METADATA_GLOBALS = {
-    ("pathlib", "PosixPath"),
-    ("pathlib", "WindowsPath"),
-    ("pathlib", "PurePosixPath"),
-    ("pathlib", "PureWindowsPath"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("collections", "OrderedDict"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-}
-_DCP_METADATA_MODULES = ("torch.distributed.checkpoint.metadata",)
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles a DCP ``.metadata`` file, refusing every global outside :data:`_DCP_METADATA_GLOBALS`."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _DCP_METADATA_GLOBALS or module in _DCP_METADATA_MODULES:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(
-            f"weights_only reading refused `{module}.{name}` in a distributed checkpoint's metadata (outside"
-            " what such metadata holds)"
-        )
-
-
-def dcp_load(state: dict[str, Any], path: str, weights_only: bool = True) -> None:
+def dcp_load(
+    state: dict[str, Any],
+    path: str,
+    weights_only: bool = True,
+    read_metadata: Callable[[str], Any] | None = None,
+) -> None:
     """``torch.distributed.checkpoint.load(state, checkpoint_id=path)`` (in place into ``state``; collective),
-    reading with ``weights_only`` semantics unless told otherwise: the ``.metadata`` file through an
-    unpickler limited to DCP's own metadata types, and non-tensor values (e.g. optimizer ``param_groups``)
-    with ``torch.load(weights_only=True)``. torch's own reader unpickles both without restriction.
+    reading with ``weights_only`` semantics unless told otherwise: the ``.metadata`` file through
+    ``read_metadata(path)`` (the guard's exact-allowlist reader, which also checks the shard paths; required
+    with ``weights_only``), and non-tensor values (e.g. optimizer ``param_groups``) with
+    ``torch.load(weights_only=True)``. torch's own reader unpickles both without restriction.
 
     Raises:
         RuntimeError: on every rank, when any rank failed to read its part (torch raises its
@@ -340,13 +321,17 @@ def dcp_load(state: dict[str, Any], path: str, weights_only: bool = True) -> Non
     """
     from torch.distributed.checkpoint.api import CheckpointException
 
+    if weights_only and read_metadata is None:
+        raise ValueError("a weights_only read of a distributed checkpoint needs a metadata reader")
     try:
-        _dcp_load(state, path, weights_only)
+        _dcp_load(state, path, weights_only, read_metadata)
     except CheckpointException as err:  # a BaseException: make it an error a caller can catch as such
         raise RuntimeError(f"reading the distributed checkpoint {path!r} failed: {err}") from err
 
 
-def _dcp_load(state: dict[str, Any], path: str, weights_only: bool) -> None:
+def _dcp_load(
+    state: dict[str, Any], path: str, weights_only: bool, read_metadata: Callable[[str], Any] | None
+) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -358,8 +343,8 @@ def _dcp_load(state: dict[str, Any], path: str, weights_only: bool) -> None:
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
-                metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+            assert read_metadata is not None  # checked by dcp_load
+            metadata = read_metadata(path)
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id

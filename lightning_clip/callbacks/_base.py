@@ -105,6 +105,11 @@ class LightningClipCallback(CallbackBase):
         (whose ``state_dict`` it also restores): whatever the callback wants to carry across the rollback."""
         return None
 
+    def state_problem(self, state: Any) -> str | None:
+        """Why ``state`` (a saved ``state_dict`` of this callback) must not be restored by a rollback (None:
+        it may). `ExplosionGuard` asks before anything is restored; the default accepts any state."""
+        return None
+
     def after_rollback(self, memo: Any, kinds: Sequence[str]) -> None:
         """Called by `ExplosionGuard` after the rollback, with `before_rollback`'s ``memo`` and the
         event's kinds (e.g. ``"divergence"``), before the restored state is snapshotted again."""

@@ -10,29 +10,31 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any, NoReturn
+import uuid
+from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning_utilities.core.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_clip import _compat
 from lightning_clip._validation import check_bool, check_choice, check_int, check_number
 from lightning_clip.callbacks._base import LightningClipCallback
-from lightning_clip.exceptions import GradientExplosionError
-from lightning_clip.functional.divergence import DIVERGED, DivergenceDetector, Reading
+from lightning_clip.exceptions import LightningClipWarning
+from lightning_clip.functional.divergence import DIVERGED, DivergenceDetector
 from lightning_clip.functional.thresholds import MeanThreshold
 from lightning_clip.guard import decision as D
-from lightning_clip.guard.checkpoints import write_state
-from lightning_clip.guard.events import EVENTS_FILENAME, EventLog, EventRecord, events_path, failure_message
+from lightning_clip.guard import observe
+from lightning_clip.guard.events import EventRecord, events_path
 from lightning_clip.guard.known_good import KnownGoodStates
 from lightning_clip.guard.logged import LoggedWindow
-from lightning_clip.guard.snapshot import (
-    all_finite,
-    nonfinite_names,
-    restore,
-    scale_learning_rates,
-)
-from lightning_clip.step import LOSS_RIDER, GradMeasurement, LossWindow, StepState
+from lightning_clip.guard.recorder import EventRecorder
+from lightning_clip.guard.recovery import RecoveryMixin
+from lightning_clip.guard.rollback import sources
+from lightning_clip.guard.rollback.read import moved_guard_state
+from lightning_clip.guard.rollback.sources import RUN_KEY, RunIdentity
+from lightning_clip.guard.rollback.validate import valid_lr_scale
+from lightning_clip.step import LOSS_RIDER, LossWindow, StepState
 
 if TYPE_CHECKING:
     from lightning_clip._compat import LightningModule, Trainer
@@ -42,88 +44,63 @@ __all__ = ["ExplosionGuard"]
 log = logging.getLogger(__name__)
 
 ACTIONS = ("rollback", "skip", "raise")
+SCHEDULES = ("fast_forward", "restore")
 GUARD_FLAGS = "ExplosionGuard.flags"
 """The guard's per-rank flags in the step's one all-reduce (`StepTracker.contribute`)."""
 
 
-class ExplosionGuard(LightningClipCallback):
+class ExplosionGuard(RecoveryMixin, LightningClipCallback):  # type: ignore[misc, unused-ignore]
     r"""Detect exploding training (NaN/Inf, finite divergence, optional spikes) and skip the update or roll back.
 
-    Detection (the bad update is never applied: decided in ``on_before_optimizer_step``, where the
-    gradients are accumulated and AMP-unscaled, its gradients are then set to ``None``):
+    Detection, in ``on_before_optimizer_step`` (gradients accumulated and AMP-unscaled; the bad update is
+    never applied, its gradients are set to ``None``): a non-finite total gradient norm (shared with
+    `AdaptiveGradientClipping`); a non-finite training loss; a finite **divergence** (the loss, averaged
+    over the ranks, smoothed to more than 4× its healthy level, or the norm to more than 1,000× its own:
+    `lightning_clip.functional.divergence.DivergenceDetector`); with ``spike_factor``, a norm above
+    ``spike_factor`` × the running mean of recent finite norms; non-finite weights (checked on snapshot
+    steps, on every event, at the end of training and before every checkpoint is written).
 
-    * a non-finite total gradient norm (measured once per step, shared with
-      `AdaptiveGradientClipping`);
-    * a non-finite training loss (the tensor handed to ``backward``, captured in ``on_before_backward``;
-      automatic and manual optimization, every micro-batch of an accumulation window);
-    * a finite **divergence** (kind ``"divergence"``): the step's training loss, averaged over the ranks,
-      smoothed to more than 4 times its healthy level, or the gradient norm to more than 1,000 times its
-      own (`lightning_clip.functional.divergence.DivergenceDetector`; one high batch is no divergence, a
-      loss that stays up is);
-    * with ``spike_factor``: a norm above ``spike_factor`` × the bias-corrected running mean of the recent
-      finite, non-spike norms (EMA decay ``spike_decay`` = 0.97, after ``spike_warmup_steps`` = 10 steps);
-    * non-finite weights (or optimizer state): checked every ``snapshot_every_n_steps`` steps, before a
-      snapshot is taken, on every event, at the end of training, and in ``on_save_checkpoint`` before a
-      checkpoint is written.
-
-    Actions:
-
-    * ``"skip"``: the update is not applied; weights and optimizer state stay bit-identical. The LR
-      scheduler and ``global_step`` still advance (the schedule stays tied to ``global_step``). A skip
-      cannot repair a state that is already bad (non-finite weights, collapsed loss scale, a divergence):
-      those raise `GradientExplosionError`.
-    * ``"rollback"``: the update is not applied, and in ``on_train_batch_end`` (before ``ModelCheckpoint``
-      runs) the model, every optimizer, every LR scheduler, the precision plugin (GradScaler) and the
-      state of the other lightning-clip callbacks go back to the newest known-good state: the in-memory
-      snapshot (taken at train start and every ``snapshot_every_n_steps`` good steps, copied to the CPU) or
-      the newest file of the Trainer's ``ModelCheckpoint``, whichever has the higher ``global_step``. A
-      state with non-finite weights or optimizer state is never used; an unreadable or truncated file gives
-      a warning and the next older state is tried. Files are read with ``weights_only=True``; one that
-      needs more (pickled objects, e.g. in its hyper-parameters) gives a warning naming the types and is
-      skipped, unless ``trust_checkpoints=True``. A state taken during a runaway is never a known-good
-      state: a snapshot is taken only after 10 healthy steps in a row (the loss at most twice its healthy
-      level, or every step since the start), otherwise it waits for them, and a checkpoint file written
-      while training was not healthy is passed over. The divergence detector is rewound with the state;
-      after a ``divergence`` rollback `AdaptiveGradientClipping` (``mode="mean"``) halves the
-      threshold it was at (its ceiling), so training resumes with a tighter clip. Then every learning rate
-      is multiplied by
-      ``lr_factor`` (param groups and the schedulers' ``base_lrs``, so the schedule continues from the
-      lowered value) and the next ``skip_batches`` batches are not learned from. Loop counters
-      (``global_step``, epoch, batch) do not go back.
-    * ``"raise"``: `GradientExplosionError` at the first event.
-
-    A NaN state never reaches a checkpoint file: in ``on_save_checkpoint`` the checkpoint's weights are
-    checked; with ``"rollback"`` the live state is rolled back and the checkpoint is rewritten from the
-    restored state, otherwise `GradientExplosionError` is raised before the file is
-    written.
-
-    What the user logs: a step not applied because of an event leaves the epoch aggregates of the tensors
-    ``training_step`` logged with ``on_epoch=True`` (its whole accumulation window; the ``_step`` values
-    stay), so an ``EarlyStopping`` on ``train_loss_epoch`` is not stopped by a NaN the guard recovered
-    from (`lightning_clip.guard.logged.LoggedWindow`; ``drop_logged_values = False`` keeps them).
+    Actions: ``"skip"`` drops the update (weights and optimizer state bit-identical); it cannot repair a
+    state that is already bad (non-finite weights, collapsed loss scale, a divergence), which raises.
+    ``"rollback"`` drops it, and in ``on_train_batch_end`` (before ``ModelCheckpoint``) the model, every
+    optimizer and LR scheduler, the GradScaler and the other lightning-clip callbacks go back to the newest
+    known-good state: the in-memory snapshot (taken at train start and at every multiple of
+    ``snapshot_every_n_steps`` of ``global_step``, while training is healthy) or this run's own newest
+    checkpoint file, whichever holds the higher step. Files are ordered by the step they hold, read with
+    ``weights_only=True`` within a memory bound, agreed on by every rank, and validated against the live
+    run before anything is touched; a bad file is a warning and the next older state is tried (see
+    ``docs/reliability.md``, "What the guard trusts"). Then the learning rates are multiplied by
+    ``lr_factor``, step-interval schedulers are fast-forwarded (``schedulers_after_rollback``), and the next
+    ``skip_batches`` batches are not learned from. Loop counters do not go back. ``"raise"``:
+    `GradientExplosionError` at the first event. A NaN state never reaches a checkpoint file.
 
     Args:
         action: ``"rollback"`` | ``"skip"`` | ``"raise"``.
         spike_factor: also an event: gradient norm ``> spike_factor`` × running mean (``> 1``; None: off).
-        snapshot_every_n_steps: in-memory snapshot every N good optimizer steps (``≥ 0``); 0: roll back to
-            checkpoint files only (needs a ``ModelCheckpoint``; checked at setup).
+        snapshot_every_n_steps: in-memory snapshot at every multiple of N of ``global_step`` (``≥ 0``; a
+            resumed run snapshots the same steps as an uninterrupted one); 0: checkpoint files only (needs a
+            ``ModelCheckpoint`` writing to a local folder; checked at setup).
         max_rollbacks: rollbacks allowed in the whole run, resumes included (``≥ 0``); one more is an error.
-        skip_batches: after a rollback, the next N batches are not learned from (``≥ 0``): every optimizer
-            step whose gradients include one of them is not applied (PaLM, Chowdhery et al. 2022).
-        lr_factor: after a rollback, multiply every learning rate by this (in ``(0, 1]``; OPT, Zhang et al.
-            2022). Cumulative: after ``k`` rollbacks the learning rates are ``lr_factor**k`` × the original.
-        trust_checkpoints: read checkpoint files as rollback sources with ``weights_only=False`` (any pickled
-            object, so arbitrary code: only for files you trust). Default False: ``weights_only=True``,
-            which loads everything Lightning itself writes.
+        skip_batches: after a rollback, the next N batches are not learned from (``≥ 0``; PaLM, Chowdhery
+            et al. 2022).
+        lr_factor: after a rollback, multiply every learning rate by this (in ``(0, 1]``; cumulative; OPT,
+            Zhang et al. 2022).
+        trust_checkpoints: read checkpoint files with ``weights_only=False`` (any pickled object, so
+            arbitrary code: only for files you trust). Default False.
+        schedulers_after_rollback: ``"fast_forward"`` (default): after a rollback each step-interval LR
+            scheduler steps again as often as it had since the restored state, so the schedule stays tied to
+            ``global_step`` and ends on time (``lr_factor`` kept); ``"restore"``: they keep the restored
+            state (the schedule then lags ``global_step``). Epoch-interval and ``ReduceLROnPlateau``
+            schedulers always keep their restored state.
 
     Raises:
         ValueError / TypeError: at construction, for an argument out of range or of the wrong type.
-        ValueError: at setup, for ``snapshot_every_n_steps=0`` without a ``ModelCheckpoint``.
+        ValueError: at setup, ``snapshot_every_n_steps=0`` without a ``ModelCheckpoint`` in a local folder.
         GradientExplosionError: ``action="raise"`` at the first event; ``max_rollbacks`` spent; no
             known-good state; ``action="skip"`` facing a state a skip cannot repair. The message says what
-            happened, at which step, which parameters went bad first and what to try.
+            happened, where, which parameters went bad first and what to try.
 
-    Logged keys (through ``pl_module.log``, cumulative counts, on the Trainer's logging steps):
+    Logged keys (through ``pl_module.log``, cumulative counts):
 
     | key | meaning |
     |---|---|
@@ -131,35 +108,19 @@ class ExplosionGuard(LightningClipCallback):
     | ``explosion/rollbacks`` | rollbacks done |
     | ``explosion/skipped_steps`` | optimizer steps not applied (events and ``skip_batches``) |
 
-    Each event is also written (rank zero) as one JSON line to ``lightning_clip_events.jsonl`` in the run's
-    own directory (the first logger's ``log_dir``; without one, a new
-    ``<default_root_dir>/lightning_clip_logs/version_<N>``: `lightning_clip.guard.events.run_log_dir`):
-    ``step``, ``log_step`` (the loggers' step of the batch, ``metrics.csv``'s x), ``epoch``, ``batch``,
-    ``optimizer``, ``kind``, ``kinds``, ``norm``, ``loss``, ``params`` (the first parameters whose
-    gradients, or weights, went bad; for a divergence or a spike the largest), ``action``, ``restored``
-    (``source``, ``step``, ``path``), ``rollbacks``, ``lr_scale``, and for a divergence ``loss_ratio`` /
-    ``norm_ratio`` (the smoothed loss and norm as multiples of their healthy levels). Non-finite numbers
-    are the strings ``"nan"``, ``"inf"``, ``"-inf"``.
+    Each event is also one JSON line (rank zero) in ``lightning_clip_events.jsonl`` in the run's own
+    directory (`lightning_clip.guard.events.run_log_dir`, `lightning_clip.guard.events.EventRecord`); a
+    failed write is a warning. A step not applied because of an event leaves the epoch aggregates of what
+    the user logs (`lightning_clip.guard.logged.LoggedWindow`; ``drop_logged_values = False`` keeps them).
 
     Notes:
-        16-mixed: a non-finite gradient norm is the GradScaler's normal loss-scale calibration (it skips
-        that step and halves its scale), so it is not an event. What triggers there: a non-finite loss,
-        non-finite weights, the scale falling below ``min_loss_scale`` (2⁻⁸), or ``overflow_patience`` (20)
-        consecutive overflow steps. Under bf16-mixed and fp32 a non-finite norm is an event.
-        DDP: the kinds seen on each rank are summed in one small all-reduce per optimizer step (the loss's
-        mean over the ranks rides on it, for the divergence detector and the clipper), so every
-        rank takes the same decision (a fault on one rank makes all of them skip or roll back) and after a
-        rollback every rank holds the same weights. Under 16-mixed the same all-reduce says whether any
-        rank's GradScaler overflowed; if so every rank's scaler skips the step and lowers its scale alike.
-        FSDP2 / tensor parallelism (``ModelParallelStrategy``): the norm is the global one (the same on every
-        rank; one more small all-reduce per step), a fault on one rank's shards makes every rank take the
-        same action, each rank snapshots only its own shards (about ``(1 + k) / shards`` × the parameter
-        bytes of CPU memory per rank, ``k`` optimizer state tensors per parameter: 2 for Adam), and rollback
-        also reads the distributed checkpoint directories ``ModelCheckpoint`` writes there. DeepSpeed,
-        FSDP1 (``FSDPStrategy``) and XLA are refused at setup.
-        Structure: the hooks only gather and route; `decide` turns a step's observation into a
-        `Decision` (pure, testable on its own).
-        Memory: a snapshot is a CPU copy of the model and optimizer states (of this rank's shards when sharded).
+        16-mixed: a non-finite gradient norm is the GradScaler's calibration, not an event; what triggers
+        there: a non-finite loss, non-finite weights, the scale below ``min_loss_scale`` (2⁻⁸), or
+        ``overflow_patience`` (20) overflow steps in a row. DDP: one small all-reduce per optimizer step
+        makes every rank take the same decision. FSDP2 (``ModelParallelStrategy``): global norms, each rank
+        snapshots its own shards, and distributed checkpoint directories are rollback sources. DeepSpeed,
+        FSDP1 and XLA are refused at setup. Remote checkpoint folders (``s3://``...) are not rollback
+        sources (a warning at setup). The hooks gather; `decide` is the pure decision.
 
     Examples:
         >>> import pytorch_lightning as pl
@@ -172,10 +133,7 @@ class ExplosionGuard(LightningClipCallback):
     spike_warmup_steps: int = 10
     overflow_patience: int = 20
     min_loss_scale: float = 2.0**-8
-    max_param_names: int = 5
-    drop_logged_values: bool = True
-    """A step not applied because of an event leaves the epoch aggregates of the values the user logs
-    (`lightning_clip.guard.logged.LoggedWindow`); False keeps them (the epoch mean is then NaN)."""
+    drop_logged_values: bool = True  # False: a dropped step's logged values stay in the epoch aggregates
 
     def __init__(
         self,
@@ -186,6 +144,7 @@ class ExplosionGuard(LightningClipCallback):
         skip_batches: int = 0,
         lr_factor: float = 1.0,
         trust_checkpoints: bool = False,
+        schedulers_after_rollback: str = "fast_forward",
     ) -> None:
         super().__init__()
         self.action = check_choice("action", action, ACTIONS)
@@ -199,6 +158,9 @@ class ExplosionGuard(LightningClipCallback):
         self.skip_batches = check_int("skip_batches", skip_batches, low=0)
         self.lr_factor = check_number("lr_factor", lr_factor, low=0.0, high=1.0, low_inclusive=False)
         self.trust_checkpoints = check_bool("trust_checkpoints", trust_checkpoints)
+        self.schedulers_after_rollback = check_choice(
+            "schedulers_after_rollback", schedulers_after_rollback, SCHEDULES
+        )
         # counters (saved)
         self.events = 0
         self.rollbacks = 0
@@ -208,20 +170,19 @@ class ExplosionGuard(LightningClipCallback):
         self._overflow_streak = 0
         self._spike = self._make_spike_rule()
         self._detector = DivergenceDetector()
+        self._run_id = ""  # this run's identity, kept across resumes (saved); set at setup
         # transient
+        self._identity = RunIdentity("", "", 0)
         self._known_good = KnownGoodStates(self.snapshot_every_n_steps, trust=self.trust_checkpoints)
+        self._events = EventRecorder()
         self._losses = LossWindow()
+        self._logged = LoggedWindow()  # the epoch's logged values at the start of this step's window
         self._pending: EventRecord | None = None  # a rollback due at the end of the batch
         self._stepped = False
         self._tainted = False
         self._batch_idx = -1
-        self._names: dict[int, str] = {}
         self._has_scaler = False
         self._signals: tuple[StepState, D.LocalSignals] | None = None  # this step's local signals
-        self._logged = LoggedWindow()  # the epoch's logged values at the start of this step's window
-        self._events_path: str | None = None
-        #: every event of this run as written to the event log (also on ranks that do not write the file)
-        self.records: list[dict[str, Any]] = []
 
     def _make_spike_rule(self) -> MeanThreshold | None:
         if self.spike_factor is None:
@@ -243,13 +204,23 @@ class ExplosionGuard(LightningClipCallback):
     @property
     def events_path(self) -> str | None:
         """Path of ``lightning_clip_events.jsonl`` (known from setup on)."""
-        return self._events_path
+        return self._events.path
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """Every event of this run as written to the event log (also on ranks that do not write the file)."""
+        return self._events.records
+
+    @property
+    def run_id(self) -> str:
+        """This run's identity (set at setup, kept across resumes): only files carrying it are restored."""
+        return self._run_id
 
     # ----------------------------------------------------------------------------------------- state
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "version": 1,
+            "version": 2,
             "events": self.events,
             "rollbacks": self.rollbacks,
             "skipped_steps": self.skipped_steps,
@@ -259,6 +230,7 @@ class ExplosionGuard(LightningClipCallback):
             "spike": None if self._spike is None else self._spike.state_dict(),
             "divergence": self._detector.state_dict(),
             "healthy": self._detector.snapshot_ok,
+            "run_id": self._run_id,
         }
 
     @override
@@ -266,7 +238,14 @@ class ExplosionGuard(LightningClipCallback):
         self.events = int(state_dict.get("events", 0))
         self.rollbacks = int(state_dict.get("rollbacks", 0))
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
-        self.lr_scale = float(state_dict.get("lr_scale", 1.0))
+        lr_scale = state_dict.get("lr_scale", 1.0)
+        if not valid_lr_scale(lr_scale):
+            rank_zero_warn(
+                f"ExplosionGuard: the saved `lr_scale` is {lr_scale!r} (must be finite and > 0); using 1.0.",
+                category=LightningClipWarning,
+            )
+            lr_scale = 1.0
+        self.lr_scale = float(lr_scale)
         self._skip_remaining = int(state_dict.get("skip_remaining", 0))
         self._overflow_streak = int(state_dict.get("overflow_streak", 0))
         self._spike = self._make_spike_rule()
@@ -275,6 +254,27 @@ class ExplosionGuard(LightningClipCallback):
             self._spike.load_state_dict(spike)
         self._detector = DivergenceDetector()
         self._detector.load_state_dict(state_dict.get("divergence", {}))
+        run_id = state_dict.get("run_id")
+        self._run_id = run_id if isinstance(run_id, str) and run_id else self._run_id
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """A resume: adopt the run identity the checkpoint carries; when the guard's arguments changed since
+        (another ``state_key``), carry its saved state over from the one other ``ExplosionGuard`` entry."""
+        saved = checkpoint.get(RUN_KEY)
+        if isinstance(saved, dict) and isinstance(saved.get("run_id"), str):
+            self._run_id = saved["run_id"]
+        old_key, own = moved_guard_state(checkpoint, self.state_key)
+        if old_key is not None:
+            rank_zero_warn(
+                f"ExplosionGuard: the checkpoint holds the guard's state under {old_key!r}, this guard is"
+                f" {self.state_key!r} (its `action` or `spike_factor` changed); its counters (rollbacks count"
+                " toward `max_rollbacks`), `lr_scale`, divergence detector and run identity are carried over.",
+                category=LightningClipWarning,
+            )
+            self.load_state_dict(own)
 
     # ----------------------------------------------------------------------------------------- hooks
     @override
@@ -282,21 +282,16 @@ class ExplosionGuard(LightningClipCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        if (
-            self.action == "rollback"
-            and self.snapshot_every_n_steps == 0
-            and not trainer.checkpoint_callbacks
-        ):
-            raise ValueError(
-                "ExplosionGuard(snapshot_every_n_steps=0) rolls back to checkpoint files only, but the Trainer"
-                " has no ModelCheckpoint. Add `ModelCheckpoint(every_n_train_steps=...)` to `callbacks`, or set"
-                " `snapshot_every_n_steps` > 0 to keep an in-memory snapshot."
-            )
-        self._events_path = events_path(trainer)
+        if self.action == "rollback":
+            sources.check_folders(trainer, self.snapshot_every_n_steps)
+        self._events.path = events_path(trainer)  # collective: this run's own directory
+        # one identity for every rank (the subprocess DDP launcher builds one guard per rank)
+        run_id, fit_id = trainer.strategy.broadcast((self._run_id or uuid.uuid4().hex, uuid.uuid4().hex))
+        self._run_id, self._identity = run_id, RunIdentity(run_id, fit_id, 0)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._names = {id(p): name for name, p in pl_module.named_parameters()}
+        self._events.names = {id(p): name for name, p in pl_module.named_parameters()}
         self._pending, self._tainted, self._signals = None, False, None
         scaler = _compat.gradient_scaler(trainer)
         self._has_scaler = scaler is not None
@@ -304,6 +299,7 @@ class ExplosionGuard(LightningClipCallback):
         self._losses.scale = None if scaler is None else (lambda: _compat.loss_scale_tensor(scaler))
         self._known_good.reset()
         self._logged.reset()
+        self._identity = RunIdentity(self._run_id, self._identity.fit_id, trainer.global_step)
         # the state a fit starts (or resumes) from is known-good, whatever the restored detector says:
         # the in-memory snapshots of the interrupted run are gone
         if self._snapshots_on:
@@ -342,7 +338,7 @@ class ExplosionGuard(LightningClipCallback):
         self._losses.clear()
         scaler = _compat.gradient_scaler(trainer)
         any_overflow = scaler is not None and reduced[-1] > 0
-        reading = self._divergence_reading(state, reduced, local, mean_loss)
+        reading = observe.divergence_reading(self._detector, state, reduced, mean_loss)
         obs = D.Observation.from_flags(
             reduced,
             local,
@@ -390,18 +386,12 @@ class ExplosionGuard(LightningClipCallback):
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         self._known_good.last_checkpoint_step = trainer.global_step
-        local_bad = not (
-            all_finite(checkpoint.get("state_dict", {}))
-            and all_finite(checkpoint.get("optimizer_states", []))
-        )
-        if not self._sum_over_ranks(trainer, [int(local_bad)])[0]:
-            return
-        record = self._weights_record(trainer, checkpoint.get("state_dict", {}).items())
-        record.checkpoint_refused = True
-        self._act(trainer, record, deferred=False)  # raises unless rolled back
-        write_state(
-            checkpoint, trainer, [self, *self._siblings(trainer)]
-        )  # the restored state, not the bad one
+        checkpoint[RUN_KEY] = {
+            "run_id": self._run_id,
+            "fit_id": self._identity.fit_id,
+            "step": trainer.global_step,
+        }
+        self._refuse_nonfinite_checkpoint(trainer, checkpoint)
 
     # -------------------------------------------------------------------------------- decision
     def decide(self, obs: D.Observation) -> D.Decision:
@@ -411,229 +401,7 @@ class ExplosionGuard(LightningClipCallback):
         return D.decide(obs, rules, self.action)
 
     def _local_signals(self, state: StepState) -> D.LocalSignals:
-        """What this rank saw at the step (computed once per step: the all-reduce contribution and the
-        hook use the same object)."""
+        """What this rank saw at the step (once per step: the all-reduce and the hook share it)."""
         if self._signals is None or self._signals[0] is not state:
-            measurement = state.measure(2.0)
-            loss = state.rider(LOSS_RIDER)
-            if loss is None:  # the loss was registered after the step's transfer: fetch it apart
-                mean = self._losses.unscaled_mean()
-                loss = None if mean is None else float(mean.item())
-            signals = D.LocalSignals(
-                nonfinite_loss=loss is not None and not math.isfinite(loss),
-                nonfinite_norm=not measurement.finite,
-                spike=self._is_spike(measurement),
-                has_scaler=self._has_scaler,
-            )
-            self._signals = (state, signals)
+            self._signals = (state, observe.local_signals(state, self._losses, self._spike, self._has_scaler))
         return self._signals[1]
-
-    def _divergence_reading(
-        self, state: StepState, reduced: list[float], local: D.LocalSignals, mean_loss: float | None
-    ) -> Reading | None:
-        """The divergence detector's view of the step, from values identical on every rank (the loss's mean
-        over the ranks, the all-reduced gradients' norm); None when the step is not judged (a non-finite
-        loss or norm anywhere: another kind covers it). Shared with the other callbacks as
-        ``StepState.divergence``."""
-        norm = state.measure(2.0).total_norm
-        if any(v > 0 for v in reduced) or not math.isfinite(norm):
-            return None
-        if mean_loss is not None and not math.isfinite(mean_loss):
-            return None
-        reading = self._detector.peek(mean_loss, norm)
-        state.divergence = reading
-        return reading
-
-    def _take_snapshot(self, trainer: Trainer) -> None:
-        """Take the current state as the newest known-good one (with the guard's own state)."""
-        self._known_good.take(
-            trainer,
-            self._siblings(trainer),
-            self.lr_scale,
-            agree=self._agree(trainer),
-            guard=self._own_state(),
-        )
-
-    def _own_state(self) -> dict[str, Any]:
-        """What of the guard's own state a known-good state keeps: its divergence detector (rewound by a
-        rollback, so the restored state starts from the healthy band it was taken in)."""
-        return {"divergence": self._detector.state_dict(), "healthy": self._detector.snapshot_ok}
-
-    def _act_on_step(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        state: StepState,
-        decision: D.Decision,
-        loss: float | None,
-        scaler: Any,
-        reading: Reading | None = None,
-    ) -> None:
-        """Carry out the step's decision: the GradScaler, the spike statistics, the skip, the event."""
-        measurement = state.measure(2.0)
-        if decision.force_scaler_skip:
-            _compat.force_scaler_skip(scaler, state.optimizer)
-        if decision.scaler_skips:
-            state.skipped = True
-        self._overflow_streak = decision.overflow_streak
-        if decision.feed_spike_rule and self._spike is not None:
-            self._spike.step(measurement.total_norm)  # the same finite norm on every rank
-        if not decision.skip:
-            return
-        state.skip()
-        self.skipped_steps += 1
-        if not decision.kinds:
-            return
-        if self.drop_logged_values:
-            self._logged.drop()
-        record = self._record(trainer, list(decision.kinds), measurement.total_norm, loss)
-        if D.DIVERGENCE in decision.kinds and reading is not None:
-            record.loss_ratio, record.norm_ratio = reading.loss_ratio, reading.norm_ratio
-        record.params = self._grad_param_names(measurement, decision.kinds)
-        record.optimizer = _compat.optimizer_index(trainer, state.optimizer)
-        if self._weights_bad(trainer, pl_module):
-            record.kinds = list(decision.with_kind(D.NONFINITE_WEIGHTS, self.action).kinds)
-            record.params = nonfinite_names(pl_module.named_parameters(), self.max_param_names)
-        self._act(trainer, record, deferred=True)
-
-    def _is_spike(self, m: GradMeasurement) -> bool:
-        return m.finite and self._spike is not None and m.total_norm > self._spike.current()
-
-    def _snapshot_step(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """A snapshot step: check the weights (every rank joins this all-reduce: the branch depends only on
-        values identical on all ranks), then snapshot, unless in the middle of a run of fp16 overflows."""
-        if self._weights_bad(trainer, pl_module):
-            self._act(trainer, self._weights_record(trainer, pl_module.named_parameters()), deferred=False)
-        elif self._overflow_streak > 0:
-            pass  # retry next step
-        elif self._snapshots_on:
-            if self._detector.snapshot_ok:  # never a state taken during a runaway: retry next step
-                self._take_snapshot(trainer)
-        else:
-            self._known_good.postpone(trainer.global_step)
-
-    # --------------------------------------------------------------------------------- actions
-    def _act(self, trainer: Trainer, record: EventRecord, deferred: bool) -> None:
-        """Apply the action to an event: raise, skip (the update is already dropped) or roll back.
-
-        ``deferred``: called from ``on_before_optimizer_step``, the rollback waits for ``on_train_batch_end``.
-        """
-        action = D.action_for(tuple(record.kinds), self.action)
-        if action == "raise":
-            self._fail(trainer, record, "`action='raise'` stops training at the first event.")
-        if action == "error":
-            self._fail(
-                trainer,
-                record,
-                "`action='skip'` cannot repair this: skipping an update does not fix a state that is already"
-                " bad. Use `action='rollback'` to go back to the last good state.",
-            )
-        if action == "skip":
-            self._write(trainer, record)
-        elif deferred:
-            self._pending = record
-        else:
-            self._rollback(trainer, record)
-
-    def _rollback(self, trainer: Trainer, record: EventRecord) -> None:
-        if self.rollbacks >= self.max_rollbacks:
-            self._fail(
-                trainer,
-                record,
-                f"The rollback budget is spent: {self.rollbacks} rollback(s) already done"
-                f" (max_rollbacks={self.max_rollbacks}, counted across resumes).",
-            )
-        state = self._known_good.newest(trainer, self.state_key, self._agree(trainer))
-        if state is None:
-            self._fail(
-                trainer,
-                record,
-                "There is no known-good state to go back to: no finite in-memory snapshot and no readable,"
-                " finite checkpoint file at or before this step.",
-            )
-        siblings = self._siblings(trainer)
-        memos = [(cb, cb.before_rollback()) for cb in siblings]
-        restore(trainer, state, siblings)
-        self._detector = DivergenceDetector()  # rewound with the state (fresh when the state has none)
-        if state.guard is not None:
-            self._detector.load_state_dict(state.guard.get("divergence", {}))
-        self.rollbacks += 1
-        self.lr_scale *= self.lr_factor
-        scale_learning_rates(trainer, self.lr_scale / state.lr_scale)
-        self._skip_remaining = self.skip_batches
-        self._overflow_streak = 0
-        for cb, memo in memos:  # e.g. after a divergence, AdaptiveGradientClipping clips tighter
-            cb.after_rollback(memo, tuple(record.kinds))
-        record.restored = {"source": state.source, "step": state.step, "path": state.path}
-        self._write(trainer, record)
-        if (
-            self._snapshots_on
-        ):  # the restored state (LRs lowered) is the new snapshot; its step is the content's
-            self._known_good.take(
-                trainer,
-                siblings,
-                self.lr_scale,
-                label=state.step,
-                agree=self._agree(trainer),
-                guard=self._own_state(),
-            )
-
-    @property
-    def _snapshots_on(self) -> bool:
-        return self.action == "rollback" and self.snapshot_every_n_steps > 0
-
-    def _agree(self, trainer: Trainer) -> Any:
-        """Sums integer flags over the ranks (the decisions that rest on each rank's shards)."""
-        return lambda flags: self._sum_over_ranks(trainer, flags)
-
-    def _siblings(self, trainer: Trainer) -> list[LightningClipCallback]:
-        """The other lightning-clip callbacks: their state is snapshotted and restored with the model's."""
-        return [cb for cb in trainer.callbacks if isinstance(cb, LightningClipCallback) and cb is not self]  # type: ignore[attr-defined, union-attr, unused-ignore]
-
-    # ------------------------------------------------------------------------------- gathering
-    def _weights_bad(self, trainer: Trainer, pl_module: LightningModule) -> bool:
-        local = not all_finite([p.detach() for p in pl_module.parameters()])
-        return bool(self._sum_over_ranks(trainer, [int(local)])[0])
-
-    def _grad_param_names(self, m: GradMeasurement, kinds: tuple[str, ...]) -> list[str]:
-        if not m.finite:
-            idx = m.nonfinite_indices()
-        elif (D.SPIKE in kinds or D.DIVERGENCE in kinds) and len(m.params):
-            idx = torch.topk(m.per_param, min(self.max_param_names, len(m.params))).indices.tolist()
-        else:
-            return []
-        return [self._names.get(id(m.params[i]), f"param[{i}]") for i in idx[: self.max_param_names]]
-
-    # --------------------------------------------------------------------------------- records
-    def _record(
-        self, trainer: Trainer, kinds: list[str], norm: float | None, loss: float | None
-    ) -> EventRecord:
-        self.events += 1
-        return EventRecord(
-            step=trainer.global_step,
-            epoch=trainer.current_epoch,
-            batch=self._batch_idx,
-            kinds=list(D.sort_kinds(kinds)),
-            action=self.action,
-            norm=norm,
-            loss=loss,
-            log_step=_compat.logger_step(trainer),
-        )
-
-    def _weights_record(self, trainer: Trainer, named: Any) -> EventRecord:
-        record = self._record(trainer, [D.NONFINITE_WEIGHTS], None, None)
-        record.params = nonfinite_names(named, self.max_param_names)
-        return record
-
-    def _write(self, trainer: Trainer, record: EventRecord) -> None:
-        record.rollbacks, record.lr_scale = self.rollbacks, self.lr_scale
-        line = record.to_json()
-        self.records.append(line)
-        log.info("ExplosionGuard event: %s", line)
-        if trainer.is_global_zero and self._events_path is not None:
-            EventLog(self._events_path).write(line)
-
-    def _fail(self, trainer: Trainer, record: EventRecord, reason: str) -> NoReturn:
-        record.action = "raise" if self.action == "raise" else "error"
-        self._write(trainer, record)
-        raise GradientExplosionError(failure_message(record, reason, self._events_path or EVENTS_FILENAME))

@@ -1,6 +1,6 @@
-r"""Known-good training states for `ExplosionGuard`: capture, check, restore.
+r"""Known-good training states for `ExplosionGuard`: capture and check.
 
-Reading a state from a checkpoint file is `lightning_clip.guard.checkpoints`.
+Reading a state from a checkpoint file, validating and restoring it is `lightning_clip.guard.rollback`.
 
 A `TrainingState` holds everything a rollback puts back: the model's ``state_dict``, every
 optimizer's and every LR scheduler's ``state_dict``, the precision plugin's state (the GradScaler under
@@ -8,8 +8,9 @@ optimizer's and every LR scheduler's ``state_dict``, the precision plugin's stat
 Trainer (an in-memory snapshot: every tensor is *copied* to the CPU, so later steps cannot change it)
 or from a checkpoint file written by the Trainer's ``ModelCheckpoint``.
 
-Restoring always loads from a fresh copy: ``Optimizer.load_state_dict`` and
-``LRScheduler.load_state_dict`` keep references to the tensors they are given.
+Restoring (`lightning_clip.guard.rollback.restore`) always loads from a fresh copy:
+``Optimizer.load_state_dict`` and ``LRScheduler.load_state_dict`` keep references to the tensors they are
+given.
 
 Sharded training (FSDP2 / tensor parallelism under ``ModelParallelStrategy``): parameters and optimizer
 states are ``DTensor`` shards. Each rank copies only its own shards (:class:`LocalShard`: the local tensor
@@ -45,8 +46,6 @@ __all__ = [
     "materialize",
     "nbytes",
     "nonfinite_names",
-    "restore",
-    "scale_learning_rates",
 ]
 
 
@@ -208,52 +207,3 @@ def capture(
         lr_scale=lr_scale,
         guard=copy_to_cpu(guard) if guard is not None else None,
     )
-
-
-def restore(trainer: Trainer, state: TrainingState, callbacks: Sequence[Any] = ()) -> None:
-    """Load ``state`` into the live Trainer: model, optimizers, schedulers, precision plugin, ``callbacks``.
-
-    Every piece is loaded from a fresh copy, so ``state`` stays valid for a later rollback.
-    """
-    strategy = trainer.strategy
-    device = strategy.root_device
-    if state.sharded:  # ModelParallelStrategy.load_model_state_dict is a no-op: load into the module
-        trainer.lightning_module.load_state_dict(materialize(state.model, device), strict=True)
-    else:
-        strategy.load_model_state_dict({"state_dict": state.model}, strict=True)  # copies into the parameters
-    if len(state.optimizers) != len(trainer.optimizers):
-        raise ValueError(
-            f"the saved state has {len(state.optimizers)} optimizer(s), the Trainer {len(trainer.optimizers)}"
-        )
-    for opt, saved in zip(trainer.optimizers, state.optimizers, strict=True):
-        opt.load_state_dict(
-            materialize(saved, device)
-        )  # casts the state to each parameter's device and dtype
-    configs: list[Any] = list(trainer.lr_scheduler_configs)
-    for cfg, saved in zip(configs, state.schedulers, strict=True):
-        cfg.scheduler.load_state_dict(copy_to_cpu(saved))
-    if state.precision:
-        trainer.precision_plugin.load_state_dict(copy_to_cpu(state.precision))
-    for cb in callbacks:
-        saved_cb = state.callbacks.get(cb.state_key)
-        if saved_cb is not None:
-            cb.load_state_dict(copy_to_cpu(saved_cb))
-
-
-def scale_learning_rates(trainer: Trainer, factor: float) -> None:
-    """Multiply every learning rate by ``factor``: the optimizers' param groups (``lr`` and the schedule
-    anchors ``initial_lr``, ``max_lr``, ``min_lr``) and the schedulers' ``base_lrs``, so a schedule goes on
-    from the lowered value."""
-    if factor == 1.0:
-        return
-    for opt in trainer.optimizers:
-        for group in opt.param_groups:
-            for key in ("lr", "initial_lr", "max_lr", "min_lr"):
-                if key in group:
-                    value = group[key]
-                    group[key] = value.mul_(factor) if isinstance(value, torch.Tensor) else value * factor
-    for cfg in trainer.lr_scheduler_configs:
-        sched = cfg.scheduler
-        if hasattr(sched, "base_lrs"):
-            sched.base_lrs = [b * factor for b in sched.base_lrs]
-        _compat.sync_scheduler_last_lr(sched)

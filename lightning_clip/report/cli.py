@@ -73,6 +73,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReportError as err:
         print(f"lightning-clip {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (RecursionError, ValueError, OverflowError) as err:  # content no check above foresaw
+        print(
+            f"lightning-clip {args.command}: error: {args.run_dir}: cannot be summarised ({type(err).__name__}: {err}).",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

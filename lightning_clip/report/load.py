@@ -34,6 +34,9 @@ METRICS_FILENAME = "metrics.csv"
 TENSORBOARD_PATTERN = "events.out.tfevents.*"
 """The names of the files ``TensorBoardLogger`` writes in its ``log_dir``."""
 
+MAX_STEP = 2**63 - 1
+"""The largest step an event may carry (Lightning's ``global_step`` is a 64-bit counter)."""
+
 Series = dict[str, list[tuple[int, float]]]
 """Metric name -> ``(step, value)`` pairs in file order."""
 
@@ -192,7 +195,8 @@ def load_events(path: str) -> list[dict[str, Any]]:
 
     Raises:
         ReportError: the file cannot be read, a line is not JSON, or a record is not an object with an
-            integer ``step`` and a string ``kind`` (the message gives the line).
+            integer ``step`` and a string ``kind`` (the message gives the line); a ``step`` or a
+            ``log_step`` outside ``[0, 2**63 - 1]``.
 
     Examples:
         >>> import os, tempfile
@@ -209,12 +213,26 @@ def load_events(path: str) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise ReportError(f"{path}: line {number} is not valid JSON ({err.msg}).") from None
+        except (RecursionError, ValueError) as err:  # nested too deep, an integer of thousands of digits
+            raise ReportError(
+                f"{path}: line {number} cannot be read ({type(err).__name__}: {err})."
+            ) from None
         if not isinstance(record, dict):
             raise ReportError(f"{path}: line {number} must be a JSON object, got {type(record).__name__}.")
         step = record.get("step")
         if not isinstance(step, int) or isinstance(step, bool) or not isinstance(record.get("kind"), str):
             raise ReportError(
-                f"{path}: line {number} must have an integer 'step' and a string 'kind', got {line.strip()!r}."
+                f"{path}: line {number} must have an integer 'step' and a string 'kind', got {line.strip()[:200]!r}."
+            )
+        if not 0 <= step <= MAX_STEP:
+            raise ReportError(f"{path}: line {number}: 'step' must be in [0, 2**63 - 1], got {step}.")
+        log_step = record.get("log_step")  # the event's x in the figures (optional)
+        if log_step is not None and (
+            not isinstance(log_step, int) or isinstance(log_step, bool) or not 0 <= log_step <= MAX_STEP
+        ):
+            raise ReportError(
+                f"{path}: line {number}: 'log_step' must be an integer in [0, 2**63 - 1], got"
+                f" {str(log_step)[:200]}."
             )
         events.append(record)
     return events

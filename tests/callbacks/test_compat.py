@@ -142,6 +142,16 @@ def test_sync_scheduler_last_lr_reports_the_lowered_rates() -> None:
     assert sched.get_last_lr() == [0.1]
 
 
+def test_child_schedulers_are_the_ones_a_sequential_scheduler_drives() -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    warm = torch.optim.lr_scheduler.LinearLR(opt, total_iters=2)
+    cos = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5)
+    sequential = torch.optim.lr_scheduler.SequentialLR(opt, [warm, cos], milestones=[2])
+    assert _compat.child_schedulers(sequential) == [warm, cos]
+    assert _compat.child_schedulers(torch.optim.lr_scheduler.ChainedScheduler([warm, cos])) == [warm, cos]
+    assert _compat.child_schedulers(cos) == []
+
+
 def test_precision_checkpoint_key_is_the_key_lightning_saves(tmp_path: Any) -> None:
     scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
     plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)

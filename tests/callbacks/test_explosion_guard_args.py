@@ -41,6 +41,16 @@ from tests.models import RegressionModel, make_trainer, regression_loader
         ({"lr_factor": 0.0}, ValueError, "`lr_factor` must be a number in (0, 1], got 0.0."),
         ({"lr_factor": 1.5}, ValueError, "`lr_factor` must be a number in (0, 1], got 1.5."),
         ({"lr_factor": float("inf")}, ValueError, "`lr_factor` must be a finite number in (0, 1], got inf."),
+        (
+            {"schedulers_after_rollback": "rewind"},
+            ValueError,
+            "`schedulers_after_rollback` must be one of 'fast_forward' | 'restore', got 'rewind'.",
+        ),
+        (
+            {"schedulers_after_rollback": None},
+            TypeError,
+            "`schedulers_after_rollback` must be one of 'fast_forward' | 'restore', got None.",
+        ),
     ],
 )
 def test_argument_errors(kwargs: dict, exc: type, message: str) -> None:
@@ -85,11 +95,13 @@ def test_state_dict_round_trip() -> None:
     g.events, g.rollbacks, g.skipped_steps, g.lr_scale = 4, 2, 7, 0.25
     g._skip_remaining, g._overflow_streak = 1, 3
     state = g.state_dict()
-    assert all(isinstance(v, (int, float, dict, type(None))) for v in state.values())
+    assert all(isinstance(v, (int, float, str, dict, type(None))) for v in state.values())
+    g._run_id = "a" * 32
+    state = g.state_dict()
     h = ExplosionGuard(spike_factor=3.0)
     h.load_state_dict(state)
     assert h.state_dict() == state
-    assert (h.events, h.rollbacks, h.skipped_steps, h.lr_scale) == (4, 2, 7, 0.25)
+    assert (h.events, h.rollbacks, h.skipped_steps, h.lr_scale, h.run_id) == (4, 2, 7, 0.25, "a" * 32)
     assert h._spike.current() == g._spike.current()  # type: ignore[union-attr]
     # older / partial states load with defaults
     k = ExplosionGuard()

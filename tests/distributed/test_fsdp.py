@@ -215,7 +215,7 @@ def test_tensor_parallel_norms_match_the_unsharded_model(tmp_path: Any) -> None:
 # ------------------------------------------------------------------------- rank-local faults, snapshots
 def _faults(rank: int, tmp_path: Any, action: str) -> dict[str, Any]:
     pl.seed_everything(0, verbose=False)
-    guard = ExplosionGuard(action=action, snapshot_every_n_steps=2)
+    guard = ExplosionGuard(action=action, snapshot_every_n_steps=2, schedulers_after_rollback="restore")
     callbacks = [
         guard,
         FaultInjector(target="grad", steps=[3], rank=1),  # NaN in rank 1's gradient shards only
@@ -278,7 +278,9 @@ def test_rank_local_nan_skips_on_every_rank(tmp_path: Any) -> None:
 # ----------------------------------------------------------------------- distributed checkpoint rollback
 def _from_checkpoint(rank: int, tmp_path: Any) -> dict[str, Any]:
     pl.seed_everything(0, verbose=False)
-    guard = ExplosionGuard(snapshot_every_n_steps=0)  # checkpoint directories are the only rollback source
+    guard = ExplosionGuard(
+        snapshot_every_n_steps=0, schedulers_after_rollback="restore"
+    )  # checkpoint directories are the only rollback source
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2, save_top_k=-1)
     record = Record()
     callbacks = [guard, FaultInjector(target="grad", steps=[5], rank=1), record, ckpt]

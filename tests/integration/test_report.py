@@ -277,6 +277,30 @@ def test_cli_errors_exit_2(run_copy: Path, capsys: pytest.CaptureFixture[str]) -
     assert f"{run_copy / 'metrics.csv'}: line 2, column 'grad/norm'" in err
 
 
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "cannot be read (RecursionError"),
+        ('{"step": ' + "9" * 5000 + ', "kind": "spike"}', "cannot be read (ValueError"),
+        ('{"step": ' + str(10**30) + ', "kind": "spike"}', "'step' must be in [0, 2**63 - 1]"),
+        ('{"step": -1, "kind": "spike"}', "'step' must be in [0, 2**63 - 1], got -1."),
+        # the figure's x (issue 19's log_step): a 400-digit integer was an OverflowError in the figure
+        ('{"step": 3, "log_step": ' + str(10**400) + ', "kind": "spike"}', "'log_step' must be an integer"),
+        ('{"step": 3, "log_step": -2, "kind": "spike"}', "'log_step' must be an integer in [0, 2**63 - 1]"),
+        ('{"step": 3, "log_step": "4", "kind": "spike"}', "'log_step' must be an integer in [0, 2**63 - 1]"),
+    ],
+)
+def test_cli_hostile_event_log_exits_2(
+    run_copy: Path, capsys: pytest.CaptureFixture[str], line: str, message: str
+) -> None:
+    with open(run_copy / "lightning_clip_events.jsonl", "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+    assert main(["report", str(run_copy), "--no-figures"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lightning-clip report: error: ") and message in err
+    assert len(err) < 2000  # the message names the problem, not the whole line
+
+
 def test_cli_without_matplotlib(
     csv_run: dict[str, Any], tmp_path: Path, monkeypatch: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:

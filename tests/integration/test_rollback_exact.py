@@ -56,7 +56,7 @@ def test_snapshot_rollback_is_bit_exact_under_fp16_with_adam_scheduler_scaler(tm
     before = StateAt([6])  # runs before the guard: the state the bad step left behind
     reference = StateAt([3])
     after = StateAt([6])  # runs after the guard: the restored state
-    guard = ExplosionGuard(snapshot_every_n_steps=3)
+    guard = ExplosionGuard(snapshot_every_n_steps=3, schedulers_after_rollback="restore")
     callbacks = [
         before,
         reference,
@@ -84,7 +84,7 @@ def test_snapshot_rollback_is_bit_exact_under_fp16_with_adam_scheduler_scaler(tm
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_checkpoint_file_rollback_is_bit_exact(tmp_path: Any, precision: str) -> None:
     after = StateAt([6])
-    guard = ExplosionGuard(snapshot_every_n_steps=0)
+    guard = ExplosionGuard(snapshot_every_n_steps=0, schedulers_after_rollback="restore")
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
     agc = AdaptiveGradientClipping()
     callbacks = [agc, guard, FaultInjector(target="grad", steps=[5]), after, ckpt]
@@ -113,7 +113,7 @@ def test_fp16_overflow_is_calibration_not_an_event(tmp_path: Any) -> None:
     # an Inf gradient under 16-mixed: the GradScaler skips the step and halves its scale by itself
     scales = []
     for steps in ([], [3]):
-        guard = ExplosionGuard(snapshot_every_n_steps=2)
+        guard = ExplosionGuard(snapshot_every_n_steps=2, schedulers_after_rollback="restore")
         torch.manual_seed(0)
         faults = [FaultInjector(target="grad", value=float("inf"), steps=steps)] if steps else []
         trainer = make_trainer(tmp_path, callbacks=[guard, *faults], max_steps=6, **fp16())
@@ -124,7 +124,7 @@ def test_fp16_overflow_is_calibration_not_an_event(tmp_path: Any) -> None:
 
 
 def test_fp16_persistent_overflow_rolls_back(tmp_path: Any) -> None:
-    guard = ExplosionGuard(snapshot_every_n_steps=2)
+    guard = ExplosionGuard(snapshot_every_n_steps=2, schedulers_after_rollback="restore")
     guard.overflow_patience = 3
     torch.manual_seed(0)
     faults = FaultInjector(target="grad", value=float("inf"), steps=[2, 3, 4])
@@ -155,7 +155,7 @@ def test_corrupted_newest_checkpoint_falls_back_with_a_warning(tmp_path: Any) ->
                 newest.write_bytes(data[: len(data) // 2])
 
     after = StateAt([6])
-    guard = ExplosionGuard(snapshot_every_n_steps=0)
+    guard = ExplosionGuard(snapshot_every_n_steps=0, schedulers_after_rollback="restore")
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
     agc = AdaptiveGradientClipping()
     callbacks = [Truncate(), agc, guard, FaultInjector(target="grad", steps=[5]), after, ckpt]
@@ -174,7 +174,7 @@ def test_corrupted_newest_checkpoint_falls_back_with_a_warning(tmp_path: Any) ->
 def test_snapshot_is_a_copy_not_an_alias(tmp_path: Any) -> None:
     # two rollbacks to the same snapshot: the second restores what the first did (CPU tensors would alias)
     first, second = StateAt([3]), StateAt([5])
-    guard = ExplosionGuard(snapshot_every_n_steps=100)
+    guard = ExplosionGuard(snapshot_every_n_steps=100, schedulers_after_rollback="restore")
     callbacks = [AdaptiveGradientClipping(), guard, FaultInjector(target="loss", steps=[2, 4]), first, second]
     torch.manual_seed(0)
     trainer = make_trainer(tmp_path, callbacks=callbacks, max_steps=6)

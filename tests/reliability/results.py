@@ -59,4 +59,6 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "checkpoints_truncated": sum(r.get("checkpoints_truncated", 0) for r in rows),
         "unreadable_checkpoint_warnings": sum(r.get("unreadable_checkpoint", 0) for r in rows),
         "vanishing_warnings": sum(r.get("vanishing", 0) for r in rows),
+        "hazards": dict(Counter(r["hazard"] for r in rows if r.get("hazard"))),
+        "foreign_checkpoint_warnings": sum(r.get("foreign_checkpoint", 0) for r in rows),
     }

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import shutil
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -217,6 +219,11 @@ class Scenario:
     ddp: bool = False
     fsdp: bool = False  # 2 ranks under ModelParallelStrategy + fully_shard (ddp is True too)
     extra: dict[str, Any] = field(default_factory=dict)
+    # a hazard in the checkpoint folder when the batch of ``hazard_at`` starts (a NaN follows at that step):
+    # "foreign" (another run's file holding the newest step), "touched" (the oldest file's mtime moved to
+    # the future), "lagging" (DDP: rank 1 lists its own view of the folder, one file behind)
+    hazard: str | None = None
+    hazard_at: int | None = None
 
     def describe(self) -> str:
         faults = ", ".join(f"{f.target}={f.value} at {list(f.steps)} ({f.when})" for f in self.faults)
@@ -225,7 +232,7 @@ class Scenario:
             f" steps={self.max_steps} ckpt={self.ckpt_every} action={self.action} snap={self.snapshot_every}"
             f" budget={self.max_rollbacks} skip={self.skip_batches} lr_factor={self.lr_factor}"
             f" spike={self.spike_factor} agc={self.agc} corrupt_at={self.corrupt_at} ddp={self.ddp}"
-            f" fsdp={self.fsdp}; {faults}"
+            f" fsdp={self.fsdp} hazard={self.hazard}@{self.hazard_at}; {faults}"
         )
 
 
@@ -296,7 +303,21 @@ def generate(seed: int, ddp: bool = False, fsdp: bool = False) -> Scenario:
                 rng.choice((0, 1)) if ddp else None,
             )
         )
+    # drawn apart (its own generator), so the scenarios of earlier campaigns stay as they were
+    hz = random.Random(10_007 * seed + 17)
+    hazard = hazard_at = None
+    if (
+        ckpt_every
+        and corrupt_at is None
+        and not fsdp
+        and ckpt_every + 1 <= max_steps - 1
+        and hz.random() < 0.4
+    ):
+        hazard = "lagging" if ddp else hz.choice(("foreign", "touched"))
+        hazard_at = hz.randint(ckpt_every + 1, max_steps - 1)
     return Scenario(
+        hazard=hazard,
+        hazard_at=hazard_at,
         seed=seed,
         arch=arch,
         optimizer=optimizer,
@@ -339,7 +360,9 @@ def float_tensors(obj: Any) -> Iterator[tuple[str, torch.Tensor]]:
 
 def _model_checkpoint_bound(name: str) -> bool:
     """``ModelCheckpoint``'s own ``kth_value`` is ±inf by design until a monitored score exists."""
-    return name.startswith(".callbacks.ModelCheckpoint") and name.endswith(".kth_value")
+    return name.startswith((".callbacks.ModelCheckpoint", ".callbacks.LaggingView")) and name.endswith(
+        ".kth_value"
+    )
 
 
 def _load_any(path: Path) -> Any:
@@ -398,6 +421,65 @@ class TruncateNewestCheckpoint(pl.Callback):
         newest.write_bytes(data[:offset])
         self.truncated.setdefault(str(files[-1]), offset)
         (self.dirpath.parent / "truncated.json").write_text(json.dumps(self.truncated))  # DDP: from the child
+
+
+class FolderHazard(pl.Callback):
+    """When the batch of global step ``at`` starts (rank zero), plant a hazard in the checkpoint folder:
+    ``"foreign"``: another run's file (the newest own file, perturbed, under another run identity) holding
+    the current step; ``"touched"``: the oldest file's modification time set to the future. Records the
+    newest own step then (the rollback of that step must not go back further)."""
+
+    def __init__(self, dirpath: Path, at: int, kind: str) -> None:
+        self.dirpath, self.at, self.kind = dirpath, at, kind
+        self.newest_step = -1
+        self.foreign: str | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step != self.at or not trainer.is_global_zero or not self.dirpath.is_dir():
+            return
+        if self.newest_step >= 0:  # once (with accumulation several batches start at that step)
+            return
+        own = {p: torch.load(p, weights_only=True, map_location="cpu") for p in self.dirpath.glob("*.ckpt")}
+        if not own:
+            return
+        by_step = sorted(own, key=lambda p: own[p]["global_step"])
+        self.newest_step = own[by_step[-1]]["global_step"]
+        if self.kind == "foreign":
+            ckpt = own[by_step[-1]]
+            ckpt["lightning_clip_run"] = {"run_id": "f" * 32, "fit_id": "f" * 32, "step": trainer.global_step}
+            ckpt["global_step"] = trainer.global_step
+            ckpt["state_dict"] = {
+                k: v + 1.0 if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()
+            }
+            self.foreign = str(self.dirpath / f"zz-foreign-step={trainer.global_step}.ckpt")
+            torch.save(ckpt, self.foreign)
+        else:
+            future = max(p.stat().st_mtime for p in own) + 3600
+            os.utime(by_step[0], (future, future))
+
+
+class LaggingView(ModelCheckpoint):
+    """DDP: rank 1 lists its own view of the folder (``<root>/view1``), which receives rank 0's files one
+    file behind before each batch (``ModelCheckpoint`` broadcasts rank 0's ``dirpath`` at setup; the view is
+    set after)."""
+
+    def __init__(self, view: Path, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.view, self.source = view, Path(str(kwargs["dirpath"]))
+
+    def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if trainer.global_rank == 1:
+            self.view.mkdir(parents=True, exist_ok=True)
+            self.dirpath = str(self.view)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_rank != 1 or not self.source.is_dir():
+            return
+        files = sorted(self.source.glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+        for f in files[:-1]:
+            if not (self.view / f.name).exists():
+                shutil.copy2(f, self.view / f.name)
 
 
 def truncated_files(root: Path) -> set[str]:
@@ -476,6 +558,20 @@ def check_error(sc: Scenario, reason: str | None, message: str, rollbacks: int) 
         assert sc.action == "rollback" and sc.snapshot_every == 0, message
 
 
+def check_hazard(sc: Scenario, hazard: FolderHazard | None, records: list[dict[str, Any]]) -> None:
+    """Another run's file is never restored; a touched old file never sends the rollback of the hazard's
+    step further back than the newest own file it found."""
+    if hazard is None:
+        return
+    for r in records:
+        if r["restored"] and hazard.foreign is not None:
+            assert r["restored"]["path"] != hazard.foreign, f"another run's file was restored: {r}"
+        if r["step"] == hazard.at and r["action"] == "rollback" and r["restored"]:
+            assert r["restored"]["step"] >= hazard.newest_step, (
+                f"an older state than the newest own file: {r}"
+            )
+
+
 def detectable(sc: Scenario, injected: list[dict[str, Any]]) -> bool:
     """True when an injected fault must be an event (under 16-mixed a non-finite gradient is the
     GradScaler's calibration, not an event)."""
@@ -508,7 +604,20 @@ def build(sc: Scenario, root: Path) -> tuple[pl.Trainer, ScenarioModel, Any, dic
     if sc.corrupt_at is not None:
         truncate = TruncateNewestCheckpoint(ckpt_dir, sc.corrupt_at, sc.seed)
         callbacks.insert(0, truncate)
-    if sc.ckpt_every:
+    hazard = None
+    if sc.hazard is not None and sc.hazard_at is not None:
+        # the NaN that makes the rollback read the folder (16-mixed: a gradient overflow is calibration)
+        target = "loss" if sc.precision == "16-mixed" else "grad"
+        injectors.append(FaultInjector(target=target, steps=[sc.hazard_at], rank=0 if sc.ddp else None))
+        callbacks.append(injectors[-1])
+        if sc.hazard != "lagging":
+            hazard = FolderHazard(ckpt_dir, sc.hazard_at, sc.hazard)
+            callbacks.insert(0, hazard)
+    if sc.ckpt_every and sc.hazard == "lagging":
+        callbacks.append(
+            LaggingView(root / "view1", dirpath=ckpt_dir, every_n_train_steps=sc.ckpt_every, save_top_k=-1)
+        )
+    elif sc.ckpt_every:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=sc.ckpt_every, save_top_k=-1))
     kwargs: dict[str, Any] = {}
     if sc.precision == "16-mixed":
@@ -539,12 +648,19 @@ def build(sc: Scenario, root: Path) -> tuple[pl.Trainer, ScenarioModel, Any, dic
         callbacks=callbacks,
         **kwargs,
     )
-    parts = {"guard": guard, "agc": agc, "vgm": vgm, "injectors": injectors, "truncate": truncate}
+    parts = {
+        "guard": guard,
+        "agc": agc,
+        "vgm": vgm,
+        "injectors": injectors,
+        "truncate": truncate,
+        "hazard": hazard,
+    }
     return trainer, model, DataLoader(make_data(sc.arch, seed=sc.seed), batch_size=4), parts
 
 
 def check_warnings(sc: Scenario, caught: list[warnings.WarningMessage], truncated: bool) -> dict[str, int]:
-    counts = {"vanishing": 0, "unreadable_checkpoint": 0}
+    counts = {"vanishing": 0, "unreadable_checkpoint": 0, "foreign_checkpoint": 0}
     for w in caught:
         if not issubclass(w.category, LightningClipWarning):
             continue
@@ -553,6 +669,8 @@ def check_warnings(sc: Scenario, caught: list[warnings.WarningMessage], truncate
             counts["vanishing"] += 1
         elif "is unreadable" in text and truncated:
             counts["unreadable_checkpoint"] += 1
+        elif "was written by another run" in text and sc.hazard == "foreign":
+            counts["foreign_checkpoint"] += 1
         else:
             raise AssertionError(f"unexpected lightning-clip warning: {w.category.__name__}: {text}")
     return counts
@@ -595,10 +713,12 @@ def run_scenario(sc: Scenario, root: Path) -> dict[str, Any]:
         assert guard.events == 0, f"events without any fault: {guard.records}"
     divergences = sum(r["kind"] == "divergence" for r in guard.records)
     assert divergences == 0, f"a divergence in a scenario without a runaway: {guard.records}"
+    check_hazard(sc, parts["hazard"], guard.records)
     scanned = scan_checkpoints(root, truncated)
     return {
         "seed": sc.seed,
         "ddp": False,
+        "hazard": sc.hazard,
         "outcome": outcome,
         "divergence_events": divergences,
         "faults_injected": len(injected),
@@ -658,6 +778,7 @@ def run_ddp_scenario(sc: Scenario, root: Path) -> dict[str, Any]:
     return {
         "seed": sc.seed,
         "ddp": True,
+        "hazard": sc.hazard,
         "outcome": outcome,
         "faults_injected": injected,
         "events": reports[0]["events"],
