@@ -61,6 +61,8 @@ class LightningClipCallback(CallbackBase):
     """
 
     _lc_state_key: str | None = None
+    clips: bool = False
+    """True for a callback that clips the gradients (`ExplosionGuard`'s advice depends on it)."""
     #: the tracker shared with the other lightning-clip callbacks of the Trainer (set at ``setup``)
     step_tracker: StepTracker | None = None
     _tracker_of: int | None = None  # id() of the Trainer the tracker was attached for

@@ -150,6 +150,7 @@ class AdaptiveGradientClipping(LightningClipCallback):
         >>> trainer = pl.Trainer(callbacks=[AdaptiveGradientClipping(factor=2.0)], logger=False)
     """
 
+    clips = True
     throttle_window: int = 100
     """Steps over which the median clip coefficient is judged for the throttling warning."""
     throttle_coef: float = 0.1

@@ -54,9 +54,11 @@ class ExplosionGuard(RecoveryMixin, LightningClipCallback):  # type: ignore[misc
 
     Detection, in ``on_before_optimizer_step`` (gradients accumulated and AMP-unscaled; the bad update is
     never applied, its gradients are set to ``None``): a non-finite total gradient norm (shared with
-    `AdaptiveGradientClipping`); a non-finite training loss; a finite **divergence** (the loss, averaged
-    over the ranks, smoothed to more than 4× its healthy level, or the norm to more than 1,000× its own:
-    `lightning_clip.functional.divergence.DivergenceDetector`); with ``spike_factor``, a norm above
+    `AdaptiveGradientClipping`); a non-finite training loss; a finite **divergence**
+    (`lightning_clip.functional.divergence.DivergenceDetector`: the smoothed norm 1,000× its own level; or
+    the loss, averaged over the ranks, 4× its healthy level and above where training started, *confirmed*
+    by the norm 10× its level, and compounding (×2 within 20 steps) or 100× up: a loss that rises by
+    design, with calm gradients or in one jump, is no event; ``detect_divergence=False`` turns it off); with ``spike_factor``, a norm above
     ``spike_factor`` × the running mean of recent finite norms; non-finite weights (checked on snapshot
     steps, on every event, at the end of training and before every checkpoint is written).
 
@@ -92,6 +94,8 @@ class ExplosionGuard(RecoveryMixin, LightningClipCallback):  # type: ignore[misc
             ``global_step`` and ends on time (``lr_factor`` kept); ``"restore"``: they keep the restored
             state (the schedule then lags ``global_step``). Epoch-interval and ``ReduceLROnPlateau``
             schedulers always keep their restored state.
+        detect_divergence: the finite-divergence check (default True). False: only NaN/Inf (and
+            ``spike_factor``) are events, for a run whose loss and gradients may rise far by design.
 
     Raises:
         ValueError / TypeError: at construction, for an argument out of range or of the wrong type.
@@ -145,6 +149,7 @@ class ExplosionGuard(RecoveryMixin, LightningClipCallback):  # type: ignore[misc
         lr_factor: float = 1.0,
         trust_checkpoints: bool = False,
         schedulers_after_rollback: str = "fast_forward",
+        detect_divergence: bool = True,
     ) -> None:
         super().__init__()
         self.action = check_choice("action", action, ACTIONS)
@@ -158,6 +163,7 @@ class ExplosionGuard(RecoveryMixin, LightningClipCallback):  # type: ignore[misc
         self.skip_batches = check_int("skip_batches", skip_batches, low=0)
         self.lr_factor = check_number("lr_factor", lr_factor, low=0.0, high=1.0, low_inclusive=False)
         self.trust_checkpoints = check_bool("trust_checkpoints", trust_checkpoints)
+        self.detect_divergence = check_bool("detect_divergence", detect_divergence)
         self.schedulers_after_rollback = check_choice(
             "schedulers_after_rollback", schedulers_after_rollback, SCHEDULES
         )
@@ -346,7 +352,7 @@ class ExplosionGuard(RecoveryMixin, LightningClipCallback):  # type: ignore[misc
             overflow_streak=self._overflow_streak,
             tainted=self._tainted,
             rollback_pending=self._pending is not None,
-            divergence=reading is not None and reading.verdict == DIVERGED,
+            divergence=self.detect_divergence and reading is not None and reading.verdict == DIVERGED,
         )
         decision = self.decide(obs)
         if decision.applied and reading is not None:

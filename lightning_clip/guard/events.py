@@ -28,6 +28,7 @@ __all__ = [
     "RUN_LOGS_DIRNAME",
     "EventLog",
     "EventRecord",
+    "Remedies",
     "events_path",
     "failure_message",
     "json_number",
@@ -166,21 +167,75 @@ KIND_TEXT = {
 """What each event kind means, in words (the kinds are `lightning_clip.guard.decision`'s)."""
 
 
-def failure_message(record: EventRecord, reason: str, events_path: str = EVENTS_FILENAME) -> str:
-    """The text of `GradientExplosionError` for ``record``: what happened, where,
-    which parameters went bad first, why recovery stops (``reason``) and what to try."""
+@dataclass(frozen=True)
+class Remedies:
+    """What the run has attached and set, so that `failure_message` names only fixes that fit it.
+
+    Attributes:
+        clipper: an `AdaptiveGradientClipping` is attached.
+        lr_factor: the guard's ``lr_factor``.
+        skip_batches: the guard's ``skip_batches``.
+        fp16: the run trains under ``16-mixed`` with a GradScaler.
+        detect_divergence: the guard's ``detect_divergence``.
+    """
+
+    clipper: bool = False
+    lr_factor: float = 1.0
+    skip_batches: int = 0
+    fp16: bool = False
+    detect_divergence: bool = True
+
+
+def failure_message(
+    record: EventRecord, reason: str, events_path: str = EVENTS_FILENAME, remedies: Remedies | None = None
+) -> str:
+    """The text of `GradientExplosionError` for ``record``: what happened, where, which parameters went
+    bad first, why recovery stops (``reason``) and what to try — only the fixes that fit the run
+    (``remedies``: what is attached and set; a divergence also names a loss that rises by design).
+
+    Examples:
+        >>> record = EventRecord(step=7, epoch=0, batch=7, kinds=["divergence"], action="rollback")
+        >>> text = failure_message(record, "Budget spent.", "events.jsonl", Remedies(clipper=True))
+        >>> "attach AdaptiveGradientClipping" in text, "`detect_divergence=False`" in text
+        (False, True)
+    """
+    r = remedies if remedies is not None else Remedies()
     params = ", ".join(record.params) if record.params else "none identified"
     where = "weights" if record.kind == "nonfinite_weights" else "gradients"
     line = record.to_json()
+    fixes = [
+        "lower the learning rate"
+        + (
+            " (or pass `lr_factor` < 1, e.g. 0.5, to lower it at every rollback)"
+            if r.lr_factor >= 1.0
+            else ""
+        )
+    ]
+    if r.clipper:
+        fixes.append("give AdaptiveGradientClipping a `max_norm` you know to be safe")
+    else:
+        fixes.append("attach AdaptiveGradientClipping")
+    if "divergence" in record.kinds and r.detect_divergence:
+        fixes.append(
+            "if this loss rises by design (a KL warm-up, a curriculum stage, an adversarial objective) it may be"
+            " no runaway: pass `detect_divergence=False` (NaN/Inf stay guarded)"
+            + (" and `AdaptiveGradientClipping(loss_aware=False)`" if r.clipper else "")
+        )
+    if r.skip_batches == 0:
+        fixes.append(
+            f"skip the data that triggers it (`skip_batches`) or inspect the batches listed in {events_path}"
+        )
+    else:
+        fixes.append(f"inspect the batches listed in {events_path}")
+    if r.fp16:
+        fixes.append("prefer bf16-mixed to 16-mixed")
+    fixes.append("raise `max_rollbacks` to allow more recoveries")
     return (
         f"ExplosionGuard: {KIND_TEXT.get(record.kind, record.kind)} at step {record.step} (epoch {record.epoch},"
         f" batch {record.batch}); gradient norm {line['norm']}, loss {line['loss']}.\n"
         f"Parameters whose {where} went bad first: {params}.\n"
         f"{reason}\n"
-        "What to try: lower the learning rate (or pass `lr_factor` < 1, e.g. 0.5, to lower it at every"
-        " rollback); attach AdaptiveGradientClipping; skip the data that triggers it (`skip_batches`) or"
-        f" inspect the batches listed in {events_path}; prefer bf16-mixed to 16-mixed; raise `max_rollbacks`"
-        " to allow more recoveries."
+        f"What to try: {'; '.join(fixes)}."
     )
 
 

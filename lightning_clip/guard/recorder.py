@@ -16,7 +16,7 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 from lightning_clip import _compat
 from lightning_clip.exceptions import LightningClipWarning
 from lightning_clip.guard import decision as D
-from lightning_clip.guard.events import EVENTS_FILENAME, EventLog, EventRecord, failure_message
+from lightning_clip.guard.events import EVENTS_FILENAME, EventLog, EventRecord, Remedies, failure_message
 from lightning_clip.guard.snapshot import nonfinite_names
 
 if TYPE_CHECKING:
@@ -87,5 +87,5 @@ class EventRecorder:
                     category=LightningClipWarning,
                 )
 
-    def failure(self, record: EventRecord, reason: str) -> str:
-        return failure_message(record, reason, self.path or EVENTS_FILENAME)
+    def failure(self, record: EventRecord, reason: str, remedies: Remedies | None = None) -> str:
+        return failure_message(record, reason, self.path or EVENTS_FILENAME, remedies)

@@ -16,7 +16,7 @@ from lightning_clip.functional.divergence import DivergenceDetector, Reading
 from lightning_clip.functional.thresholds import MeanThreshold
 from lightning_clip.guard import decision as D
 from lightning_clip.guard import rollback
-from lightning_clip.guard.events import EventRecord
+from lightning_clip.guard.events import EventRecord, Remedies
 from lightning_clip.guard.known_good import KnownGoodStates
 from lightning_clip.guard.logged import LoggedWindow
 from lightning_clip.guard.recorder import EventRecorder
@@ -39,6 +39,7 @@ class RecoveryMixin:
     max_rollbacks: int
     skip_batches: int
     lr_factor: float
+    detect_divergence: bool
     snapshot_every_n_steps: int
     schedulers_after_rollback: str
     drop_logged_values: bool
@@ -184,7 +185,14 @@ class RecoveryMixin:
     def _fail(self, trainer: Trainer, record: EventRecord, reason: str) -> NoReturn:
         record.action = "raise" if self.action == "raise" else "error"
         self._write(trainer, record)
-        raise GradientExplosionError(self._events.failure(record, reason))
+        remedies = Remedies(
+            clipper=any(getattr(cb, "clips", False) for cb in self._siblings(trainer)),
+            lr_factor=self.lr_factor,
+            skip_batches=self.skip_batches,
+            fp16=_compat.gradient_scaler(trainer) is not None,
+            detect_divergence=self.detect_divergence,
+        )
+        raise GradientExplosionError(self._events.failure(record, reason, remedies))
 
     def _act_on_step(
         self,

@@ -112,6 +112,38 @@ def test_divergence_is_an_error_under_skip_and_raise(tmp_path: Any, action: str,
     assert guard.records[0]["loss_ratio"] > 100.0 and guard.records[0]["norm_ratio"] > 10.0
 
 
+def test_detect_divergence_false_turns_the_finite_check_off_and_the_message_fits_the_run(
+    tmp_path: Any,
+) -> None:
+    """The same wreck: with ``detect_divergence=False`` nothing is an event (the run finishes); with the
+    check on, the error names the remedies that fit a guard without a clipper, a loss rising by design
+    among them, and never advice for a setting the run already has."""
+    quiet = ExplosionGuard(action="raise", detect_divergence=False)
+    fit_blowup(tmp_path / "off", [quiet], 30, steps=(20,), factor=1e4)
+    assert quiet.records == [] and quiet.events == 0
+    guard = ExplosionGuard(action="raise", lr_factor=0.5)
+    with pytest.raises(GradientExplosionError) as caught:
+        fit_blowup(tmp_path / "on", [guard], 30, steps=(20,), factor=1e4)
+    message = str(caught.value)
+    assert "attach AdaptiveGradientClipping" in message
+    assert "rises by design" in message and "`detect_divergence=False`" in message
+    assert "loss_aware=False" not in message  # no clipper attached
+    assert "pass `lr_factor` < 1" not in message  # already 0.5
+    assert "bf16-mixed" not in message  # not under 16-mixed
+
+
+def test_with_a_clipper_attached_the_message_never_says_attach_it(tmp_path: Any) -> None:
+    clipper = AdaptiveGradientClipping()
+    guard = ExplosionGuard(action="raise")
+    faults = FaultInjector(target="grad", steps=[12])
+    with pytest.raises(GradientExplosionError) as caught:
+        fit_blowup(tmp_path, [clipper, guard, faults], 20)
+    message = str(caught.value)
+    assert "attach AdaptiveGradientClipping" not in message
+    assert "give AdaptiveGradientClipping a `max_norm`" in message
+    assert "detect_divergence" not in message  # a NaN gradient, not a divergence
+
+
 def test_divergence_rollback_makes_the_clipper_clip_tighter(tmp_path: Any) -> None:
     clipper = AdaptiveGradientClipping()
     guard = ExplosionGuard(snapshot_every_n_steps=5)

@@ -35,6 +35,7 @@ from tests.models import RegressionModel, make_trainer, regression_loader
         ),
         ({"max_rollbacks": True}, TypeError, "`max_rollbacks` must be an integer >= 0, got True."),
         ({"max_rollbacks": -2}, ValueError, "`max_rollbacks` must be an integer >= 0, got -2."),
+        ({"detect_divergence": "no"}, TypeError, "`detect_divergence` must be True or False, got 'no'."),
         ({"skip_batches": None}, TypeError, "`skip_batches` must be an integer >= 0, got None."),
         ({"skip_batches": -1}, ValueError, "`skip_batches` must be an integer >= 0, got -1."),
         ({"lr_factor": "half"}, TypeError, "`lr_factor` must be a real number in (0, 1], got 'half'."),
