@@ -227,6 +227,7 @@ class LossAwareMeanThreshold(MeanThreshold):
             "episode_count": self.episode_count,
             "cuts": self.cuts,
             "loss_band": self.band.state_dict(),
+            "norm_band": self.norm_band.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -239,3 +240,4 @@ class LossAwareMeanThreshold(MeanThreshold):
         self.episode_count = int(state.get("episode_count", 0))
         self.cuts = int(state.get("cuts", 0))
         self.band.load_state_dict(state.get("loss_band", {}))
+        self.norm_band.load_state_dict(state.get("norm_band", {}))

@@ -553,3 +553,29 @@ def test_mean_rule_ignores_zero_norms_instead_of_pinning_the_threshold_at_zero()
     seq = [1.0, 2.0, 1.5, 1.0]
     assert [with_zero.step(n) for n in seq] == [without.step(n) for n in seq]
     assert with_zero.current() > 0
+
+
+def test_loss_aware_state_round_trip_through_a_confirmed_runaway():
+    """Resumed in the middle of a runaway (loss and norms ×1.1 a step): the same thresholds bit for bit,
+    cuts included; the norm band travels in the state (without it the resumed rule cuts later)."""
+    rng = random.Random(3)
+    norms = [2.0 * math.exp(rng.gauss(0.0, 0.1)) for _ in range(60)] + [2.0 * 1.1**k for k in range(1, 41)]
+    losses = [1.0 * math.exp(rng.gauss(0.0, 0.1)) for _ in range(60)] + [1.1**k for k in range(1, 41)]
+    uninterrupted = LossAwareMeanThreshold()
+    expected = [uninterrupted.step(n, loss) for n, loss in zip(norms, losses, strict=True)]
+    assert uninterrupted.cuts > 0
+    for k in (62, 70):
+        first = LossAwareMeanThreshold()
+        head = [first.step(n, loss) for n, loss in zip(norms[:k], losses[:k], strict=True)]
+        buffer = io.BytesIO()
+        torch.save(first.state_dict(), buffer)
+        buffer.seek(0)
+        state = torch.load(buffer, weights_only=True)
+        resumed = LossAwareMeanThreshold()
+        resumed.load_state_dict(state)
+        tail = [resumed.step(n, loss) for n, loss in zip(norms[k:], losses[k:], strict=True)]
+        assert head + tail == expected
+        assert resumed.state_dict() == uninterrupted.state_dict()
+        partial = LossAwareMeanThreshold()
+        partial.load_state_dict({key: v for key, v in state.items() if key != "norm_band"})
+        assert [partial.step(n, loss) for n, loss in zip(norms[k:], losses[k:], strict=True)] != expected[k:]
