@@ -55,6 +55,7 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     "skip_batches": st.integers(0, 5),
     "lr_factor": st.floats(0.01, 1.0),
     "trust_checkpoints": st.booleans(),
+    "detect_divergence": st.booleans(),
     "schedulers_after_rollback": st.sampled_from(["fast_forward", "restore"]),
     "check_every_n_steps": st.integers(1, 50),
     "patience": st.integers(1, 10),
