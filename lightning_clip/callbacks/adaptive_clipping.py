@@ -10,10 +10,13 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_clip import _compat
-from lightning_clip._validation import check_norm_type
+from lightning_clip._validation import check_choice, check_norm_type
 from lightning_clip.callbacks._base import LightningClipCallback
+from lightning_clip.callbacks._per_tensor import PerTensorClipping
 from lightning_clip.exceptions import LightningClipWarning
+from lightning_clip.functional.per_tensor import PER_TENSOR_MODES
 from lightning_clip.functional.thresholds import (
+    MODES,
     RULE_DEFAULTS,
     LossAwareMeanThreshold,
     ThresholdRule,
@@ -28,6 +31,8 @@ if TYPE_CHECKING:
 
 RULE_ARGS = ("mode", *RULE_DEFAULTS)
 """The arguments that make the threshold rule (`make_rule`)."""
+ALL_MODES = (*MODES, *PER_TENSOR_MODES)
+"""Every ``mode``: the total-norm rules, then the per-tensor ones (`lightning_clip.functional.per_tensor`)."""
 
 __all__ = ["AdaptiveGradientClipping"]
 
@@ -132,6 +137,11 @@ class AdaptiveGradientClipping(LightningClipCallback):
         self.norm_type = check_norm_type("norm_type", norm_type)
         self.loss_aware = loss_aware
         self._new_rule()  # validates every argument of the rule
+        self._per_tensor = None  # mode="adagc" / "mean_per_tensor": each tensor clipped to its own threshold
+        if mode in PER_TENSOR_MODES:
+            self._per_tensor = PerTensorClipping(
+                mode, factor, decay, warmup_steps, self.max_norm, self.norm_type
+            )
         self._rules: dict[int, ThresholdRule] = {}
         self._saved: dict[int, dict[str, Any]] = {}  # loaded states of rules not created yet
         self._multi = False
@@ -143,7 +153,10 @@ class AdaptiveGradientClipping(LightningClipCallback):
         self.last: dict[int, tuple[float, float, float]] = {}
 
     def _new_rule(self) -> ThresholdRule:
-        return make_rule(**{name: getattr(self, name) for name in RULE_ARGS})
+        arguments = {name: getattr(self, name) for name in RULE_ARGS}
+        if check_choice("mode", self.mode, ALL_MODES) in PER_TENSOR_MODES:
+            arguments["mode"] = "mean"  # validates the shared arguments (the per-tensor rules use their own)
+        return make_rule(**arguments)
 
     @property
     def uses_loss(self) -> bool:
@@ -166,6 +179,8 @@ class AdaptiveGradientClipping(LightningClipCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        if self._per_tensor is not None:
+            return self._per_tensor.state_dict()
         self._commit()
         rules = {str(i): r.state_dict() for i, r in self._rules.items()}
         rules.update({str(i): s for i, s in self._saved.items() if str(i) not in rules})
@@ -173,6 +188,8 @@ class AdaptiveGradientClipping(LightningClipCallback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._per_tensor is not None:
+            self._per_tensor.load_state_dict(state_dict)
         self._uncommitted = {}
         self._rules = {}
         self._saved = {int(i): s for i, s in state_dict.get("rules", {}).items()}
@@ -203,6 +220,8 @@ class AdaptiveGradientClipping(LightningClipCallback):
                         " (e.g. `fused=False`) or precision='bf16-mixed'."
                     )
         self._multi = len(trainer.optimizers) > 1
+        if self._per_tensor is not None:
+            self._per_tensor.on_fit_start(pl_module)
         scaler = _compat.gradient_scaler(trainer)
         self._losses.clear()
         self._last_loss = None
@@ -210,6 +229,8 @@ class AdaptiveGradientClipping(LightningClipCallback):
 
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        if self._per_tensor is not None and self.step_tracker is not None:
+            self._per_tensor.ride_next_step(trainer, self.step_tracker)
         if self.uses_loss:
             self._losses.add(loss)
             if self.step_tracker is not None:
@@ -221,6 +242,15 @@ class AdaptiveGradientClipping(LightningClipCallback):
     ) -> None:
         index = _compat.optimizer_index(trainer, optimizer)
         state = self.step_state(_compat.unwrap_optimizer(optimizer), trainer.global_step)
+        if self._per_tensor is not None:
+            assert self.step_tracker is not None  # set by step_state
+            figures = self._per_tensor.step(trainer, state, self.step_tracker, index)
+            if figures is not None:
+                self.last[index] = (figures.norm, figures.clipped_total, figures.coef)
+                if _compat.should_update_logs(trainer):
+                    metrics = self._per_tensor.metrics(figures, f"_opt{index}" if self._multi else "")
+                    pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+            return
         measurement = state.measure(self.norm_type)
         loss = None
         if self.uses_loss:
@@ -246,6 +276,8 @@ class AdaptiveGradientClipping(LightningClipCallback):
     @override
     def on_train_batch_end(self, *args: Any) -> None:
         self._commit()
+        if self._per_tensor is not None:
+            self._per_tensor.commit()
 
     def clip(
         self, measurement: GradMeasurement, index: int = 0, loss: float | None = None
@@ -284,6 +316,8 @@ class AdaptiveGradientClipping(LightningClipCallback):
     def before_rollback(self) -> dict[int, float]:
         """The threshold each optimizer's rule is at when `ExplosionGuard` rolls back (committed state)."""
         self._commit()
+        if self._per_tensor is not None:
+            self._per_tensor.commit()
         return {i: r.current() for i, r in self._rules.items() if isinstance(r, LossAwareMeanThreshold)}
 
     @override
