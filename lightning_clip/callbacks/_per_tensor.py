@@ -169,16 +169,24 @@ class PerTensorClipping:
         self.last[index] = figures
         return figures
 
-    def metrics(self, figures: PerTensorFigures, suffix: str) -> dict[str, float]:
-        """The logged keys of one step (see `AdaptiveGradientClipping`'s table)."""
-        out = {
+    def log(
+        self, trainer: Trainer, pl_module: LightningModule, figures: PerTensorFigures, suffix: str
+    ) -> None:
+        """Log one step's figures (see `AdaptiveGradientClipping`'s table of keys).
+
+        The most clipped tensor's key names it, so it changes from step to step: it goes to the loggers
+        directly (``Logger.log_metrics``, rank zero), as ``pl_module.log`` would log every name seen in
+        the epoch again at each step with its old value."""
+        metrics = {
             f"grad/norm{suffix}": figures.norm,
             f"grad/clip_coef{suffix}": figures.coef,
             f"grad/clipped_fraction{suffix}": figures.clipped_fraction,
         }
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
         if figures.most_clipped is not None:
-            out[f"grad/most_clipped{suffix}/{figures.most_clipped}"] = figures.min_coef
-        return out
+            named = {f"grad/most_clipped{suffix}/{figures.most_clipped}": figures.min_coef}
+            for logger in trainer.loggers:
+                logger.log_metrics(named, step=trainer.global_step)
 
     # ----------------------------------------------------------------------------------------- steps
     def _plan(self, state: StepState, index: int) -> PerTensorPlan | None:

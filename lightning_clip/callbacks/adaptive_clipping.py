@@ -177,6 +177,15 @@ class AdaptiveGradientClipping(LightningClipCallback):
             self._rules[index] = found
         return found
 
+    def tensor_thresholds(self, index: int = 0) -> torch.Tensor | None:
+        """Per-tensor modes: the threshold each parameter tensor of optimizer ``index`` meets at the next
+        step (a CPU float32 tensor in param-group order, ∞ where there is none yet: warm-up, no gradient
+        so far); None in the total-norm modes."""
+        if self._per_tensor is None:
+            return None
+        self._per_tensor.commit(index)
+        return self._per_tensor.rule(index).thresholds().detach().to("cpu", copy=True)
+
     @override
     def state_dict(self) -> dict[str, Any]:
         if self._per_tensor is not None:
@@ -248,8 +257,7 @@ class AdaptiveGradientClipping(LightningClipCallback):
             if figures is not None:
                 self.last[index] = (figures.norm, figures.clipped_total, figures.coef)
                 if _compat.should_update_logs(trainer):
-                    metrics = self._per_tensor.metrics(figures, f"_opt{index}" if self._multi else "")
-                    pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+                    self._per_tensor.log(trainer, pl_module, figures, f"_opt{index}" if self._multi else "")
             return
         measurement = state.measure(self.norm_type)
         loss = None

@@ -204,9 +204,9 @@ class PerTensorRule:
 
 def _summary(coefs: torch.Tensor, norms: torch.Tensor, norm_type: float) -> torch.Tensor:
     """``[clipped count, argmin index, min coef, total after clipping]`` as one float32 tensor."""
-    most = torch.argmin(coefs)
+    smallest, most = torch.min(coefs, dim=0)  # (indexing with a tensor would read it on the host)
     clipped_total = torch.linalg.vector_norm(coefs * norms, norm_type)
-    return torch.stack([(coefs < 1.0).sum().float(), most.float(), coefs[most], clipped_total])
+    return torch.stack([(coefs < 1.0).sum().float(), most.float(), smallest, clipped_total])
 
 
 class AdaGCRule(PerTensorRule):
