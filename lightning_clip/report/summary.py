@@ -139,12 +139,11 @@ def _norm_summary(series: Series, key: str, suffix: str) -> NormSummary:
     clipped = None if coefs is None else sum(1 for _, c in coefs if c < 1.0)
     fractions = [v for _, v in series.get(f"grad/clipped_fraction{suffix}", [])]
     most = []
-    for name_key, values in series.items():
+    for name_key, pairs in series.items():
         match = MOST_CLIPPED_KEY.match(name_key)
-        if match is not None and match.group("suffix") == suffix and values:
-            most.append(
-                TensorClipping(match.group("name"), len(values), percentile([v for _, v in values], 50))
-            )
+        if match is not None and match.group("suffix") == suffix and pairs:
+            coefs_of = [c for _, c in pairs]
+            most.append(TensorClipping(match.group("name"), len(coefs_of), percentile(coefs_of, 50)))
     most.sort(key=lambda t: (-t.steps, t.median_coef, t.name))
     return NormSummary(
         key=key,
