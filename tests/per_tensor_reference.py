@@ -88,7 +88,8 @@ def reference_fit(
     skip: Iterable[int] = (),
 ) -> list[dict[str, Any]]:
     """Train in a plain loop, clipping each tensor by ``rule``; the steps in ``skip`` are not applied.
-    Returns, per step, the pre-clip norms, the coefficients and the weights after the step."""
+    Returns, per step, the pre-clip norms, the coefficients, the thresholds the next step meets and the
+    weights after the step."""
     rows = []
     skipped = set(skip)
     for step, batch in enumerate(batches):
@@ -106,6 +107,7 @@ def reference_fit(
             {
                 "norms": norms,
                 "coefs": coefs,
+                "thresholds": rule.thresholds(len(params)),
                 "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
             }
         )
