@@ -60,18 +60,43 @@ class AdaptiveGradientClipping(LightningClipCallback):
     * ``"percentile"``: AutoClip (Seetharaman et al. 2020) — reproduces ``autoclip.torch.QuantileClip(
       quantile=percentile/100, history_length=window, global_threshold=True)`` 0.2.1.
 
+    Per-tensor modes (`lightning_clip.functional.per_tensor`): each parameter tensor ``i`` is scaled by its
+    own coefficient ``c_i ≤ 1`` (one fused multiply), its threshold learned from its own norms ``n_i``:
+
+    * ``"adagc"``: AdaGC (Wang et al. 2025) — reproduces the clipping of ``pytorch_optimizer.AdaGC`` 4.1.0
+      for any optimizer (AdaGC itself is Adam): during ``warmup_steps`` a global clip of the total norm to
+      ``max_norm`` (AdaGC's ``lambda_abs``; without it the plain ``mean`` rule) and each tensor's ``γ_i``
+      the minimum of its clipped norms; afterwards ``c_i = min(1, factor · γ_i / n_i)`` (``factor``: AdaGC's
+      ``lambda_rel``), ``γ_i`` an EMA (``decay``: AdaGC's ``beta``) of its clipped norms. AdaGC's
+      ``warmup_steps=W`` is ``warmup_steps=W − 1`` here (AdaGC counts from 1); None: 99 (AdaGC's default
+      100). AdaGC's defaults: ``mode="adagc", max_norm=1.0, factor=1.05, decay=0.98``.
+    * ``"mean_per_tensor"``: the ``mean`` rule per tensor: ``c_i = min(1, factor · μ̂_i / n_i)``, ``μ̂_i`` the
+      bias-corrected EMA of tensor ``i``'s norms as applied, from its ``warmup_steps + 1``-th step; no
+      absolute threshold unless ``max_norm`` (then a cap on the total norm after the per-tensor clip);
+      not loss-aware.
+
+    In both, a step whose norm is NaN/Inf is not clipped and never enters the statistics, and a skipped
+    step never counts. The statistics of an optimizer are one stacked tensor on the gradients' device,
+    saved in checkpoints and rewound by `ExplosionGuard`'s rollbacks; under DDP and FSDP2 a tensor's norm
+    is its full norm, so they are identical on every rank. The per-tensor summary (how many tensors were
+    clipped, which one most) rides on the step's one host transfer; nothing is read per tensor.
+
     Warm-up: the first ``warmup_steps`` steps are capped by ``max_norm``; in ``zscore`` and ``percentile``
     modes, without ``max_norm``, by the ``mean`` rule from the second step on (no unprotected warm-up).
 
     Args:
-        mode: ``"mean"`` | ``"zscore"`` | ``"percentile"``.
-        factor: ``mean``: threshold = factor × running mean, ``> 1``.
-        decay: ``mean``, ``zscore``: EMA decay of the running statistics, in ``[0, 1)``.
+        mode: ``"mean"`` | ``"zscore"`` | ``"percentile"`` | ``"adagc"`` | ``"mean_per_tensor"``.
+        factor: ``mean``, ``mean_per_tensor``: threshold = factor × running mean; ``adagc``: ``lambda_rel``;
+            ``> 1``.
+        decay: ``mean``, ``zscore``, the per-tensor modes: EMA decay of the running statistics, in
+            ``[0, 1)``.
         z_threshold: ``zscore``: ZClip's ``z_thresh``, ``> 0``.
         percentile: ``percentile``: AutoClip's p, in ``[0, 100]``.
         window: ``percentile``: how many recent norms are kept, ``≥ 1``.
-        warmup_steps: steps (``≥ 1``) before the mode's own rule applies; None: 1, or 25 for ``zscore``.
-        max_norm: optional absolute cap (``> 0``), applied always, also during warm-up.
+        warmup_steps: steps (``≥ 1``) before the mode's own rule applies; None: 1, 25 for ``zscore``, 99
+            for ``adagc``.
+        max_norm: optional absolute cap (``> 0``), applied always, also during warm-up; ``adagc``: the
+            warm-up's global clip (``lambda_abs``) only.
         norm_type: p of the p-norm, any ``p > 0`` or ``float("inf")``.
         loss_aware: ``mean`` mode: also follow the training loss (the ceiling above). False for a loss that
             rises for good by design (adversarial or curriculum objectives) or that is not positive.
@@ -89,9 +114,20 @@ class AdaptiveGradientClipping(LightningClipCallback):
     | ``grad/clip_threshold`` | threshold applied this step (∞ until one exists) |
     | ``grad/clip_coef`` | factor the gradients were scaled by (≤ 1; 1 = not clipped) |
 
+    Per-tensor modes log ``grad/norm`` and ``grad/clip_coef`` (the total norm after clipping over the one
+    before) and, instead of ``grad/clip_threshold``:
+
+    | key | meaning |
+    |---|---|
+    | ``grad/clipped_fraction`` | fraction of the tensors with a gradient that were clipped |
+    | ``grad/most_clipped/<name>`` | the most clipped tensor's coefficient, keyed by its parameter name |
+
+    The last key is logged only on steps that clip, straight to the loggers (``Logger.log_metrics``);
+    ``lightning-clip report`` lists the tensors that were the most clipped most often.
+
     With several optimizers each key gets the suffix ``_opt{i}``, ``i`` the optimizer's index in
-    ``configure_optimizers`` (``grad/norm_opt0``, ``grad/norm_opt1``, …), and each optimizer keeps its
-    own statistics.
+    ``configure_optimizers`` (``grad/norm_opt0``, ``grad/norm_opt1``, …,
+    ``grad/most_clipped_opt1/<name>``), and each optimizer keeps its own statistics.
 
     Notes:
         AMP: under ``16-mixed`` the gradients are already unscaled in the hook; a non-finite norm there

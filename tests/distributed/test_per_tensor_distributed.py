@@ -95,3 +95,50 @@ def test_same_statistics_on_every_rank_as_the_unsharded_model(
     for a, b in zip(ranks[0], ranks[1], strict=True):  # identical on both ranks, bit for bit
         assert torch.equal(a["state"]["rules"]["0"]["stats"], b["state"]["rules"]["0"]["stats"])
         assert a["state"]["rules"]["0"]["steps"] == b["state"]["rules"]["0"]["steps"]
+
+
+class CountReduces(pl.Callback):
+    """Counts the strategy's collectives between each batch's start and end (list it first)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._inside = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+        real = trainer.strategy.reduce
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            self.calls += int(self._inside)
+            return real(*args, **kwargs)
+
+        trainer.strategy.reduce = counting  # type: ignore[method-assign]
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._inside = True
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self._inside = False
+
+
+def _with_guard(rank: int, tmp_path: Any) -> int:
+    from lightning_clip import ExplosionGuard
+
+    pl.seed_everything(0, verbose=False)
+    count = CountReduces()
+    guard = ExplosionGuard(action="skip", snapshot_every_n_steps=0)
+    clipper = AdaptiveGradientClipping(mode="adagc", **SETTINGS["adagc"])
+    trainer = make_trainer(
+        tmp_path / f"rank{rank}",
+        callbacks=[count, guard, clipper],
+        max_steps=STEPS,
+        devices=2,
+        strategy="ddp",
+        use_distributed_sampler=False,
+        deterministic=False,
+    )
+    trainer.fit(RegressionModel(lr=0.2), rank_loader(rank))
+    return count.calls
+
+
+def test_one_collective_per_step_with_the_guard(tmp_path: Any) -> None:
+    assert run_ranks(_with_guard, tmp_path) == [STEPS, STEPS]
