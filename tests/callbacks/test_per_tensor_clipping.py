@@ -249,3 +249,21 @@ def test_logged_keys_and_the_report_table(tmp_path: Any, capsys: pytest.CaptureF
     top = max(names, key=lambda n: len(most[f"grad/most_clipped/{n}"]))
     assert "most clipped tensors" in text and top in text
     assert not math.isnan(summary.norms[0].p50)
+
+
+@pytest.mark.parametrize("mode", ["adagc", "mean_per_tensor"])
+def test_manual_optimization_with_two_optimizers(tmp_path: Any, mode: str) -> None:
+    """Each optimizer has its own statistics (its own tensors); the second optimizer's step, after the
+    same backward, is clipped too."""
+    from tests.models import TwoOptimizerModel
+
+    pl.seed_everything(0, verbose=False)
+    clipper = AdaptiveGradientClipping(mode=mode, factor=1.1, decay=0.8, warmup_steps=2, max_norm=0.5)
+    trainer = make_trainer(tmp_path, callbacks=[clipper], max_steps=12)  # 6 batches, 2 steps each
+    trainer.fit(TwoOptimizerModel(), regression_loader(n=48, batch_size=8))
+    assert clipper._per_tensor is not None
+    for i in (0, 1):
+        rule = clipper._per_tensor.rule(i)
+        assert rule.steps == 6 and rule.stats is not None and rule.stats.shape == (2, 2)
+        assert torch.equal(rule.stats[1], torch.full((2,), 6.0))  # both tensors counted each step
+    assert set(clipper.last) == {0, 1} and all(coef <= 1.0 for _, _, coef in clipper.last.values())
