@@ -127,7 +127,7 @@ def figure(record: Record, mode: str, out: str) -> None:
     bottom.plot(steps, clipped, color="k", lw=0.8)
     bottom.set_ylabel("tensors clipped\nby their own threshold")
     bottom.set_xlabel("optimizer step")
-    bottom.set_ylim(0, 1)
+    bottom.set_ylim(0, 1.05)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     print(f"figure: {out}")
