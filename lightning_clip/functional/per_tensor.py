@@ -135,6 +135,10 @@ class PerTensorRule:
             self.stats = stats = grown
         return stats
 
+    def _held(self) -> torch.Tensor | None:
+        """The statistics, live or loaded and not yet moved to the device (None before any step)."""
+        return self._saved if self.stats is None else self.stats
+
     @staticmethod
     def _take(stats: torch.Tensor, positions: torch.Tensor | None, size: int) -> torch.Tensor:
         return stats[:, :size] if positions is None else stats.index_select(1, positions)
@@ -189,7 +193,7 @@ class PerTensorRule:
     # --------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Plain values and one CPU tensor (loadable with ``torch.load(weights_only=True)``)."""
-        stats = self._saved if self.stats is None else self.stats
+        stats = self._held()
         return {
             "steps": self.steps,
             "stats": None if stats is None else stats.detach().to("cpu", copy=True),
@@ -280,9 +284,10 @@ class AdaGCRule(PerTensorRule):
         super().commit(plan, finite, total_norm)
 
     def thresholds(self) -> torch.Tensor:
-        if self.stats is None:
+        stats = self._held()
+        if stats is None:
             return torch.zeros(0)
-        gamma, count = self.stats[0], self.stats[1]
+        gamma, count = stats[0], stats[1]
         rel = self.factor * gamma.clamp_min(ADAGC_EPS)
         if self.steps < self.warmup_steps:
             return torch.full_like(gamma, math.inf)
@@ -348,9 +353,8 @@ class MeanPerTensorRule(PerTensorRule):
         return coefs, torch.stack([new_ema, count + counted.float()]), None
 
     def thresholds(self) -> torch.Tensor:
-        if self.stats is None:
-            return torch.zeros(0)
-        return self._own_thresholds(self.stats)
+        stats = self._held()
+        return torch.zeros(0) if stats is None else self._own_thresholds(stats)
 
 
 def make_per_tensor_rule(
