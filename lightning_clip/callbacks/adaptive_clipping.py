@@ -204,7 +204,8 @@ class AdaptiveGradientClipping(LightningClipCallback):
 
     # ----------------------------------------------------------------------------------------- state
     def rule(self, index: int = 0) -> ThresholdRule:
-        """The threshold statistics of optimizer ``index`` (created on first use)."""
+        """The threshold statistics of optimizer ``index`` (created on first use), in the total-norm modes
+        (the per-tensor modes keep theirs apart: `tensor_thresholds`)."""
         found = self._rules.get(index)
         if found is None:
             found = self._new_rule()
