@@ -12,6 +12,12 @@ Variants (each measures the total norm, updates its statistics if it has any, an
 
 * ``lightning-clip``: what ``AdaptiveGradientClipping`` does per step — one fused ``_foreach_norm`` pass,
   one host transfer, the ``mean`` rule, and a fused ``_foreach_mul_`` only when clipping is needed.
+* ``per-tensor adagc`` / ``per-tensor mean``: what ``AdaptiveGradientClipping(mode="adagc")`` /
+  ``mode="mean_per_tensor"`` does per step — the same measurement, the per-tensor coefficients on the
+  device, the step's one host transfer (the total norm with the per-tensor summary riding along), one fused
+  ``_foreach_mul_`` with a coefficient per tensor only when a tensor needs clipping, and the statistics'
+  update on the device. Their statistics are restored (untimed) before each call, like the gradients,
+  so each call decides the same: thresholds below every tensor's norm (clip) or far above (no clip).
 * ``clip_grad_norm_``: ``torch.nn.utils.clip_grad_norm_(params, max_norm)`` (always multiplies).
 * ``ZClip.step``: zclip 1.0.0 (a per-parameter ``.norm()`` loop, then a per-parameter ``mul_`` loop).
 * ``QuantileClip.step``: autoclip 0.2.1 ``global_threshold=True`` (``clip_grad_norm_`` + ``torch.quantile``).
@@ -30,6 +36,12 @@ import torch
 from torch import nn
 
 from lightning_clip import functional
+from lightning_clip.functional.per_tensor import (
+    AdaGCRule,
+    MeanPerTensorRule,
+    PerTensorRule,
+    PerTensorScaler,
+)
 from lightning_clip.functional.thresholds import MeanThreshold
 
 SHAPES = {"8 x 1.25M": (8, 1_250_000), "400 x 25k": (400, 25_000), "2000 x 500": (2000, 500)}
@@ -51,8 +63,42 @@ class _Holder(nn.Module):
         self.ps = nn.ParameterList(params)
 
 
-def variants(params: list[nn.Parameter], clip: bool) -> dict[str, Callable[[], object]]:
-    """Build one callable per variant; ``clip`` chooses thresholds below (clip) or above the norm (≈1)."""
+def primed_rule(rule: PerTensorRule, grads: list[torch.Tensor], clip: bool) -> Callable[[], None]:
+    """Put ``rule`` past its warm-up with thresholds below (``clip``) or far above each tensor's norm;
+    returns the (untimed) restore of that state."""
+    _, per_tensor = functional.grad_norms(grads)
+    target = per_tensor * (0.5 if clip else 10.0)  # the thresholds wanted
+    # adagc: threshold = factor · γ; mean: factor · EMA / (1 − decay^k), with k large
+    stat = target / float(getattr(rule, "factor"))  # noqa: B009
+    count = torch.full_like(stat, 1000.0)
+    saved = torch.stack([stat, count])
+    rule.steps = 1000
+
+    def restore() -> None:
+        rule.stats = saved.clone()
+        rule.steps = 1000
+
+    restore()
+    return restore
+
+
+def per_tensor_step(rule: PerTensorRule, scaler: PerTensorScaler, grads: list[torch.Tensor]) -> object:
+    """One step of a per-tensor mode, as the callback does it (see the module docstring)."""
+    total, per_tensor = functional.grad_norms(grads)  # type: ignore[arg-type]
+    plan = rule.plan(per_tensor, total)
+    host = torch.cat([total.reshape(1), plan.summary]).tolist()  # the step's one transfer
+    norm, clipped = host[0], host[1]
+    if clipped > 0 and math.isfinite(norm):
+        scaler.scale_(grads, plan.coefs)  # type: ignore[arg-type]
+    rule.commit(plan, math.isfinite(norm), norm)
+    return norm
+
+
+def variants(
+    params: list[nn.Parameter], clip: bool
+) -> tuple[dict[str, Callable[[], object]], dict[str, Callable[[], None]]]:
+    """Build one callable per variant, and the untimed resets of the stateful ones; ``clip`` chooses
+    thresholds below (clip) or above the norm (≈1)."""
     from autoclip.torch import QuantileClip
     from zclip import ZClip
 
@@ -90,13 +136,21 @@ def variants(params: list[nn.Parameter], clip: bool) -> dict[str, Callable[[], o
         qclip.state["global_history"] = torch.full((1000,), 0.5 if clip else 1e6)
         return qclip.step()
 
+    adagc, mean_pt = AdaGCRule(warmup_steps=1), MeanPerTensorRule()
+    scalers = (PerTensorScaler(), PerTensorScaler())
+    resets = {
+        "per-tensor adagc": primed_rule(adagc, grads, clip),  # type: ignore[arg-type]
+        "per-tensor mean": primed_rule(mean_pt, grads, clip),  # type: ignore[arg-type]
+    }
     return {
         "floor": floor,
         "lightning-clip": ours,
+        "per-tensor adagc": lambda: per_tensor_step(adagc, scalers[0], grads),  # type: ignore[arg-type]
+        "per-tensor mean": lambda: per_tensor_step(mean_pt, scalers[1], grads),  # type: ignore[arg-type]
         "clip_grad_norm_": torch_clip,
         "ZClip.step": zclip_step,
         "QuantileClip.step": autoclip_step,
-    }
+    }, resets
 
 
 def bench(rounds: int) -> list[tuple[str, str, dict[str, float]]]:
@@ -105,7 +159,7 @@ def bench(rounds: int) -> list[tuple[str, str, dict[str, float]]]:
         params = make_params(count, size)
         saved = [p.grad.clone() for p in params]  # type: ignore[union-attr]
         for clip in (True, False):
-            fns = variants(params, clip)
+            fns, resets = variants(params, clip)
             names = list(fns)
             times: dict[str, list[float]] = {n: [] for n in names}
             for r in range(rounds + 3):
@@ -113,6 +167,8 @@ def bench(rounds: int) -> list[tuple[str, str, dict[str, float]]]:
                 for name in order:
                     for p, g in zip(params, saved, strict=True):
                         p.grad.copy_(g)  # type: ignore[union-attr]
+                    if name in resets:
+                        resets[name]()
                     start = time.perf_counter()
                     fns[name]()
                     elapsed = time.perf_counter() - start

@@ -214,6 +214,14 @@ class StepState:
             _ = first.total_norm
         return (self._rider_values or {}).get(key)
 
+    def ride(self, key: str, provider: Provider) -> bool:
+        """Add a rider to this step if its host transfer has not happened yet (True), else do nothing
+        (False): for a callback whose rider could not be registered before the step began."""
+        if self._rider_values is not None:
+            return False
+        self.riders[key] = provider
+        return True
+
     def fetched_rider(self, key: str) -> float | None:
         """The host value of the rider ``key`` if the step's transfer already happened, else None (never
         triggers it).

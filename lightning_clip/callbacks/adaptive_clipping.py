@@ -10,11 +10,14 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_clip import _compat
-from lightning_clip._validation import check_norm_type
+from lightning_clip._validation import check_choice, check_norm_type
 from lightning_clip.callbacks._base import LightningClipCallback
+from lightning_clip.callbacks._per_tensor import PerTensorClipping
 from lightning_clip.exceptions import LightningClipWarning
 from lightning_clip.functional.ceiling import LossAwareMeanThreshold, ceiling_applies
+from lightning_clip.functional.per_tensor import PER_TENSOR_MODES
 from lightning_clip.functional.thresholds import (
+    MODES,
     RULE_DEFAULTS,
     ThresholdRule,
     check_max_norm,
@@ -28,6 +31,8 @@ if TYPE_CHECKING:
 
 RULE_ARGS = ("mode", *RULE_DEFAULTS)
 """The arguments that make the threshold rule (`make_rule`)."""
+ALL_MODES = (*MODES, *PER_TENSOR_MODES)
+"""Every ``mode``: the total-norm rules, then the per-tensor ones (`lightning_clip.functional.per_tensor`)."""
 
 __all__ = ["AdaptiveGradientClipping", "ThrottleWatch"]
 
@@ -93,18 +98,43 @@ class AdaptiveGradientClipping(LightningClipCallback):
     * ``"percentile"``: AutoClip (Seetharaman et al. 2020) — reproduces ``autoclip.torch.QuantileClip(
       quantile=percentile/100, history_length=window, global_threshold=True)`` 0.2.1.
 
+    Per-tensor modes (`lightning_clip.functional.per_tensor`): each parameter tensor ``i`` is scaled by its
+    own coefficient ``c_i ≤ 1`` (one fused multiply), its threshold learned from its own norms ``n_i``:
+
+    * ``"adagc"``: AdaGC (Wang et al. 2025) — reproduces the clipping of ``pytorch_optimizer.AdaGC`` 4.1.0
+      for any optimizer (AdaGC itself is Adam): during ``warmup_steps`` a global clip of the total norm to
+      ``max_norm`` (AdaGC's ``lambda_abs``; without it the plain ``mean`` rule) and each tensor's ``γ_i``
+      the minimum of its clipped norms; afterwards ``c_i = min(1, factor · γ_i / n_i)`` (``factor``: AdaGC's
+      ``lambda_rel``), ``γ_i`` an EMA (``decay``: AdaGC's ``beta``) of its clipped norms. AdaGC's
+      ``warmup_steps=W`` is ``warmup_steps=W − 1`` here (AdaGC counts from 1); None: 99 (AdaGC's default
+      100). AdaGC's defaults: ``mode="adagc", max_norm=1.0, factor=1.05, decay=0.98``.
+    * ``"mean_per_tensor"``: the ``mean`` rule per tensor: ``c_i = min(1, factor · μ̂_i / n_i)``, ``μ̂_i`` the
+      bias-corrected EMA of tensor ``i``'s norms as applied, from its ``warmup_steps + 1``-th step; no
+      absolute threshold unless ``max_norm`` (then a cap on the total norm after the per-tensor clip);
+      not loss-aware.
+
+    In both, a step whose norm is NaN/Inf is not clipped and never enters the statistics, and a skipped
+    step never counts. The statistics of an optimizer are one stacked tensor on the gradients' device,
+    saved in checkpoints and rewound by `ExplosionGuard`'s rollbacks; under DDP and FSDP2 a tensor's norm
+    is its full norm, so they are identical on every rank. The per-tensor summary (how many tensors were
+    clipped, which one most) rides on the step's one host transfer; nothing is read per tensor.
+
     Warm-up: the first ``warmup_steps`` steps are capped by ``max_norm``; in ``zscore`` and ``percentile``
     modes, without ``max_norm``, by the ``mean`` rule from the second step on (no unprotected warm-up).
 
     Args:
-        mode: ``"mean"`` | ``"zscore"`` | ``"percentile"``.
-        factor: ``mean``: threshold = factor × running mean, ``> 1``.
-        decay: ``mean``, ``zscore``: EMA decay of the running statistics, in ``[0, 1)``.
+        mode: ``"mean"`` | ``"zscore"`` | ``"percentile"`` | ``"adagc"`` | ``"mean_per_tensor"``.
+        factor: ``mean``, ``mean_per_tensor``: threshold = factor × running mean; ``adagc``: ``lambda_rel``;
+            ``> 1``.
+        decay: ``mean``, ``zscore``, the per-tensor modes: EMA decay of the running statistics, in
+            ``[0, 1)``.
         z_threshold: ``zscore``: ZClip's ``z_thresh``, ``> 0``.
         percentile: ``percentile``: AutoClip's p, in ``[0, 100]``.
         window: ``percentile``: how many recent norms are kept, ``≥ 1``.
-        warmup_steps: steps (``≥ 1``) before the mode's own rule applies; None: 1, or 25 for ``zscore``.
-        max_norm: optional absolute cap (``> 0``), applied always, also during warm-up.
+        warmup_steps: steps (``≥ 1``) before the mode's own rule applies; None: 1, 25 for ``zscore``, 99
+            for ``adagc``.
+        max_norm: optional absolute cap (``> 0``), applied always, also during warm-up; ``adagc``: the
+            warm-up's global clip (``lambda_abs``) only.
         norm_type: p of the p-norm, any ``p > 0`` or ``float("inf")``.
         loss_aware: ``mean`` mode: also follow the training loss (the ceiling above) for the optimizers
             it can act on. False: the plain rule for every optimizer (for a loss that is not a signal of
@@ -127,9 +157,20 @@ class AdaptiveGradientClipping(LightningClipCallback):
     | ``grad/clip_threshold`` | threshold applied this step (∞ until one exists) |
     | ``grad/clip_coef`` | factor the gradients were scaled by (≤ 1; 1 = not clipped) |
 
+    Per-tensor modes log ``grad/norm`` and ``grad/clip_coef`` (the total norm after clipping over the one
+    before) and, instead of ``grad/clip_threshold``:
+
+    | key | meaning |
+    |---|---|
+    | ``grad/clipped_fraction`` | fraction of the tensors with a gradient that were clipped |
+    | ``grad/most_clipped/<name>`` | the most clipped tensor's coefficient, keyed by its parameter name |
+
+    The last key is logged only on steps that clip, straight to the loggers (``Logger.log_metrics``);
+    ``lightning-clip report`` lists the tensors that were the most clipped most often.
+
     With several optimizers each key gets the suffix ``_opt{i}``, ``i`` the optimizer's index in
-    ``configure_optimizers`` (``grad/norm_opt0``, ``grad/norm_opt1``, …), and each optimizer keeps its
-    own statistics.
+    ``configure_optimizers`` (``grad/norm_opt0``, ``grad/norm_opt1``, …,
+    ``grad/most_clipped_opt1/<name>``), and each optimizer keeps its own statistics.
 
     Notes:
         AMP: under ``16-mixed`` the gradients are already unscaled in the hook; a non-finite norm there
@@ -183,6 +224,11 @@ class AdaptiveGradientClipping(LightningClipCallback):
         self.norm_type = check_norm_type("norm_type", norm_type)
         self.loss_aware = loss_aware
         self._new_rule()  # validates every argument of the rule
+        self._per_tensor = None  # mode="adagc" / "mean_per_tensor": each tensor clipped to its own threshold
+        if mode in PER_TENSOR_MODES:
+            self._per_tensor = PerTensorClipping(
+                mode, factor, decay, warmup_steps, self.max_norm, self.norm_type
+            )
         self._rules: dict[int, ThresholdRule] = {}
         self._saved: dict[int, dict[str, Any]] = {}  # loaded states of rules not created yet
         self._multi = False
@@ -197,6 +243,8 @@ class AdaptiveGradientClipping(LightningClipCallback):
 
     def _new_rule(self, index: int | None = None) -> ThresholdRule:
         arguments = {name: getattr(self, name) for name in RULE_ARGS}
+        if check_choice("mode", self.mode, ALL_MODES) in PER_TENSOR_MODES:
+            arguments["mode"] = "mean"  # validates the shared arguments (the per-tensor rules use their own)
         if index is not None and not self._ceiling_applies.get(index, True):
             arguments["loss_aware"] = False
         return make_rule(**arguments)
@@ -213,7 +261,8 @@ class AdaptiveGradientClipping(LightningClipCallback):
 
     # ----------------------------------------------------------------------------------------- state
     def rule(self, index: int = 0) -> ThresholdRule:
-        """The threshold statistics of optimizer ``index`` (created on first use)."""
+        """The threshold statistics of optimizer ``index`` (created on first use), in the total-norm modes
+        (the per-tensor modes keep theirs apart: `tensor_thresholds`)."""
         found = self._rules.get(index)
         if found is None:
             found = self._new_rule(index)
@@ -222,8 +271,19 @@ class AdaptiveGradientClipping(LightningClipCallback):
             self._rules[index] = found
         return found
 
+    def tensor_thresholds(self, index: int = 0) -> torch.Tensor | None:
+        """Per-tensor modes: the threshold each parameter tensor of optimizer ``index`` meets at the next
+        step (a CPU float32 tensor in param-group order, ∞ where there is none yet: warm-up, no gradient
+        so far); None in the total-norm modes."""
+        if self._per_tensor is None:
+            return None
+        self._per_tensor.commit(index)
+        return self._per_tensor.rule(index).thresholds().detach().to("cpu", copy=True)
+
     @override
     def state_dict(self) -> dict[str, Any]:
+        if self._per_tensor is not None:
+            return self._per_tensor.state_dict()
         self._commit()
         rules = {str(i): r.state_dict() for i, r in self._rules.items()}
         rules.update({str(i): s for i, s in self._saved.items() if str(i) not in rules})
@@ -231,6 +291,8 @@ class AdaptiveGradientClipping(LightningClipCallback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._per_tensor is not None:
+            self._per_tensor.load_state_dict(state_dict)
         self._uncommitted = {}
         self._rules = {}
         self._saved = {int(i): s for i, s in state_dict.get("rules", {}).items()}
@@ -273,6 +335,8 @@ class AdaptiveGradientClipping(LightningClipCallback):
             ):
                 self._rules[i] = self._new_rule(i)
                 self._rules[i].load_state_dict(rule.state_dict())
+        if self._per_tensor is not None:
+            self._per_tensor.on_fit_start(pl_module)
         scaler = _compat.gradient_scaler(trainer)
         self._losses.clear()
         self._last_loss = None
@@ -280,6 +344,8 @@ class AdaptiveGradientClipping(LightningClipCallback):
 
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        if self._per_tensor is not None and self.step_tracker is not None:
+            self._per_tensor.ride_next_step(trainer, self.step_tracker)
         if self.uses_loss:
             self._losses.add(loss)
             if self.step_tracker is not None:
@@ -291,6 +357,14 @@ class AdaptiveGradientClipping(LightningClipCallback):
     ) -> None:
         index = _compat.optimizer_index(trainer, optimizer)
         state = self.step_state(_compat.unwrap_optimizer(optimizer), trainer.global_step)
+        if self._per_tensor is not None:
+            assert self.step_tracker is not None  # set by step_state
+            figures = self._per_tensor.step(trainer, state, self.step_tracker, index)
+            if figures is not None:
+                self.last[index] = (figures.norm, figures.clipped_total, figures.coef)
+                if _compat.should_update_logs(trainer):
+                    self._per_tensor.log(trainer, pl_module, figures, f"_opt{index}" if self._multi else "")
+            return
         measurement = state.measure(self.norm_type)
         loss = None
         if self.uses_loss:
@@ -318,6 +392,8 @@ class AdaptiveGradientClipping(LightningClipCallback):
     @override
     def on_train_batch_end(self, *args: Any) -> None:
         self._commit()
+        if self._per_tensor is not None:
+            self._per_tensor.commit()
 
     def clip(
         self, measurement: GradMeasurement, index: int = 0, loss: float | None = None
@@ -372,6 +448,8 @@ class AdaptiveGradientClipping(LightningClipCallback):
     def before_rollback(self) -> dict[int, float]:
         """The threshold each optimizer's rule is at when `ExplosionGuard` rolls back (committed state)."""
         self._commit()
+        if self._per_tensor is not None:
+            self._per_tensor.commit()
         return {i: r.current() for i, r in self._rules.items() if isinstance(r, LossAwareMeanThreshold)}
 
     @override

@@ -5,6 +5,8 @@
 * `clipping`: clip coefficients and fused in-place scaling.
 * `thresholds`: the running statistics that turn a stream of norms into
   clipping thresholds (``mean``, loss-aware by default, ZClip's ``zscore``, AutoClip's ``percentile``).
+* `per_tensor`: per-tensor thresholds (AdaGC, the per-tensor ``mean`` rule) over one stacked statistics
+  tensor, and the fused per-tensor multiply.
 * `divergence`: where the training loss (or a norm) stands against its healthy level, and the finite
   divergence detector of `ExplosionGuard`.
 * `health`: per-layer and through-time gradient health, spectral radii.
@@ -25,12 +27,22 @@ Examples:
     True
 """
 
-from lightning_clip.functional import causes, clipping, divergence, gates, health, norms, thresholds
+from lightning_clip.functional import (
+    causes,
+    clipping,
+    divergence,
+    gates,
+    health,
+    norms,
+    per_tensor,
+    thresholds,
+)
 from lightning_clip.functional.ceiling import LossAwareMeanThreshold, ceiling_applies
 from lightning_clip.functional.clipping import EPS, clip_coef, clip_grads_, scale_grads_
 from lightning_clip.functional.divergence import DivergenceDetector, LossBand
 from lightning_clip.functional.health import spectral_radius
 from lightning_clip.functional.norms import all_finite, collect_grads, grad_norms, group_norms, total_norm
+from lightning_clip.functional.per_tensor import AdaGCRule, MeanPerTensorRule, PerTensorScaler
 from lightning_clip.functional.thresholds import (
     MODES,
     MeanThreshold,
@@ -43,10 +55,13 @@ from lightning_clip.functional.thresholds import (
 __all__ = [
     "EPS",
     "MODES",
+    "AdaGCRule",
     "DivergenceDetector",
     "LossAwareMeanThreshold",
     "LossBand",
+    "MeanPerTensorRule",
     "MeanThreshold",
+    "PerTensorScaler",
     "PercentileThreshold",
     "ThresholdRule",
     "ZScoreThreshold",
@@ -64,6 +79,7 @@ __all__ = [
     "health",
     "make_rule",
     "norms",
+    "per_tensor",
     "scale_grads_",
     "spectral_radius",
     "thresholds",

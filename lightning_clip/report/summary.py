@@ -8,17 +8,19 @@ import os
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_clip._numbers import percentile_of_sorted
 from lightning_clip.report.load import RunData, Series
 
 __all__ = [
+    "MOST_CLIPPED_KEY",
     "NORM_KEY",
     "TRAINING_STEP_KEYS",
     "NormSummary",
     "RunSummary",
+    "TensorClipping",
     "event_x",
     "format_summary",
     "percentile",
@@ -27,6 +29,23 @@ __all__ = [
 
 NORM_KEY = re.compile(r"^grad/norm(?P<suffix>(_opt\d+)?)$")
 """The gradient-norm keys ``AdaptiveGradientClipping`` logs; ``suffix`` is ``""`` or ``_opt{i}``."""
+MOST_CLIPPED_KEY = re.compile(r"^grad/most_clipped(?P<suffix>(_opt\d+)?)/(?P<name>.+)$")
+"""Per-tensor modes: the key naming the step's most clipped tensor (its value: that tensor's coefficient)."""
+
+
+@dataclass
+class TensorClipping:
+    """How often one parameter tensor was the most clipped one (per-tensor modes).
+
+    Attributes:
+        name: the parameter's name.
+        steps: logged steps on which it was the most clipped tensor.
+        median_coef: the median of its coefficient on those steps.
+    """
+
+    name: str
+    steps: int
+    median_coef: float
 
 
 TRAINING_STEP_KEYS = ("explosion/", "grad_health/")
@@ -78,6 +97,9 @@ class NormSummary:
         max: the largest finite norm.
         clipped: steps whose clip coefficient (``grad/clip_coef``) was below 1; None without the key.
         clip_rate: ``clipped`` / steps with a logged coefficient; None without the key.
+        clipped_fraction: per-tensor modes: the mean fraction of tensors clipped per logged step; None
+            without ``grad/clipped_fraction``.
+        most_clipped: per-tensor modes: the tensors that were the most clipped, most often first.
     """
 
     key: str
@@ -89,6 +111,8 @@ class NormSummary:
     max: float
     clipped: int | None
     clip_rate: float | None
+    clipped_fraction: float | None = None
+    most_clipped: list[TensorClipping] = field(default_factory=list)
 
 
 @dataclass
@@ -137,6 +161,14 @@ def _norm_summary(series: Series, key: str, suffix: str) -> NormSummary:
     finite = [v for v in values if math.isfinite(v)]
     coefs = series.get(f"grad/clip_coef{suffix}")
     clipped = None if coefs is None else sum(1 for _, c in coefs if c < 1.0)
+    fractions = [v for _, v in series.get(f"grad/clipped_fraction{suffix}", [])]
+    most = []
+    for name_key, pairs in series.items():
+        match = MOST_CLIPPED_KEY.match(name_key)
+        if match is not None and match.group("suffix") == suffix and pairs:
+            coefs_of = [c for _, c in pairs]
+            most.append(TensorClipping(match.group("name"), len(coefs_of), percentile(coefs_of, 50)))
+    most.sort(key=lambda t: (-t.steps, t.median_coef, t.name))
     return NormSummary(
         key=key,
         logged_steps=len(values),
@@ -147,6 +179,8 @@ def _norm_summary(series: Series, key: str, suffix: str) -> NormSummary:
         max=max(finite) if finite else math.nan,
         clipped=clipped,
         clip_rate=None if coefs is None or clipped is None else clipped / len(coefs),
+        clipped_fraction=sum(fractions) / len(fractions) if fractions else None,
+        most_clipped=most,
     )
 
 
@@ -210,6 +244,11 @@ def _format_norm(n: NormSummary) -> list[str]:
         out.append(f"  clipped: {n.clipped} of the logged steps ({100 * n.clip_rate:.1f}%)")
     else:
         out.append("  clipped: unknown (no grad/clip_coef logged)")
+    if n.clipped_fraction is not None:
+        out.append(f"  per-tensor: {100 * n.clipped_fraction:.1f}% of the tensors clipped per logged step")
+    if n.most_clipped:
+        out.append("  most clipped tensors (logged steps as the most clipped, median coefficient):")
+        out += [f"    {t.name}: {t.steps} steps, coef {_g(t.median_coef)}" for t in n.most_clipped[:10]]
     return out
 
 

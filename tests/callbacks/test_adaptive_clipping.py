@@ -38,7 +38,8 @@ from tests.reference import (
         (
             {"mode": "median"},
             ValueError,
-            r"`mode` must be one of 'mean' \| 'zscore' \| 'percentile', got 'median'\.",
+            r"`mode` must be one of 'mean' \| 'zscore' \| 'percentile' \| 'adagc' \| 'mean_per_tensor',"
+            r" got 'median'\.",
         ),
         ({"mode": 1}, TypeError, r"`mode` must be one of .*, got 1\."),
         ({"factor": 1.0}, ValueError, r"`factor` must be .*1.*, got 1\.0\."),

@@ -15,7 +15,7 @@ import pytest
 
 from lightning_clip.callbacks.adaptive_clipping import AdaptiveGradientClipping
 
-MODES = "one of 'mean' | 'zscore' | 'percentile'"
+MODES = "one of 'mean' | 'zscore' | 'percentile' | 'adagc' | 'mean_per_tensor'"
 NORM = "a real number > 0 or float('inf')"
 
 CASES = [

@@ -38,7 +38,7 @@ anything = st.one_of(scalar, st.lists(scalar, max_size=4), st.tuples(scalar, sca
 
 # valid values, so that working objects are drawn often enough to be exercised
 VALID: dict[str, st.SearchStrategy[Any]] = {
-    "mode": st.sampled_from(["mean", "zscore", "percentile"]),
+    "mode": st.sampled_from(["mean", "zscore", "percentile", "adagc", "mean_per_tensor"]),
     "factor": st.floats(1.01, 10.0),
     "decay": st.floats(0.0, 0.999),
     "z_threshold": st.floats(0.1, 5.0),

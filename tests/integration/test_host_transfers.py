@@ -50,10 +50,14 @@ class Window(pl.Callback):
         self.shared["per_step"][trainer.global_step] = reads
 
 
-@pytest.mark.parametrize("clipper_first", [True, False])
+@pytest.mark.parametrize(
+    ("clipper_first", "mode"),
+    [(True, "mean"), (False, "mean"), (True, "adagc"), (False, "mean_per_tensor")],
+)
 def test_one_host_transfer_per_step_with_all_three_callbacks(
-    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, clipper_first: bool
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, clipper_first: bool, mode: str
 ) -> None:
+    """Also in the per-tensor modes: their per-tensor summary rides on the step's one transfer."""
     shared: dict[str, Any] = {"per_step": {}, "tolist": 0}
     original = torch.Tensor.tolist
 
@@ -62,7 +66,7 @@ def test_one_host_transfer_per_step_with_all_three_callbacks(
         return original(self)
 
     monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
-    clipper, guard = AdaptiveGradientClipping(), ExplosionGuard(snapshot_every_n_steps=4)
+    clipper, guard = AdaptiveGradientClipping(mode=mode), ExplosionGuard(snapshot_every_n_steps=4)
     monitor = VanishingGradientMonitor(check_every_n_steps=5, save_figure=False)
     ours = [clipper, guard, monitor] if clipper_first else [monitor, guard, clipper]
     callbacks = [Window(True, shared), *ours, Window(False, shared)]

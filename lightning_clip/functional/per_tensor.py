@@ -1,0 +1,432 @@
+"""Per-tensor clipping thresholds: AdaGC and a per-tensor ``mean`` rule. Imports torch only.
+
+Each parameter tensor is clipped to a threshold learned from its own recent norms, instead of the total
+norm to one threshold: one exploding tensor (an embedding, a QK projection) no longer drags every other
+tensor's step down, and a quiet tensor's spike is no longer hidden inside a large total (AdaGC, Wang et
+al. 2025, "AdaGC: Improving Training Stability for Large Language Model Pretraining", arXiv 2502.11034).
+
+Everything stays on the gradients' device: a rule turns the per-tensor norms of one fused
+``_foreach_norm`` pass (`~lightning_clip.functional.norms.grad_norms`) into per-tensor coefficients
+(`PerTensorRule.plan`, a few vector operations, no host read), `PerTensorScaler` applies them in one
+fused multiply, and `PerTensorRule.commit` writes the new statistics once the step's fate is known. The
+statistics of an optimizer are one stacked float32 tensor (`PerTensorRule.stats`, shape ``(2, n)``:
+row 0 the running statistic of each tensor, row 1 how many steps each tensor has counted), plus a host
+count of the steps applied.
+
+* `AdaGCRule` (``mode="adagc"``) reproduces ``pytorch_optimizer.AdaGC`` 4.1.0's clipping: during the
+  warm-up a global clip to ``max_norm`` (AdaGC's ``lambda_abs``), each tensor's ``γ`` the minimum of its
+  clipped norms; afterwards each tensor is clipped to ``factor · γ`` (``lambda_rel``), ``γ`` an EMA
+  (``decay``, AdaGC's ``beta``) of the tensor's clipped norms.
+* `MeanPerTensorRule` (``mode="mean_per_tensor"``): the ``mean`` rule of
+  `~lightning_clip.functional.thresholds.MeanThreshold`, one per tensor: ``factor ×`` the bias-corrected
+  EMA of the tensor's norms as applied; no absolute threshold unless ``max_norm`` is given (then a cap on
+  the total norm after the per-tensor clip).
+
+In both, a step whose total norm is not finite is not clipped and changes nothing, and `commit` is simply
+not called for a step whose update was dropped: NaN/Inf never enters the statistics, a skipped step
+never counts.
+
+Examples:
+    >>> import torch
+    >>> rule = MeanPerTensorRule(factor=2.0, decay=0.5)
+    >>> def step(norms):
+    ...     per_tensor = torch.tensor(norms)
+    ...     plan = rule.plan(per_tensor, torch.linalg.vector_norm(per_tensor), size=2)
+    ...     rule.commit(plan, finite=True)
+    ...     return [round(c, 4) for c in plan.coefs.tolist()]
+    >>> step([1.0, 4.0])  # first step: nothing known, nothing clipped
+    [1.0, 1.0]
+    >>> step([10.0, 4.0])  # tensor 0 spikes alone: clipped to 2 × 1.0, tensor 1 untouched
+    [0.2, 1.0]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lightning_clip._compat import is_dtensor, local_tensor
+from lightning_clip.functional.clipping import EPS
+from lightning_clip.functional.thresholds import MeanThreshold, check_max_norm
+
+__all__ = [
+    "ADAGC_EPS",
+    "PER_TENSOR_MODES",
+    "AdaGCRule",
+    "MeanPerTensorRule",
+    "PerTensorPlan",
+    "PerTensorRule",
+    "PerTensorScaler",
+    "make_per_tensor_rule",
+]
+
+PER_TENSOR_MODES = ("adagc", "mean_per_tensor")
+"""The modes of `AdaptiveGradientClipping` that clip each parameter tensor to its own threshold."""
+
+ADAGC_EPS = 1e-8
+"""AdaGC's ``eps`` (its default): the warm-up coefficient is ``max_norm / (total + eps)``, the per-tensor
+one ``factor · max(γ, eps) / max(norm, eps)``."""
+
+ADAGC_WARMUP_STEPS = 99
+"""``mode="adagc"``'s warm-up when ``warmup_steps`` is None: that of AdaGC's default ``warmup_steps=100``
+(AdaGC counts its steps from 1 and its 100th step already uses the per-tensor rule)."""
+
+SUMMARY = ("clipped", "most_clipped", "min_coef", "clipped_total")
+"""The entries of `PerTensorPlan.summary`, the few scalars a step brings to the host."""
+
+
+@dataclass
+class PerTensorPlan:
+    """One step's per-tensor decision, on the gradients' device (nothing read on the host).
+
+    Attributes:
+        coefs: float32 ``(m,)``, the coefficient of each tensor that has a gradient (``≤ 1``; 1 where not
+            clipped, everywhere when the total norm is not finite).
+        new_stats: float32 ``(2, m)``, the statistics of these tensors once the step counts (`commit`).
+        positions: long ``(m,)``, the tensors' positions among the optimizer's ``size`` parameters, or
+            None when every parameter has a gradient (positions ``0 … size−1``).
+        summary: float32 ``(4,)``: how many tensors are clipped, the index (into the ``m``) of the most
+            clipped one, its coefficient, and the total norm after clipping (see `SUMMARY`).
+        total: the pre-clip total norm (0-d float32).
+        warmup_threshold: the host threshold of the warm-up's global clip (``mode="adagc"`` only, else None).
+    """
+
+    coefs: torch.Tensor
+    new_stats: torch.Tensor
+    positions: torch.Tensor | None
+    summary: torch.Tensor
+    total: torch.Tensor
+    warmup_threshold: float | None = None
+
+
+class PerTensorRule:
+    """Base class: per-tensor thresholds of one optimizer, one stacked statistics tensor.
+
+    `plan` is pure (no state change); `commit` feeds a planned step into the statistics. A caller that
+    learns only later whether the step's update was applied calls `commit` only for an applied step.
+
+    Attributes:
+        stats: float32 ``(2, size)`` on the gradients' device (None before the first step): row 0 each
+            tensor's running statistic, row 1 the steps it has counted.
+        steps: the steps committed with a finite total norm.
+    """
+
+    norm_type: float = 2.0
+    max_norm: float | None
+
+    def __init__(self) -> None:
+        self.stats: torch.Tensor | None = None
+        self.steps = 0
+        self._saved: torch.Tensor | None = None  # loaded statistics, moved to the device at first use
+
+    # ------------------------------------------------------------------------------------ statistics
+    def _stats(self, size: int, device: torch.device) -> torch.Tensor:
+        """The statistics tensor for ``size`` parameters on ``device`` (grown with zeros for new ones)."""
+        if self._saved is not None:
+            self.stats, self._saved = self._saved.to(device, torch.float32), None
+        stats = self.stats
+        if stats is None or stats.shape[1] < size or stats.device != device:
+            grown = torch.zeros(2, max(size, 0 if stats is None else stats.shape[1]), device=device)
+            if stats is not None:
+                grown[:, : stats.shape[1]] = stats.to(device)
+            self.stats = stats = grown
+        return stats
+
+    def _held(self) -> torch.Tensor | None:
+        """The statistics, live or loaded and not yet moved to the device (None before any step)."""
+        return self._saved if self.stats is None else self.stats
+
+    @staticmethod
+    def _take(stats: torch.Tensor, positions: torch.Tensor | None, size: int) -> torch.Tensor:
+        return stats[:, :size] if positions is None else stats.index_select(1, positions)
+
+    def plan(
+        self,
+        per_tensor: torch.Tensor,
+        total: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        size: int | None = None,
+    ) -> PerTensorPlan:
+        """The coefficients of one step (no state change, no host read).
+
+        Args:
+            per_tensor: float32 ``(m,)``, the pre-clip norms of the tensors that have a gradient.
+            total: their total norm (0-d; a NaN or Inf there means nothing is clipped).
+            positions: those tensors' positions among the optimizer's parameters (None: ``0 … m−1``).
+            size: how many parameters the optimizer has (None: ``m``).
+        """
+        size = len(per_tensor) if size is None else size
+        stats = self._stats(size, per_tensor.device)
+        current = self._take(stats, positions, len(per_tensor))
+        coefs, new_stats, warmup_threshold = self._decide(per_tensor, total, current)
+        finite = torch.isfinite(total)
+        coefs = torch.where(finite, coefs, torch.ones_like(coefs))
+        new_stats = torch.where(finite, new_stats, current)
+        summary = _summary(coefs, per_tensor, self.norm_type)
+        return PerTensorPlan(coefs, new_stats, positions, summary, total, warmup_threshold)
+
+    def _decide(
+        self, norms: torch.Tensor, total: torch.Tensor, current: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, float | None]:  # pragma: no cover - abstract
+        """``(coefs, new statistics, warm-up threshold)`` for finite norms."""
+        raise NotImplementedError
+
+    def commit(self, plan: PerTensorPlan, finite: bool, total_norm: float | None = None) -> None:
+        """Feed an applied step into the statistics. ``finite``: its total norm was finite (known on the
+        host from the step's transfer); a non-finite step changes nothing. ``total_norm``: the host value
+        (needed by the warm-up rule of ``mode="adagc"`` without ``max_norm``)."""
+        if not finite or self.stats is None:
+            return
+        if plan.positions is None:
+            self.stats[:, : plan.new_stats.shape[1]] = plan.new_stats
+        else:
+            self.stats.index_copy_(1, plan.positions, plan.new_stats)
+        self.steps += 1
+
+    def thresholds(self) -> torch.Tensor:  # pragma: no cover - abstract
+        """The threshold each tensor's norm meets at the next step (∞ where none), float32 ``(size,)``."""
+        raise NotImplementedError
+
+    # --------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values and one CPU tensor (loadable with ``torch.load(weights_only=True)``)."""
+        stats = self._held()
+        return {
+            "steps": self.steps,
+            "stats": None if stats is None else stats.detach().to("cpu", copy=True),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state.get("steps", 0))
+        saved = state.get("stats")
+        self.stats = None
+        self._saved = None if saved is None else saved.detach().to("cpu", torch.float32, copy=True)
+
+
+def _summary(coefs: torch.Tensor, norms: torch.Tensor, norm_type: float) -> torch.Tensor:
+    """``[clipped count, argmin index, min coef, total after clipping]`` as one float32 tensor."""
+    smallest, most = torch.min(coefs, dim=0)  # (indexing with a tensor would read it on the host)
+    clipped_total = torch.linalg.vector_norm(coefs * norms, norm_type)
+    return torch.stack([(coefs < 1.0).sum().float(), most.float(), smallest, clipped_total])
+
+
+class AdaGCRule(PerTensorRule):
+    """AdaGC's clipping (Wang et al. 2025), as ``pytorch_optimizer.AdaGC`` 4.1.0 applies it.
+
+    With ``S`` the steps applied so far and ``n_i`` tensor ``i``'s norm:
+
+    * warm-up (``S < warmup_steps``, or a tensor that has never had a gradient): every tensor is scaled by
+      the global coefficient ``w = min(1, max_norm / (total + eps))`` and ``γ_i ← min(γ_i, w·n_i)``
+      (``w·n_i`` for a new tensor);
+    * afterwards ``h_i = min(1, factor · max(γ_i, eps) / max(n_i, eps))`` and
+      ``γ_i ← γ_i + (1 − decay)·(h_i·n_i − γ_i)`` (``torch.lerp``).
+
+    ``eps`` is `ADAGC_EPS`. Without ``max_norm`` the warm-up's global clip follows the plain ``mean`` rule
+    (`MeanThreshold` with the same factor and decay, from the second step on; AdaGC always has a
+    ``lambda_abs``). Differences from AdaGC, on purpose: a step whose total norm is NaN/Inf is not clipped
+    and leaves ``γ`` and the step count as they were (AdaGC's ``γ`` and weights turn NaN for good), and
+    ``factor > 1`` (with ``lambda_rel ≤ 1`` every ``γ`` could only fall). AdaGC's ``warmup_steps=W``
+    counts from 1 and applies the per-tensor rule from its step ``W``: it is ``warmup_steps=max(W − 1, 1)``
+    here.
+
+    Examples:
+        >>> rule = AdaGCRule(factor=1.05, decay=0.98, warmup_steps=1, max_norm=1.0)
+        >>> norms = torch.tensor([3.0, 4.0])
+        >>> plan = rule.plan(norms, torch.linalg.vector_norm(norms))
+        >>> [round(c, 4) for c in plan.coefs.tolist()]  # warm-up: total 5 clipped to 1
+        [0.2, 0.2]
+        >>> rule.commit(plan, finite=True)
+        >>> [round(t, 4) for t in rule.thresholds().tolist()]  # 1.05 × γ, γ = [0.6, 0.8]
+        [0.63, 0.84]
+    """
+
+    def __init__(
+        self,
+        factor: float = 1.05,
+        decay: float = 0.98,
+        warmup_steps: int = ADAGC_WARMUP_STEPS,
+        max_norm: float | None = 1.0,
+        norm_type: float = 2.0,
+    ) -> None:
+        super().__init__()
+        self._warmup_rule = MeanThreshold(factor, decay, 1, None)  # validates factor and decay
+        self.factor, self.decay = float(factor), float(decay)
+        self.warmup_steps = int(warmup_steps)
+        self.max_norm = check_max_norm(max_norm)
+        self.norm_type = float(norm_type)
+
+    def _warmup_threshold(self) -> float:
+        return self.max_norm if self.max_norm is not None else self._warmup_rule.current()
+
+    def _decide(
+        self, norms: torch.Tensor, total: torch.Tensor, current: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+        gamma, count = current[0], current[1]
+        threshold = self._warmup_threshold()
+        warm_coef = torch.clamp(threshold / (total + ADAGC_EPS), max=1.0)
+        warm_norms = norms * warm_coef
+        rel = (self.factor * gamma.clamp_min(ADAGC_EPS) / norms.clamp_min(ADAGC_EPS)).clamp_max(1.0)
+        new = count == 0
+        warm = new if self.steps >= self.warmup_steps else torch.ones_like(new)
+        coefs = torch.where(warm, warm_coef.expand_as(norms), rel)
+        warm_gamma = torch.where(new, warm_norms, torch.minimum(gamma, warm_norms))
+        rel_gamma = torch.lerp(gamma, rel * norms, 1.0 - self.decay)
+        new_stats = torch.stack([torch.where(warm, warm_gamma, rel_gamma), count + 1.0])
+        return coefs, new_stats, threshold
+
+    def commit(self, plan: PerTensorPlan, finite: bool, total_norm: float | None = None) -> None:
+        warming = self.max_norm is None and self.steps < self.warmup_steps
+        if finite and warming and total_norm is not None and plan.warmup_threshold is not None:
+            self._warmup_rule.update(total_norm, plan.warmup_threshold)
+        super().commit(plan, finite, total_norm)
+
+    def thresholds(self) -> torch.Tensor:
+        stats = self._held()
+        if stats is None:
+            return torch.zeros(0)
+        gamma, count = stats[0], stats[1]
+        rel = self.factor * gamma.clamp_min(ADAGC_EPS)
+        if self.steps < self.warmup_steps:
+            return torch.full_like(gamma, math.inf)
+        return torch.where(count == 0, torch.full_like(gamma, math.inf), rel)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "warmup_rule": self._warmup_rule.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._warmup_rule.load_state_dict(state.get("warmup_rule", {}))
+
+
+class MeanPerTensorRule(PerTensorRule):
+    """The ``mean`` rule, one per tensor: ``threshold_i = factor · μ̂_i``, no absolute threshold.
+
+    ``m_i ← decay·m_i + (1 − decay)·a_i`` and ``μ̂_i = m_i / (1 − decay^{k_i})``, where ``a_i`` is tensor
+    ``i``'s norm as applied (``c_i · n_i``, so a spike never inflates its own statistics) and ``k_i`` the
+    steps it has counted: applied steps with a finite total norm on which it had a non-zero gradient (a
+    zero norm carries no scale, a tensor without a gradient is not measured). A tensor is clipped from its
+    ``warmup_steps + 1``-th counted step on: ``c_i = min(1, threshold_i / (n_i + eps))`` (``eps`` as in
+    ``clip_grad_norm_``). ``max_norm`` (optional) then caps the total norm after the per-tensor clip.
+
+    Examples:
+        >>> rule = MeanPerTensorRule(factor=1.5, decay=0.9, max_norm=2.0)
+        >>> norms = torch.tensor([3.0, 4.0])
+        >>> plan = rule.plan(norms, torch.linalg.vector_norm(norms))
+        >>> [round(c, 4) for c in plan.coefs.tolist()]  # warm-up: only the cap applies (5 -> 2)
+        [0.4, 0.4]
+    """
+
+    def __init__(
+        self,
+        factor: float = 1.5,
+        decay: float = 0.97,
+        warmup_steps: int = 1,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+    ) -> None:
+        super().__init__()
+        MeanThreshold(factor, decay, warmup_steps, max_norm)  # validates every argument
+        self.factor, self.decay = float(factor), float(decay)
+        self.warmup_steps = int(warmup_steps)
+        self.max_norm = check_max_norm(max_norm)
+        self.norm_type = float(norm_type)
+
+    def _own_thresholds(self, current: torch.Tensor) -> torch.Tensor:
+        ema, count = current[0], current[1]
+        mean = ema / (1.0 - torch.pow(self.decay, count)).clamp_min(torch.finfo(torch.float32).tiny)
+        return torch.where(count >= self.warmup_steps, self.factor * mean, torch.full_like(ema, math.inf))
+
+    def _decide(
+        self, norms: torch.Tensor, total: torch.Tensor, current: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+        ema, count = current[0], current[1]
+        coefs = torch.clamp(self._own_thresholds(current) / (norms + EPS), max=1.0)
+        if self.max_norm is not None:
+            clipped_total = torch.linalg.vector_norm(coefs * norms, self.norm_type)
+            coefs = coefs * torch.clamp(self.max_norm / (clipped_total + EPS), max=1.0)
+        counted = norms > 0.0
+        applied = (coefs * norms).clamp_max(torch.finfo(torch.float32).max)
+        new_ema = torch.where(counted, self.decay * ema + (1.0 - self.decay) * applied, ema)
+        return coefs, torch.stack([new_ema, count + counted.float()]), None
+
+    def thresholds(self) -> torch.Tensor:
+        stats = self._held()
+        return torch.zeros(0) if stats is None else self._own_thresholds(stats)
+
+
+def make_per_tensor_rule(
+    mode: str,
+    factor: float,
+    decay: float,
+    warmup_steps: int | None,
+    max_norm: float | None,
+    norm_type: float = 2.0,
+) -> PerTensorRule:
+    """The rule of a per-tensor ``mode`` (`PER_TENSOR_MODES`) from `AdaptiveGradientClipping`'s
+    arguments; ``warmup_steps=None``: `ADAGC_WARMUP_STEPS` for ``"adagc"``, 1 for ``"mean_per_tensor"``.
+
+    Examples:
+        >>> make_per_tensor_rule("adagc", 1.05, 0.98, None, 1.0).warmup_steps
+        99
+    """
+    if mode == "adagc":
+        steps = ADAGC_WARMUP_STEPS if warmup_steps is None else warmup_steps
+        return AdaGCRule(factor, decay, steps, max_norm, norm_type)
+    if mode == "mean_per_tensor":
+        return MeanPerTensorRule(
+            factor, decay, 1 if warmup_steps is None else warmup_steps, max_norm, norm_type
+        )
+    raise ValueError(f"`mode` must be one of {' | '.join(map(repr, PER_TENSOR_MODES))}, got {mode!r}.")
+
+
+class PerTensorScaler:
+    """Multiplies each tensor by its own coefficient (a device vector) in one fused ``_foreach_mul_``.
+
+    ``_foreach_mul_`` takes the per-tensor scalars as a list of 0-d tensors; they are views of one buffer
+    made once (unbinding a vector of 2,000 entries costs about as much as the multiply itself), so each step
+    only copies the coefficients into the buffer. No host read. Sharded tensors (``DTensor``) are scaled
+    through their local shards, with no communication.
+
+    Examples:
+        >>> scaler = PerTensorScaler()
+        >>> grads = [torch.ones(2), torch.ones(3)]
+        >>> scaler.scale_(grads, torch.tensor([0.5, 0.25]))
+        >>> [g.tolist() for g in grads]
+        [[0.5, 0.5], [0.25, 0.25, 0.25]]
+    """
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+        self._views: tuple[torch.Tensor, ...] = ()
+        # (count, device, all on that device, sharded): the gradients' layout, checked when the count changes
+        self._layout: tuple[int, torch.device, bool, bool] | None = None
+
+    def _views_for(self, count: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        if self._buffer is None or self._buffer.numel() < count or self._buffer.device != device:
+            self._buffer = torch.ones(count, dtype=torch.float32, device=device)
+            self._views = self._buffer.unbind()
+        return self._views
+
+    def scale_(self, tensors: list[torch.Tensor], coefs: torch.Tensor) -> None:
+        """``tensors[i] *= coefs[i]`` in place for every ``i``."""
+        count = len(tensors)
+        if count == 0:
+            return
+        device = coefs.device
+        if self._layout is None or self._layout[:2] != (count, device):
+            sharded = any(is_dtensor(t) for t in tensors)
+            locals_ = [local_tensor(t) for t in tensors] if sharded else tensors
+            self._layout = (count, device, all(t.device == device for t in locals_), sharded)
+        if self._layout[3]:
+            tensors = [local_tensor(t) for t in tensors]
+        views = self._views_for(count, device)
+        assert self._buffer is not None
+        self._buffer[:count].copy_(coefs)
+        if self._layout[2]:
+            torch._foreach_mul_(tensors, list(views[:count]))
+            return
+        for i, t in enumerate(tensors):  # several devices (rare): one multiply per tensor
+            t.mul_(views[i].to(t.device))
