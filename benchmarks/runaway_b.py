@@ -209,7 +209,7 @@ def run_one(task: tuple[dict[str, Any], str, int]) -> dict[str, Any]:
         try:
             trainer.fit(module, loader)
         except Exception as exc:  # counted as an error, whatever it is
-            error = f"{type(exc).__name__}: {exc}"[:300]
+            error = f"{type(exc).__name__}: {exc}".replace("\n", " / ")[:300]
     final = module.val_mse()
     divergences, rollbacks = guard_counts(trainer)
     return {
