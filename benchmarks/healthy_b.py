@@ -57,8 +57,11 @@ Command (from the repository root; ``--jobs`` > 1 only on an idle machine)::
     PYTHONPATH=. python benchmarks/healthy_b.py --variants none clip1 defaults --seeds 0 1 2 \
         --json bench_out/healthy_b.json
 
-Runtime: 2–15 s per fit on one core (see the ``wall`` column); the full default grid (9 families ×
-3–4 rows × 3 seeds, 84 fits) takes about 10–15 min with ``--jobs 1``.
+Runtime (measured 2026-12-06 on a 2-core machine shared with other jobs, load 4–7, ``--jobs 1``), median
+wall per fit: gan 11 s, vae 9 s, curriculum 5 s, transformer_lm(_warmup) 13–17 s, classifier 5 s,
+lstm_lm_small 5–7 s, lstm_lm_large 11–14 s, transformer_demo 15 s; the default grid (9 families,
+``none clip1 defaults`` + ``clip0.25`` for the LSTM LMs, 3 seeds: 87 fits) took 920 s. Output of that run:
+``bench_out/healthy_b_cal.txt`` (not committed).
 """
 
 from __future__ import annotations

@@ -27,8 +27,10 @@ Commands (from the repository root)::
     PYTHONPATH=. python benchmarks/runaway_b.py --json bench_out/runaway_b.json          # 10 seeds × 7 rows
     PYTHONPATH=. python benchmarks/runaway_b.py --hard --seeds 0 1 2 --json bench_out/runaway_b_hard.json
 
-Runtime: 6–15 s per fit (T = 20 RNN) to ~25 s (GRU, T = 30) on one core; the default grid is 70 fits
-(~12 min with ``--jobs 1``), ``--hard`` 4 × 7 rows × seeds.
+Runtime (measured 2026-12-06 on a 2-core machine shared with other jobs, load 4–7, ``--jobs 1``): 24–54 s
+per 3000-step fit of the base setting (a ``none`` run is stopped within a few steps), 12 fits in 328 s;
+expect about half that on an idle core. The default grid is 70 fits; ``--hard`` is 4 settings × rows ×
+seeds.
 """
 
 from __future__ import annotations
