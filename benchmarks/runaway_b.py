@@ -27,10 +27,10 @@ Commands (from the repository root)::
     PYTHONPATH=. python benchmarks/runaway_b.py --json bench_out/runaway_b.json          # 10 seeds × 7 rows
     PYTHONPATH=. python benchmarks/runaway_b.py --hard --seeds 0 1 2 --json bench_out/runaway_b_hard.json
 
-Runtime (measured 2026-12-06 on a 2-core machine shared with other jobs, load 4–7, ``--jobs 1``): 24–54 s
-per 3000-step fit of the base setting (a ``none`` run is stopped within a few steps), 12 fits in 328 s;
-expect about half that on an idle core. The default grid is 70 fits; ``--hard`` is 4 settings × rows ×
-seeds.
+Runtime (measured 2026-12-06 on a 2-core machine shared with other jobs, ``--jobs 1``): 10–17 s per
+3000-step fit of the base setting at load ~3, 24–54 s at load ~7 (a ``none`` run is stopped within a
+few steps, a ``guard`` run ends in ``GradientExplosionError`` within a second); the default grid (70 fits)
+took 639 s. ``--hard`` (4 settings) took 888 s for 5 rows × 2 seeds (GRU fits ~28 s).
 """
 
 from __future__ import annotations
