@@ -337,16 +337,21 @@ def build_vae(seed: int, manual_clip: float | None) -> tuple[pl.LightningModule,
 
 
 # -------------------------------------------------------------------------------------- curriculum
-SHORT, LONG, SWITCH, CURRICULUM_STEPS = 10, 40, 400, 1000
+SHORT, LONG, SWITCH, CURRICULUM_STEPS, DECAY_AT, TARGET_NOISE = 10, 40, 400, 1000, 850, 0.25
 
 
-def running_sum_batch(n: int, length: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def running_sum_batch(
+    n: int, length: int, g: torch.Generator, noise: float = TARGET_NOISE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs uniform in [-1, 1]; targets ``2 S_t / (3 √t)`` (``S_t`` the running sum), plus Gaussian noise
+    of std ``noise`` (the training targets' noise floor makes the summed loss jump ×5–6 at the switch)."""
     x = torch.rand(n, length, 1, generator=g) * 2 - 1
-    return x, x.cumsum(dim=1) / 2
+    y = 2 * x.cumsum(dim=1) / (3 * torch.arange(1, length + 1).view(1, length, 1).sqrt())
+    return x, y + noise * torch.randn(y.shape, generator=g) if noise else y
 
 
 class Curriculum(IterableDataset):
-    """Batches of 32 running-sum sequences: length ``SHORT`` for ``SWITCH`` batches, then ``LONG``."""
+    """Batches of 32 sequences: length ``SHORT`` for ``SWITCH`` batches, then ``LONG``."""
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
@@ -364,22 +369,31 @@ class SeqSum(pl.LightningModule):
         super().__init__()
         self.rnn = nn.GRU(1, hidden, batch_first=True)
         self.head = nn.Linear(hidden, 1)
+        self.losses: list[float] = []
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out, _ = self.rnn(x)
         return (self.head(out) - y).pow(2).mean(dim=(0, 2)).sum()  # summed over time
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self.loss(*batch)
+        loss = self.loss(*batch)
+        self.losses.append(float(loss.detach()))
+        return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=3e-3)
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.Adam(self.parameters(), lr=3e-3)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, [DECAY_AT], gamma=0.1)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 @torch.no_grad()
 def eval_curriculum(model: SeqSum) -> dict[str, float]:
-    x, y = running_sum_batch(512, LONG, torch.Generator().manual_seed(10_004))
-    return {"loss": float(model.loss(x, y))}
+    """Held-out loss at length 40 against the noiseless targets, and the training loss's jump at the switch
+    (mean of the first 3 batches at length 40 over the last 20 at length 10)."""
+    x, y = running_sum_batch(512, LONG, torch.Generator().manual_seed(10_004), noise=0.0)
+    before, after = model.losses[SWITCH - 20 : SWITCH], model.losses[SWITCH : SWITCH + 3]
+    jump = statistics.fmean(after) / statistics.fmean(before) if len(after) == 3 else math.nan
+    return {"loss": float(model.loss(x, y)), "jump": jump}
 
 
 def build_curriculum(seed: int, manual_clip: float | None) -> tuple[pl.LightningModule, Any, int]:
@@ -597,7 +611,7 @@ def build_demo_transformer(seed: int, manual_clip: float | None) -> tuple[pl.Lig
     train, _, vocab = words()
     g = torch.Generator().manual_seed(seed)
     loader = DataLoader(Blocks(train), batch_size=20, shuffle=True, drop_last=True, generator=g)
-    return DemoTransformer(vocab), loader, 300
+    return DemoTransformer(vocab), loader, 250
 
 
 # ----------------------------------------------------------------------------------------- the zoo
@@ -614,16 +628,19 @@ class Family:
     references: tuple[str, ...] = ("none", "clip1")
     extra_rows: tuple[str, ...] = ()  # added to the default --variants
     info: tuple[str, ...] = ()  # further metrics printed, no bar
+    chance: float = math.inf  # a primary metric (lower is better) at or above this: the run did not train
 
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family("gan", build_gan, eval_gan, "mmd", 0.10, manual=True, info=("modes",)),
-        Family("vae", build_vae, eval_vae, "loss", 0.02),
-        Family("curriculum", build_curriculum, eval_curriculum, "loss", 0.02),
-        Family("transformer_lm", build_char_lm(0), eval_char_lm, "val_loss", 0.01),
-        Family("transformer_lm_warmup", build_char_lm(100), eval_char_lm, "val_loss", 0.01),
+        Family("vae", build_vae, eval_vae, "loss", 0.02, chance=SIDE * SIDE * math.log(2)),
+        Family("curriculum", build_curriculum, eval_curriculum, "loss", 0.02, info=("jump",), chance=5.93),
+        Family("transformer_lm", build_char_lm(0), eval_char_lm, "val_loss", 0.01, chance=math.log(103)),
+        Family(
+            "transformer_lm_warmup", build_char_lm(100), eval_char_lm, "val_loss", 0.01, chance=math.log(103)
+        ),
         Family(
             "classifier",
             build_classifier,
@@ -642,6 +659,7 @@ FAMILIES: dict[str, Family] = {
             0.03,
             references=("clip0.25",),
             extra_rows=("clip0.25",),
+            chance=math.log(2000),
         ),
         Family(
             "demo_lstm_large",
@@ -651,8 +669,16 @@ FAMILIES: dict[str, Family] = {
             0.03,
             references=("clip0.25",),
             extra_rows=("clip0.25",),
+            chance=math.log(2000),
         ),
-        Family("demo_transformer", build_demo_transformer, eval_demo_transformer, "val_loss", 0.01),
+        Family(
+            "demo_transformer",
+            build_demo_transformer,
+            eval_demo_transformer,
+            "val_loss",
+            0.01,
+            chance=math.log(2000),
+        ),
     )
 }
 
@@ -753,11 +779,15 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
-def trains(r: dict[str, Any], metric: str) -> bool:
-    """A run trained: no error, no non-finite training loss, a finite metric."""
-    return (
-        r["error"] is None and not r["nonfinite_loss"] and math.isfinite(r["metrics"].get(metric, math.nan))
-    )
+def untrained(family: Family, r: dict[str, Any]) -> bool:
+    """The run's metric is not finite, or no better than chance (``Family.chance``)."""
+    value = r["metrics"].get(family.metric, math.nan)
+    return not math.isfinite(value) or (not family.higher_is_better and value >= family.chance)
+
+
+def trains(family: Family, r: dict[str, Any]) -> bool:
+    """A run trained: no error, no non-finite training loss, a metric better than chance."""
+    return r["error"] is None and not r["nonfinite_loss"] and not untrained(family, r)
 
 
 def family_tables(family: Family, runs: list[dict[str, Any]], rows: list[str], seeds: list[int]) -> str:
@@ -769,9 +799,9 @@ def family_tables(family: Family, runs: list[dict[str, Any]], rows: list[str], s
     extra = " | ".join(f"median {m}" for m in metrics[1:])
     out.append(
         f"| row | {head} | median {family.metric} | {extra + ' | ' if extra else ''}div. events | rollbacks"
-        " | errors | non-finite | tail coef | s/fit |"
+        " | errors | non-finite | untrained | tail coef | s/fit |"
     )
-    out.append("|---" * (len(seeds) + len(metrics) + 7) + "|")
+    out.append("|---" * (len(seeds) + len(metrics) + 8) + "|")
     for row in rows:
         rr = [by[(row, s)] for s in seeds if (row, s) in by]
         if not rr:
@@ -782,19 +812,23 @@ def family_tables(family: Family, runs: list[dict[str, Any]], rows: list[str], s
             if r is None:
                 cells.append("")
                 continue
-            flag = "E" if r["error"] else ("N" if r["nonfinite_loss"] else "")
+            flag = (
+                "E" if r["error"] else ("N" if r["nonfinite_loss"] else ("U" if untrained(family, r) else ""))
+            )
             ev = f" d{r['divergences']}/r{r['rollbacks']}" if r["divergences"] or r["rollbacks"] else ""
             cells.append(f"{_num(r['metrics'].get(family.metric, math.nan))}{flag}{ev}")
         meds = [_num(median([r["metrics"].get(m, math.nan) for r in rr])) for m in metrics]
         out.append(
             f"| {row} | {' | '.join(cells)} | {' | '.join(meds)} | {sum(r['divergences'] for r in rr)}"
             f" | {sum(r['rollbacks'] for r in rr)} | {sum(r['error'] is not None for r in rr)}"
-            f" | {sum(r['nonfinite_loss'] for r in rr)} | {_num(median([r['tail_coef'] for r in rr]))}"
+            f" | {sum(r['nonfinite_loss'] for r in rr)} | {sum(untrained(family, r) for r in rr)}"
+            f" | {_num(median([r['tail_coef'] for r in rr]))}"
             f" | {statistics.fmean(r['seconds'] for r in rr):.1f} |"
         )
     out.append("")
     out.append(
-        "cells: the metric per seed; E: error; N: non-finite training loss; dX/rY: divergence events / rollbacks"
+        "cells: the metric per seed; E: error; N: non-finite training loss; U: untrained (metric not finite or no"
+        " better than chance); dX/rY: divergence events / rollbacks"
     )
     out.append("")
     out.append(bars_table(family, by, rows, seeds))
@@ -808,7 +842,7 @@ def bars_table(
         return [by[(row, s)] for s in seeds if (row, s) in by]
 
     refs = [r for r in family.references if runs(r)]
-    none_fine = bool(runs("none")) and all(trains(r, family.metric) for r in runs("none"))
+    none_fine = bool(runs("none")) and all(trains(family, r) for r in runs("none"))
     lines = [
         f"Bars ({family.name}; reference: the better median of {', '.join(refs) or 'none measured'}):",
         "",
