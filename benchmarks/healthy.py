@@ -46,7 +46,7 @@ there). Families, their sizes and the time of one fit on one core of the shared 
 
 Per run: the metrics, the guard's divergence events and rollbacks (`variants.guard_counts`), errors
 (``GradientExplosionError`` or any exception: the run counts as an error), whether the training loss
-went non-finite (a run without a guard then stops), whether the metric is no better than chance
+went non-finite or, for the demo LSTMs, above 100 (a run without a guard then stops), whether the metric is no better than chance
 ("untrained": ``Family.chance``, e.g. ln 2000 for the word LMs), the median clip coefficient over the
 last 20% of the optimizer steps (`variants.CoefRecorder`; 1.0 for rows without `AdaptiveGradientClipping`), wall time.
 
@@ -638,6 +638,7 @@ class Family:
     extra_rows: tuple[str, ...] = ()  # added to the default --variants
     info: tuple[str, ...] = ()  # further metrics printed, no bar
     chance: float = math.inf  # a primary metric (lower is better) at or above this: the run did not train
+    blowup: float = math.inf  # a training loss above this is a blown-up run (stopped without a guard)
 
 
 FAMILIES: dict[str, Family] = {
@@ -669,6 +670,7 @@ FAMILIES: dict[str, Family] = {
             references=("clip0.25",),
             extra_rows=("clip0.25",),
             chance=math.log(2000),
+            blowup=100.0,
         ),
         Family(
             "demo_lstm_large",
@@ -679,6 +681,7 @@ FAMILIES: dict[str, Family] = {
             references=("clip0.25",),
             extra_rows=("clip0.25",),
             chance=math.log(2000),
+            blowup=100.0,
         ),
         Family(
             "demo_transformer",
@@ -693,10 +696,11 @@ FAMILIES: dict[str, Family] = {
 
 
 class Watch(pl.Callback):
-    """Training losses of every batch; without a guard, stops the fit at the first non-finite loss."""
+    """Training losses of every batch; without a guard, stops the fit at the first loss that is non-finite
+    or above ``blowup`` (a blown-up run only slows down: huge and denormal values)."""
 
-    def __init__(self, guarded: bool) -> None:
-        self.guarded = guarded
+    def __init__(self, guarded: bool, blowup: float = math.inf) -> None:
+        self.guarded, self.blowup = guarded, blowup
         self.losses: list[float] = []
         self.nonfinite = False
 
@@ -704,7 +708,7 @@ class Watch(pl.Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else math.nan
         self.losses.append(value)
-        if not math.isfinite(value):
+        if not value <= self.blowup:
             self.nonfinite = True
             if not self.guarded:
                 trainer.should_stop = True
@@ -718,6 +722,7 @@ def run_one(task: tuple[str, str, int]) -> dict[str, Any]:
     """One fit: (family, row, seed) → its raw numbers. Runs in a fresh (spawned) process or in-process."""
     family_name, row, seed = task
     torch.set_num_threads(1)
+    torch.set_flush_denormal(True)  # a blown-up run's denormals would slow it down 10x
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -727,7 +732,7 @@ def run_one(task: tuple[str, str, int]) -> dict[str, Any]:
     manual_clip = v.gradient_clip_val if family.manual else None
     model, loader, steps = family.build(seed, manual_clip)
     callbacks = v.callbacks()
-    watch = Watch(any(isinstance(cb, ExplosionGuard) for cb in callbacks))
+    watch = Watch(any(isinstance(cb, ExplosionGuard) for cb in callbacks), family.blowup)
     coefs = CoefRecorder()
     result: dict[str, Any] = {"family": family_name, "variant": row, "seed": seed, "error": None}
     start = time.perf_counter()
@@ -836,7 +841,7 @@ def family_tables(family: Family, runs: list[dict[str, Any]], rows: list[str], s
         )
     out.append("")
     out.append(
-        "cells: the metric per seed; E: error; N: non-finite training loss; U: untrained (metric not finite or no"
+        "cells: the metric per seed; E: error; N: non-finite (or blown-up) training loss; U: untrained (metric not finite or no"
         " better than chance); dX/rY: divergence events / rollbacks"
     )
     out.append("")
