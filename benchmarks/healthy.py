@@ -899,6 +899,28 @@ def bars_table(
     return "\n".join(lines)
 
 
+def print_saved(
+    paths: Sequence[str], families: Sequence[str], rows: Sequence[str] | None, seeds: Sequence[int]
+) -> list[dict[str, Any]]:
+    """The tables of runs saved with ``--json`` (merged; a later file's run replaces an earlier one's)."""
+    merged: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for path in paths:
+        with open(path) as f:
+            for r in json.load(f):
+                r["metrics"] = {k: float(v) for k, v in r["metrics"].items()}
+                merged[(r["family"], r["variant"], r["seed"])] = r
+    results = list(merged.values())
+    for name in families:
+        runs = [r for r in results if r["family"] == name and r["seed"] in seeds]
+        if not runs:
+            continue
+        present = list(dict.fromkeys(r["variant"] for r in runs))
+        order = [r for r in (rows or present) if r in present]
+        print(family_tables(FAMILIES[name], runs, order, list(seeds)))
+        print()
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] if __doc__ else None,
@@ -913,8 +935,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=1, help="processes (spawned); 1: in this process")
-    parser.add_argument("--json", metavar="PATH", default=None, help="write every run's raw numbers here")
+    parser.add_argument(
+        "--json", metavar="PATH", default=None, help="write every run's raw numbers here (after each run)"
+    )
+    parser.add_argument(
+        "--tables-from",
+        nargs="+",
+        metavar="JSON",
+        default=None,
+        help="no fits: print the tables of runs saved with --json (several files are merged, later wins)",
+    )
     args = parser.parse_args(argv)
+    if args.tables_from:
+        return print_saved(args.tables_from, args.families, args.variants, args.seeds)
     for row in args.variants or []:
         variant(row)  # fail early on an unknown row
     torch.set_num_threads(1)
@@ -934,6 +967,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
     def done(r: dict[str, Any]) -> None:
         results.append(r)
+        if args.json:  # rewritten after each run: an interrupted zoo keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1, default=str)
         m = " ".join(f"{k}={_num(v)}" for k, v in r["metrics"].items())
         print(
             f"  {r['family']} {r['variant']} seed {r['seed']}: {m} div={r['divergences']} rb={r['rollbacks']}"
@@ -948,9 +984,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
             for r in pool.imap_unordered(run_one, tasks):
                 done(r)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1, default=str)
     print()
     for name in args.families:
         runs = [r for r in results if r["family"] == name]

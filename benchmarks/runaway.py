@@ -482,6 +482,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, list[Run]]]:
 
     def done(r: Run) -> None:
         runs.append(r)
+        if args.json:  # rewritten after each run: an interrupted benchmark keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(
+                    [{**asdict(x), "diverged": x.diverged, "solved": x.solved} for x in runs], f, indent=1
+                )
         print(
             f"  {r.setting} {r.row} seed {r.seed}: {cell(r)} steps<0.05 {_steps(r.steps_to_solve)}"
             f" {r.seconds:.1f}s{' ' + r.error if r.error else ''}",
@@ -495,9 +500,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, list[Run]]]:
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
             for r in pool.imap_unordered(fit, tasks):
                 done(r)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([{**asdict(r), "diverged": r.diverged, "solved": r.solved} for r in runs], f, indent=1)
     out: dict[str, dict[str, list[Run]]] = {}
     for st in settings:
         results = {
