@@ -457,6 +457,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, list[Run]]]:
     parser.add_argument(
         "--figure", metavar="PNG", default=None, help="only draw the figure of one fit (seed: the first)"
     )
+    parser.add_argument(
+        "--tables-from",
+        nargs="+",
+        metavar="JSON",
+        default=None,
+        help="no fits: the tables and bars of runs saved with --json (merged; --hard as they were run)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric"):
@@ -479,6 +486,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, list[Run]]]:
         flush=True,
     )
     runs: list[Run] = []
+    if args.tables_from:
+        saved: dict[tuple[str, str, int], Run] = {}
+        for path in args.tables_from:
+            with open(path) as f:
+                for d in json.load(f):
+                    d.pop("diverged", None), d.pop("solved", None)
+                    saved[(d["setting"], d["row"], d["seed"])] = Run(**d)
+        runs = [r for r in saved.values() if r.seed in args.seeds]
+        names = list(dict.fromkeys(r.setting for r in runs))
+        known = {st.name: st for st in (*HARD, Setting())}
+        settings = [known.get(n, Setting(n)) for n in names]
+        args.seeds = sorted({r.seed for r in runs})
+        tasks = []
 
     def done(r: Run) -> None:
         runs.append(r)
@@ -502,15 +522,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, list[Run]]]:
                 done(r)
     out: dict[str, dict[str, list[Run]]] = {}
     for st in settings:
+        rows = list(dict.fromkeys([*args.variants, *(r.row for r in runs)]))
         results = {
             row: sorted((r for r in runs if r.setting == st.name and r.row == row), key=lambda r: r.seed)
-            for row in args.variants
+            for row in rows
         }
+        results = {row: rr for row, rr in results.items() if rr}
         out[st.name] = results
         print()
         print(table(st, results, args.seeds))
         print()
-        for line in bars(results, hard=args.hard):
+        for line in bars(results, hard=args.hard or st.name in {h.name for h in HARD}):
             print(line)
     return out
 
