@@ -15,6 +15,8 @@ Rows:
 * ``defaults``: ``[AdaptiveGradientClipping(), ExplosionGuard()]``.
 * ``plain``: ``[AdaptiveGradientClipping(loss_aware=False), ExplosionGuard()]``.
 * ``clipper``: ``[AdaptiveGradientClipping()]`` alone; ``guard``: ``[ExplosionGuard()]`` alone.
+* ``adagc``: AdaGC's defaults (``mode="adagc", max_norm=1.0, factor=1.05, decay=0.98``) with the guard;
+  ``mean_per_tensor``: ``mode="mean_per_tensor"`` with the guard (issue 20's per-tensor modes).
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ FIXED: dict[str, Callable[[], list[pl.Callback]]] = {
     "plain": lambda: [AdaptiveGradientClipping(loss_aware=False), ExplosionGuard()],
     "clipper": lambda: [AdaptiveGradientClipping()],
     "guard": lambda: [ExplosionGuard()],
+    "adagc": lambda: [
+        AdaptiveGradientClipping(mode="adagc", max_norm=1.0, factor=1.05, decay=0.98),
+        ExplosionGuard(),
+    ],
+    "mean_per_tensor": lambda: [AdaptiveGradientClipping(mode="mean_per_tensor"), ExplosionGuard()],
 }
 """Rows without a fixed clip. Add a row here (one line) to put it in every zoo table."""
 
