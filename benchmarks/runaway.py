@@ -380,8 +380,10 @@ def table(setting: Setting, results: dict[str, list[Run]], seeds: Sequence[int])
         "|---" * (len(seeds) + 10) + "|",
     ]
     for name, runs in results.items():
+        by_seed = {r.seed: r for r in runs}
+        cells = " | ".join(cell(by_seed[s]) if s in by_seed else "" for s in seeds)
         lines.append(
-            f"| {name} | {' | '.join(cell(r) for r in runs)} | {_num(median([r.mse for r in runs]))}"
+            f"| {name} | {cells} | {_num(median([r.mse for r in runs]))}"
             f" | {sum(r.solved for r in runs)}/{len(runs)} | {_steps(median([r.steps_to_solve for r in runs]))}"
             f" | {sum(r.diverged for r in runs)} | {sum(r.error is not None for r in runs)}"
             f" | {sum(r.divergences for r in runs)} | {sum(r.rollbacks for r in runs)}"
@@ -490,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, list[Run]]]:
         name = "demo" if (args.radius, args.lr, args.T, args.cell) == (1.2, 0.2, 20, "rnn") else "custom"
         settings = [Setting(name, args.radius, args.lr, args.T, args.cell, args.steps)]
     tasks = [(row, seed, st) for st in settings for row in args.variants for seed in args.seeds]
-    print(
+    print(  # (with --tables-from: the runs are replaced by the saved ones below)
         f"exploding RNN (copy A): {len(tasks)} fits, settings {[st.name for st in settings]}, rows {args.variants},"
         f" seeds {args.seeds}, 1 thread per fit, {args.jobs} job(s)",
         flush=True,
@@ -509,6 +511,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, list[Run]]]:
         settings = [known.get(n, Setting(n)) for n in names]
         args.seeds = sorted({r.seed for r in runs})
         tasks = []
+        print(f"saved runs: {len(runs)} from {args.tables_from}")
 
     def done(r: Run) -> None:
         runs.append(r)
@@ -540,7 +543,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, list[Run]]]:
         results = {row: rr for row, rr in results.items() if rr}
         out[st.name] = results
         print()
-        print(table(st, results, args.seeds))
+        print(table(st, results, sorted({r.seed for rr in results.values() for r in rr})))
         print()
         for line in bars(results, hard=st.name in {h.name for h in HARD}):
             print(line)
