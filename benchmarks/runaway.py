@@ -492,11 +492,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, list[Run]]]:
         name = "demo" if (args.radius, args.lr, args.T, args.cell) == (1.2, 0.2, 20, "rnn") else "custom"
         settings = [Setting(name, args.radius, args.lr, args.T, args.cell, args.steps)]
     tasks = [(row, seed, st) for st in settings for row in args.variants for seed in args.seeds]
-    print(  # (with --tables-from: the runs are replaced by the saved ones below)
-        f"exploding RNN (copy A): {len(tasks)} fits, settings {[st.name for st in settings]}, rows {args.variants},"
-        f" seeds {args.seeds}, 1 thread per fit, {args.jobs} job(s)",
-        flush=True,
-    )
+    if not args.tables_from:
+        print(
+            f"exploding RNN (copy A): {len(tasks)} fits, settings {[st.name for st in settings]},"
+            f" rows {args.variants}, seeds {args.seeds}, 1 thread per fit, {args.jobs} job(s)",
+            flush=True,
+        )
     runs: list[Run] = []
     if args.tables_from:
         saved: dict[tuple[str, str, int], Run] = {}
