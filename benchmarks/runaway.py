@@ -25,9 +25,10 @@ Bars (issues 11 and 17), printed under the table:
   then lowest median), with a median ≤ 1.25 × its median.
 
 Run: ``python benchmarks/runaway.py [--seeds 0 ... 9] [--variants ROW ...] [--steps 3000] [--radius 1.2]
-[--lr 0.2] [--T 20] [--cell rnn|gru] [--hard] [--jobs 1] [--json PATH]`` (about 15–30 s per fit on one
-busy core; the default 7 rows × 10 seeds ≈ 25 min with one job). ``--figure PNG`` draws the threshold of
-one fit at defaults instead.
+[--lr 0.2] [--T 20] [--cell rnn|gru] [--hard [PRESET ...]] [--jobs 1] [--json PATH]`` (8–18 s a fit on
+one core of the shared 2-core machine, load 3–8; a run without clipping stops at once; the default 7 rows
+× 10 seeds took 13 min with one job). ``--tables-from JSON ...`` prints the tables and bars of saved
+runs (merged). ``--figure PNG`` draws the threshold of one fit at defaults instead.
 """
 
 from __future__ import annotations
