@@ -925,8 +925,15 @@ def run_runaway_scenario(sc: RunawayScenario, root: Path) -> dict[str, Any]:
             trainer.fit(model, adding_loader(sc.steps, seed=sc.seed))
         except GradientExplosionError as err:
             error = err
+    # the clipper holding a runaway throttles it for long: its throttle warning is the documented report
+    # of that (once per episode); every other lightning-clip warning is unexpected
+    throttles = [
+        w for w in caught if issubclass(w.category, LightningClipWarning) and "throttled" in str(w.message)
+    ]
+    assert not throttles or sc.clipper != "none"
     for w in caught:
-        assert not issubclass(w.category, LightningClipWarning), f"unexpected warning: {w.message}"
+        if w not in throttles:
+            assert not issubclass(w.category, LightningClipWarning), f"unexpected warning: {w.message}"
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters()), "non-finite weights at the end"
     if error is None:
         outcome = "completed"

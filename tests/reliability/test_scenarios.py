@@ -44,8 +44,8 @@ def _run(sc: Any, tmp_path: Path, runner: Callable[[Any, Path], dict[str, Any]])
         record(
             {
                 "seed": sc.seed,
-                "ddp": sc.ddp,
-                "fsdp": sc.fsdp,
+                "ddp": getattr(sc, "ddp", False),  # a runaway scenario has neither
+                "fsdp": getattr(sc, "fsdp", False),
                 "outcome": "other",
                 "error": f"{type(err).__name__}: {err}"[:500],
             }
