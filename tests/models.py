@@ -270,3 +270,27 @@ class ExplodingRNN(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class CountReduces(pl.Callback):
+    """Counts the collectives run between each batch's start and its optimizer step's end (wraps the
+    strategy's ``reduce``, which the callbacks call; the real reduction still happens). List it first."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._inside = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+        real = trainer.strategy.reduce
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            self.calls += int(self._inside)
+            return real(*args, **kwargs)
+
+        trainer.strategy.reduce = counting  # type: ignore[method-assign]
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._inside = True
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self._inside = False

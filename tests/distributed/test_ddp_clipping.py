@@ -11,7 +11,7 @@ import pytest
 import pytorch_lightning as pl
 
 from lightning_clip.callbacks.adaptive_clipping import AdaptiveGradientClipping
-from tests.models import RecordedModel, make_trainer, regression_loader
+from tests.models import CountReduces, RecordedModel, make_trainer, regression_loader
 from tests.reference import (
     LastFigures,
     PreClipNorms,
@@ -68,30 +68,6 @@ def test_same_thresholds_on_both_ranks(tmp_path: Any) -> None:
         assert_clipped_some(norms, thresholds)
         assert [f[1] for f in r["figures"]] == pytest.approx(thresholds, rel=1e-5)
         assert r["applied"] == pytest.approx(expected_applied(norms, thresholds), rel=1e-5)
-
-
-class CountReduces(pl.Callback):
-    """Counts the collectives run between each batch's start and its optimizer step's end (wraps the
-    strategy's ``reduce``, which the callbacks call; the real reduction still happens). List it first."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self._inside = False
-
-    def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
-        real = trainer.strategy.reduce
-
-        def counting(*args: Any, **kwargs: Any) -> Any:
-            self.calls += int(self._inside)
-            return real(*args, **kwargs)
-
-        trainer.strategy.reduce = counting  # type: ignore[method-assign]
-
-    def on_train_batch_start(self, *args: Any) -> None:
-        self._inside = True
-
-    def on_train_batch_end(self, *args: Any) -> None:
-        self._inside = False
 
 
 class WriteLossAware(pl.Callback):

@@ -15,7 +15,14 @@ from torch import nn
 
 from lightning_clip import AdaptiveGradientClipping
 from tests.distributed.launch import run_ranks
-from tests.models import RegressionModel, ShardedRegressionModel, global_batches, make_trainer, rank_loader
+from tests.models import (
+    CountReduces,
+    RegressionModel,
+    ShardedRegressionModel,
+    global_batches,
+    make_trainer,
+    rank_loader,
+)
 from tests.per_tensor_reference import NaivePerTensor, reference_fit
 
 pytestmark = pytest.mark.distributed
@@ -95,29 +102,6 @@ def test_same_statistics_on_every_rank_as_the_unsharded_model(
     for a, b in zip(ranks[0], ranks[1], strict=True):  # identical on both ranks, bit for bit
         assert torch.equal(a["state"]["rules"]["0"]["stats"], b["state"]["rules"]["0"]["stats"])
         assert a["state"]["rules"]["0"]["steps"] == b["state"]["rules"]["0"]["steps"]
-
-
-class CountReduces(pl.Callback):
-    """Counts the strategy's collectives between each batch's start and end (list it first)."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self._inside = False
-
-    def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
-        real = trainer.strategy.reduce
-
-        def counting(*args: Any, **kwargs: Any) -> Any:
-            self.calls += int(self._inside)
-            return real(*args, **kwargs)
-
-        trainer.strategy.reduce = counting  # type: ignore[method-assign]
-
-    def on_train_batch_start(self, *args: Any) -> None:
-        self._inside = True
-
-    def on_train_batch_end(self, *args: Any) -> None:
-        self._inside = False
 
 
 def _with_guard(rank: int, tmp_path: Any) -> int:
