@@ -327,12 +327,10 @@ class AdaptiveGradientClipping(LightningClipCallback):
             i: ceiling_applies(_compat.unwrap_optimizer(opt).defaults)
             for i, opt in enumerate(trainer.optimizers)
         }
-        for i, rule in list(
-            self._rules.items()
-        ):  # a rule made before the fit: of the kind this optimizer takes
-            if isinstance(rule, LossAwareMeanThreshold) != (
-                self.uses_loss and self._ceiling_applies.get(i, True)
-            ):
+        # a rule made before the fit (e.g. read through `rule(i)`) becomes the kind its optimizer takes
+        for i, rule in list(self._rules.items()):
+            wanted = self.uses_loss and self._ceiling_applies.get(i, True)
+            if isinstance(rule, LossAwareMeanThreshold) != wanted:
                 self._rules[i] = self._new_rule(i)
                 self._rules[i].load_state_dict(rule.state_dict())
         if self._per_tensor is not None:
