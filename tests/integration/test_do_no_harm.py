@@ -102,3 +102,13 @@ def test_a_persistent_throttle_is_warned_once_naming_the_optimizer(tmp_path: Any
     assert "loss_aware=False" in str(throttles[0].message) and "max_norm" in str(throttles[0].message)
     coefs = sorted(c for _, _, c in pre.steps[:100])
     assert coefs[50] < 0.1  # the median the warning reports, from the coefficients themselves
+
+
+def test_a_rule_read_before_the_fit_becomes_the_kind_its_optimizer_takes(tmp_path: Any) -> None:
+    clipper = AdaptiveGradientClipping()
+    assert type(clipper.rule(0)) is LossAwareMeanThreshold  # before the fit the optimizer is unknown
+    torch.manual_seed(0)
+    pre, _ = fit(tmp_path, LossBlowUp(optimizer="adam", lr=1e-2), 20, clipper)
+    assert type(clipper.rule(0)) is MeanThreshold
+    norms = [n for n, _, _ in pre.steps]
+    assert [t for _, t, _ in pre.steps] == pytest.approx(mean_thresholds(norms, 1.5, 0.97), rel=1e-9)
