@@ -13,6 +13,7 @@ from lightning_clip import _compat
 from lightning_clip._validation import check_choice, check_norm_type
 from lightning_clip.callbacks._base import LightningClipCallback
 from lightning_clip.callbacks._per_tensor import PerTensorClipping
+from lightning_clip.callbacks._throttle import ThrottleWatch, throttle_message
 from lightning_clip.exceptions import LightningClipWarning
 from lightning_clip.functional.ceiling import LossAwareMeanThreshold, ceiling_applies
 from lightning_clip.functional.per_tensor import PER_TENSOR_MODES
@@ -34,40 +35,7 @@ RULE_ARGS = ("mode", *RULE_DEFAULTS)
 ALL_MODES = (*MODES, *PER_TENSOR_MODES)
 """Every ``mode``: the total-norm rules, then the per-tensor ones (`lightning_clip.functional.per_tensor`)."""
 
-__all__ = ["AdaptiveGradientClipping", "ThrottleWatch"]
-
-
-class ThrottleWatch:
-    """The last ``window`` clip coefficients of one optimizer, judged every ``window`` steps.
-
-    `add` returns True when an episode of persistent throttling starts: the median of a full window below
-    ``low`` while no episode is open. The episode closes when a window's median is above ``release``.
-    (Only a warning depends on it: it is not saved in checkpoints.)
-
-    Examples:
-        >>> watch = ThrottleWatch(window=4)
-        >>> [watch.add(c, low=0.1, release=0.5) for c in (0.05, 0.02, 0.03, 0.04, 0.01, 0.02, 0.02, 0.02)]
-        [False, False, False, True, False, False, False, False]
-    """
-
-    def __init__(self, window: int) -> None:
-        self.window = window
-        self.values: list[float] = []
-        self.open = False
-        self.median = 1.0
-
-    def add(self, coef: float, low: float, release: float) -> bool:
-        self.values.append(coef)
-        if len(self.values) < self.window:
-            return False
-        ordered = sorted(self.values)
-        self.values = []
-        self.median = ordered[len(ordered) // 2]
-        if self.open:
-            self.open = self.median <= release
-            return False
-        self.open = self.median < low
-        return self.open
+__all__ = ["AdaptiveGradientClipping"]
 
 
 class AdaptiveGradientClipping(LightningClipCallback):
@@ -430,14 +398,9 @@ class AdaptiveGradientClipping(LightningClipCallback):
         watch = self._throttle.setdefault(index, ThrottleWatch(self.throttle_window))
         if watch.add(coef, self.throttle_coef, self.throttle_release) and trainer.is_global_zero:
             name = type(_compat.unwrap_optimizer(optimizer)).__name__
+            figures = self.last[index]
             rank_zero_warn(
-                f"AdaptiveGradientClipping has throttled optimizer {index} ({name}) for"
-                f" {self.throttle_window} steps: its median clip coefficient is {watch.median:.2g} (the"
-                f" gradients are scaled to {watch.median:.2g} × their norm; threshold now"
-                f" {self.last[index][1]:.3g}, norm {self.last[index][0]:.3g}). If this run is healthy and its"
-                " loss rises by design (an adversarial objective, a KL warm-up, a curriculum), pass"
-                " `loss_aware=False` for the plain running-mean rule, or `max_norm` with a bound you know to be"
-                " safe. If the norms really grew (a runaway), lower the learning rate.",
+                throttle_message(index, name, watch, self.throttle_window, figures[1], figures[0]),
                 category=LightningClipWarning,
             )
 
