@@ -294,3 +294,14 @@ class CountReduces(pl.Callback):
 
     def on_train_batch_end(self, *args: Any) -> None:
         self._inside = False
+
+
+class Crash(pl.Callback):
+    """Stops the run abruptly when the batch of global step ``at`` starts."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.at:
+            raise RuntimeError("simulated crash")

@@ -186,7 +186,7 @@ class RecoveryMixin:
         record.action = "raise" if self.action == "raise" else "error"
         self._write(trainer, record)
         remedies = Remedies(
-            clipper=any(getattr(cb, "clips", False) for cb in self._siblings(trainer)),
+            clipper=any(cb.clips for cb in self._siblings(trainer)),
             lr_factor=self.lr_factor,
             skip_batches=self.skip_batches,
             fp16=_compat.gradient_scaler(trainer) is not None,

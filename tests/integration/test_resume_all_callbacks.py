@@ -22,22 +22,11 @@ from lightning_clip.callbacks.adaptive_clipping import AdaptiveGradientClipping
 from lightning_clip.callbacks.explosion_guard import ExplosionGuard
 from lightning_clip.callbacks.vanishing_monitor import VanishingGradientMonitor
 from lightning_clip.testing import FaultInjector
-from tests.models import assert_same
+from tests.models import Crash, assert_same
 from tests.reliability.scenarios import ResumableLoader, ScenarioModel, make_data
 
 TOTAL = 20  # 12 batches per epoch: the runs cross an epoch boundary
 FAULTS = [2, 15]  # gradient NaN: one before every resume point, one after
-
-
-class Crash(pl.Callback):
-    """Stops the run abruptly when the batch of global step ``at`` starts."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.at:
-            raise RuntimeError("simulated crash")
 
 
 def run(

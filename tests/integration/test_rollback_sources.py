@@ -24,7 +24,7 @@ from lightning_clip.callbacks.explosion_guard import ExplosionGuard
 from lightning_clip.exceptions import LightningClipWarning
 from lightning_clip.guard.rollback import files
 from lightning_clip.testing import FaultInjector
-from tests.models import RegressionModel, assert_same, make_trainer, regression_loader
+from tests.models import Crash, RegressionModel, assert_same, make_trainer, regression_loader
 from tests.reliability.scenarios import ResumableLoader, ScenarioModel, make_data
 
 FAULT = 11  # files at steps 2, 4, 6, 8, 10 exist when the fault's batch starts
@@ -330,13 +330,6 @@ def test_a_file_from_the_future_is_peeked_once(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------- resume cadence
-class Crash(pl.Callback):
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.at:
-            raise RuntimeError("simulated crash")
 
 
 def resumable_fit(
