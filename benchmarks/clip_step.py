@@ -4,7 +4,7 @@ Each round restores the same gradients (untimed), then times one call of each va
 rotates every round; the table shows the median time per call and its ratio to the **floor**: the least
 any norm-clipping step can do on these gradients, one bare fused norm pass (``torch._foreach_norm``), plus
 one fused multiply (``torch._foreach_mul_``) when clipping is needed.
-Run: ``python benchmarks/clip_step.py [--rounds N] [--threads T]``.
+Run: ``python benchmarks/clip_step.py [--rounds N] [--threads T] [--shapes 8 400 2000]``.
 
 Variants (each measures the total norm, updates its statistics if it has any, and clips in place):
 
@@ -153,9 +153,11 @@ def variants(
     }, resets
 
 
-def bench(rounds: int) -> list[tuple[str, str, dict[str, float]]]:
+def bench(rounds: int, shapes: list[str] | None = None) -> list[tuple[str, str, dict[str, float]]]:
     rows = []
     for shape_name, (count, size) in SHAPES.items():
+        if shapes and shape_name.split(" x ")[0] not in shapes:
+            continue
         params = make_params(count, size)
         saved = [p.grad.clone() for p in params]  # type: ignore[union-attr]
         for clip in (True, False):
@@ -188,13 +190,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--shapes", nargs="*", help="tensor counts to run (8, 400, 2000); default all")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
         f"# clip_step: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{args.threads} thread(s), median of {args.rounds} alternating rounds"
     )
-    rows = bench(args.rounds)
+    rows = bench(args.rounds, args.shapes)
     header = f"| shape | case | {' | '.join(rows[0][2])} |"
     print(header)
     print("|" + "---|" * (2 + len(rows[0][2])))

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from lightning_clip._compat import group_tensors_by_device_and_dtype, local_tensor
-from lightning_clip.functional.norms import dense_values
+from lightning_clip.functional.norms import dense_values, plain_strided
 
 __all__ = ["EPS", "clip_coef", "clip_grads_", "scale_grads_"]
 
@@ -52,9 +52,9 @@ def scale_grads_(tensors: Sequence[torch.Tensor], coef: torch.Tensor | float) ->
         return
     if not isinstance(coef, torch.Tensor):
         coef = torch.tensor(float(coef), dtype=torch.float32)
-    grouped = group_tensors_by_device_and_dtype(
-        [dense_values(local_tensor(t), coalesce=False) for t in tensors]
-    )
+    if not plain_strided(tensors):
+        tensors = [dense_values(local_tensor(t), coalesce=False) for t in tensors]
+    grouped = group_tensors_by_device_and_dtype(tensors)
     for (device, _), (group, _) in grouped.items():
         torch._foreach_mul_(group, coef.to(device))
 

@@ -85,7 +85,8 @@ class PerTensorPlan:
     Attributes:
         coefs: float32 ``(m,)``, the coefficient of each tensor that has a gradient (``≤ 1``; 1 where not
             clipped, everywhere when the total norm is not finite).
-        new_stats: float32 ``(2, m)``, the statistics of these tensors once the step counts (`commit`).
+        new_stats: float32 ``(2, m)``, the statistics of these tensors once the step counts (`commit`;
+            meaningless for a step whose total norm is not finite, which `commit` ignores).
         positions: long ``(m,)``, the tensors' positions among the optimizer's ``size`` parameters, or
             None when every parameter has a gradient (positions ``0 … size−1``).
         summary: float32 ``(4,)``: how many tensors are clipped, the index (into the ``m``) of the most
@@ -162,9 +163,7 @@ class PerTensorRule:
         stats = self._stats(size, per_tensor.device)
         current = self._take(stats, positions, len(per_tensor))
         coefs, new_stats, warmup_threshold = self._decide(per_tensor, total, current)
-        finite = torch.isfinite(total)
-        coefs = torch.where(finite, coefs, torch.ones_like(coefs))
-        new_stats = torch.where(finite, new_stats, current)
+        coefs = torch.where(torch.isfinite(total), coefs, 1.0)
         summary = _summary(coefs, per_tensor, self.norm_type)
         return PerTensorPlan(coefs, new_stats, positions, summary, total, warmup_threshold)
 
@@ -210,7 +209,7 @@ def _summary(coefs: torch.Tensor, norms: torch.Tensor, norm_type: float) -> torc
     """``[clipped count, argmin index, min coef, total after clipping]`` as one float32 tensor."""
     smallest, most = torch.min(coefs, dim=0)  # (indexing with a tensor would read it on the host)
     clipped_total = torch.linalg.vector_norm(coefs * norms, norm_type)
-    return torch.stack([(coefs < 1.0).sum().float(), most.float(), smallest, clipped_total])
+    return torch.stack([(coefs < 1.0).sum(), most, smallest, clipped_total]).float()  # promotes to float
 
 
 class AdaGCRule(PerTensorRule):
@@ -337,7 +336,7 @@ class MeanPerTensorRule(PerTensorRule):
     def _own_thresholds(self, current: torch.Tensor) -> torch.Tensor:
         ema, count = current[0], current[1]
         mean = ema / (1.0 - torch.pow(self.decay, count)).clamp_min(torch.finfo(torch.float32).tiny)
-        return torch.where(count >= self.warmup_steps, self.factor * mean, torch.full_like(ema, math.inf))
+        return torch.where(count >= self.warmup_steps, self.factor * mean, math.inf)
 
     def _decide(
         self, norms: torch.Tensor, total: torch.Tensor, current: torch.Tensor
@@ -350,7 +349,7 @@ class MeanPerTensorRule(PerTensorRule):
         counted = norms > 0.0
         applied = (coefs * norms).clamp_max(torch.finfo(torch.float32).max)
         new_ema = torch.where(counted, self.decay * ema + (1.0 - self.decay) * applied, ema)
-        return coefs, torch.stack([new_ema, count + counted.float()]), None
+        return coefs, torch.stack([new_ema, count + counted]), None
 
     def thresholds(self) -> torch.Tensor:
         stats = self._held()

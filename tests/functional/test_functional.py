@@ -101,6 +101,23 @@ def test_grad_norms_match_torch_get_total_norm(dtypes, p):
     assert float(total) == pytest.approx(float(torch.nn.utils.clip_grad_norm_(params, 1e9, p)), rel=1e-6)
 
 
+@pytest.mark.parametrize("p", NORM_TYPES, ids=lambda p: f"p={p}")
+@pytest.mark.parametrize("dtypes", DTYPE_SETS.values(), ids=DTYPE_SETS.keys())
+def test_the_common_case_and_the_grouped_path_agree_bit_for_bit(dtypes, p):
+    # a tensor subclass (not DTensor) sends the same values down the general, grouped path
+    class Tagged(torch.Tensor):
+        pass
+
+    tensors = make_tensors(SHAPE_SETS["many_small"] + SHAPE_SETS["four_d"], dtypes, seed=2)
+    total, per = functional.grad_norms(tensors, p)
+    tagged = [t.as_subclass(Tagged) for t in tensors]
+    total_general, per_general = functional.grad_norms(tagged, p)
+    assert type(per) is torch.Tensor
+    assert torch.equal(per, per_general.as_subclass(torch.Tensor))
+    assert torch.equal(total, total_general.as_subclass(torch.Tensor))
+    assert functional.norms.plain_strided(tensors) and not functional.norms.plain_strided(tagged)
+
+
 def test_float64_gradients_are_reduced_in_float64_then_reported_in_float32():
     # squares of 1e30 overflow a float32 accumulator (1e60 > 3.4e38); the norm itself fits in float32
     t = torch.full((1000,), 1e30, dtype=torch.float64)
