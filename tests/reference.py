@@ -78,6 +78,13 @@ def mean_thresholds(
 def loss_band_readings(
     losses: list[float | None], max_smoothing: float = math.inf
 ) -> list[tuple[float, float, float] | None]:
+    """`loss_band_windows`' readings."""
+    return loss_band_windows(losses, max_smoothing)[0]
+
+
+def loss_band_windows(
+    losses: list[float | None], max_smoothing: float = math.inf
+) -> tuple[list[tuple[float, float, float] | None], list[float], list[float | None]]:
     """`lightning_clip.functional.divergence.LossBand` written out from its documentation. Per value:
     ``(excess, elevated threshold, calm threshold)``, the thresholds as they stood before the value (None:
     not judged).
@@ -88,9 +95,14 @@ def loss_band_readings(
     ``fast`` = EMA with weight-sum bias correction; ``σ_f = σ·√((1−d)/(1+d))``; the spread of ``fast`` is
     ``σ·√(Σw²)/Σw``; ``ref = min(fast + √(spread² − σ_f²), ref + 0.001)``, set once the noise has 3
     terms (until then the excess is 0); excess = ``fast − ref``. ``max_smoothing`` caps ``n``. Thresholds: elevated ``= clip(5 σ_f,
-    ln 1.25, ln 2)``, calm ``= clip(3 σ_f, ln 1.1, ln(2)/2)``.
+    ln 1.25, ln 2)``, calm ``= clip(3 σ_f, ln 1.1, ln(2)/2)``. Also returned: the window ``n`` after each
+    value (the next value's; unchanged by a value not judged), and ``fast`` after each value as the next
+    value's smoothing weighs it (None: the value is not judged, or the reference is not set yet).
     """
     out: list[tuple[float, float, float] | None] = []
+    windows: list[float] = []
+    fasts: list[float | None] = []
+    n = min(9.0, max_smoothing)
     weights: list[float] = []  # the EMA's weight on each value seen so far (for Σw and Σw²)
     values: list[float] = []
     ref = last = None
@@ -106,6 +118,8 @@ def loss_band_readings(
     for loss in losses:
         if loss is None or not math.isfinite(loss) or loss <= 0:
             out.append(None)
+            windows.append(n)
+            fasts.append(None)
             continue
         x = math.log(min(loss, 3.4028234663852886e38))
         s = sigma()
@@ -140,7 +154,13 @@ def loss_band_readings(
         last = x
         if judged:
             ref = new_ref
-    return out
+        windows.append(n)
+        fasts.append(
+            None
+            if ref is None
+            else sum(wi * vi for wi, vi in zip(weights, values, strict=True)) / sum(weights)
+        )
+    return out, windows, fasts
 
 
 def loss_band_excess(losses: list[float | None], max_smoothing: float = math.inf) -> list[float | None]:
@@ -163,17 +183,22 @@ def loss_aware_thresholds(
     (`loss_band_readings`), opened only when the norm's own band (the same band fed the norms) reads an
     excess above ln 2 (the norms confirm the rise; an open episode goes on without); base = the threshold in force, re-based after 10 steps, 3 bases at most; ceiling
     cut to ``base * max(exp(-excess), 1e-3)``, slow-start level = base / 2); otherwise, with the excess at
-    most its calm threshold (or no loss) and the norm above the ceiling, the ceiling grows by ``2**0.1``
-    below the slow-start level, by ``1.0005`` above it. The mean term is `mean_thresholds`'s, fed without
-    the ceiling.
+    most its calm threshold (or no loss) and the norm above the ceiling, the ceiling grows by
+    ``min(2**0.1, 2**(1/w))`` below the slow-start level, ``w`` the norm band's window after
+    the step, by ``1.0005`` above it unless the loss band's ``fast`` after the step stands more than the
+    calm threshold above its lowest value so far. The mean term is `mean_thresholds`'s, fed without the
+    ceiling.
     """
     cap = math.inf if max_norm is None else max_norm
-    readings = loss_band_readings(losses)
-    norm_readings = loss_band_readings(list(norms))
+    readings, _, loss_fasts = loss_band_windows(losses)
+    norm_readings, norm_windows, _ = loss_band_windows(list(norms))
     out = []
     m, t = 0.0, 0  # running mean of the norms (plain rule)
     ceiling, slow, base, age, bases = math.inf, math.inf, None, 0, 0
-    for n, reading, norm_reading in zip(norms, readings, norm_readings, strict=True):
+    best = math.inf  # the lowest smoothed log loss once the band's reference is set
+    for n, reading, norm_reading, nw, fast in zip(
+        norms, readings, norm_readings, norm_windows, loss_fasts, strict=True
+    ):
         excess, elevated, calm = (None, math.inf, math.inf) if reading is None else reading
         confirmed = norm_reading is not None and norm_reading[0] > math.log(2.0)
         mean_term = cap if t < warmup_steps else min(factor * m / (1.0 - decay**t), cap)
@@ -193,8 +218,13 @@ def loss_aware_thresholds(
         threshold = min(mean_term, ceiling)
         out.append(threshold)
         healthy = excess is None or excess <= calm
+        if fast is not None:
+            best = min(best, fast)
         if base is None and healthy and math.isfinite(n) and n > ceiling:
-            ceiling *= 2.0**0.1 if ceiling < slow else 1.0005
+            if ceiling < slow:
+                ceiling *= min(2.0**0.1, 2.0 ** (1.0 / nw))
+            elif excess is None or fast is None or fast - best <= calm:
+                ceiling *= 1.0005
         if math.isfinite(n) and n > 0:
             t += 1
             m = decay * m + (1.0 - decay) * min(n, mean_term)

@@ -82,8 +82,11 @@ class LossAwareMeanThreshold(MeanThreshold):
     * it starts at `start` (a tenth) × the first finite norm: nothing is known about the scale of the
       problem yet, so the first steps are clipped to a tenth of their own norm (a trust-region warm-up);
     * on a step where it binds (the norm is above it) and the loss is in its band (excess ≤ log(2)/2), it
-      widens by `fast_growth` (doubles every 10 such steps) up to the *slow-start level*, by
-      `slow_growth` (doubles every ~1,400) above it (TCP's slow start and congestion avoidance);
+      widens by `fast_rate` (doubles every 10 such steps, or once per averaging window of its norm band
+      when that is longer: no faster than a wider ceiling can show) up to the *slow-start
+      level*, by `slow_growth` (doubles every ~1,400) above it (TCP's slow start and congestion
+      avoidance) — above it only while the smoothed loss is within its calm band of the lowest it has
+      been (`drifted`): a loss drifting up under a slowly widening ceiling stops the widening;
     * when the smoothed loss is more than twice its healthy level (excess > log 2) and the smoothed pre-clip
       norm more than twice its own (`NORM_CONFIRM_EXCESS`: the loss alone is no evidence), an *episode* opens:
       its base is the threshold in force, the slow-start level drops to half the base, and the ceiling is
@@ -120,7 +123,8 @@ class LossAwareMeanThreshold(MeanThreshold):
     start = 0.1
     """The ceiling starts at this fraction of the first finite norm."""
     fast_growth = 2.0 ** (1.0 / 10.0) - 1.0
-    """Growth of a binding ceiling per healthy step below the slow-start level (doubles every 10 steps)."""
+    """Growth of a binding ceiling per healthy step below the slow-start level (doubles every 10 steps) at
+    most: see `fast_rate`."""
     slow_growth = 5e-4
     """Growth above the slow-start level (doubles every ~1,400 steps)."""
     slow_start_fraction = 0.5
@@ -144,6 +148,7 @@ class LossAwareMeanThreshold(MeanThreshold):
         self.cuts = 0
         self.band = LossBand()
         self.norm_band = LossBand()
+        self.best_loss: float | None = None  # the lowest smoothed log loss since the band was set
 
     def mean_term(self) -> float:
         """The plain mean rule's threshold, ``min(factor · μ̂, max_norm)`` (``max_norm`` or ∞ in warm-up)."""
@@ -152,6 +157,25 @@ class LossAwareMeanThreshold(MeanThreshold):
     def current(self) -> float:
         """The threshold the next norm meets when its loss changes nothing: ``min(mean term, ceiling)``."""
         return min(self.mean_term(), self.ceiling)
+
+    def drifted(self, calm: float) -> bool:
+        """Whether the smoothed loss stands more than ``calm`` (log units) above the lowest it has been
+        (`best_loss`, not relaxed, unlike the band's healthy level): then the ceiling does not widen slowly
+        (above the slow-start level) — a wider ceiling has not paid off."""
+        band = self.band
+        if self.best_loss is None or band.weight <= 0.0:
+            return False
+        return band.ema / band.weight - self.best_loss > calm
+
+    def fast_rate(self) -> float:
+        """The growth of a binding ceiling per healthy step below the slow-start level: `fast_growth`
+        (doubling every 10 steps), but at most a doubling per *window* of its norm band (the steps its
+        smoothed value averages, `LossBand.window`): a wider ceiling shows in the smoothed norm only after
+        about that many steps, so the ceiling grows no faster than its evidence. At moderate noise
+        (windows of 9 steps) that is `fast_growth`; while the norms are noisy (early training, an
+        exploding RNN: windows of 30-170 steps) the ceiling widens that much more slowly."""
+        window = self.norm_band.window()
+        return min(self.fast_growth, 2.0 ** (1.0 / window) - 1.0)
 
     def _plan(self, norm: float, loss: float | None) -> _CeilingPlan:
         mean_term = self.mean_term()
@@ -184,7 +208,9 @@ class LossAwareMeanThreshold(MeanThreshold):
 
     def update(self, norm: float, threshold: float, loss: float | None = None) -> None:
         plan = self._plan(norm, loss)
-        self.band.update(loss)
+        if self.band.update(loss) is not None and self.band.reference is not None:
+            fast = self.band.ema / self.band.weight
+            self.best_loss = fast if self.best_loss is None else min(self.best_loss, fast)
         self.norm_band.update(norm)
         self.slow_start = plan.slow_start
         self.episode_base = plan.base
@@ -195,7 +221,10 @@ class LossAwareMeanThreshold(MeanThreshold):
         healthy = plan.excess is None or plan.excess <= plan.calm
         binding = math.isfinite(norm) and math.isfinite(self.ceiling) and norm > self.ceiling
         if plan.base is None and healthy and binding:
-            growth = self.fast_growth if self.ceiling < self.slow_start else self.slow_growth
+            if self.ceiling < self.slow_start:
+                growth = self.fast_rate()
+            else:
+                growth = 0.0 if plan.excess is not None and self.drifted(plan.calm) else self.slow_growth
             self.ceiling = min(self.ceiling * (1.0 + growth), FLOAT32_MAX)
         super().update(norm, self.mean_term())  # the mean as the plain rule applies the norm
 
@@ -228,6 +257,7 @@ class LossAwareMeanThreshold(MeanThreshold):
             "cuts": self.cuts,
             "loss_band": self.band.state_dict(),
             "norm_band": self.norm_band.state_dict(),
+            "best_loss": self.best_loss,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -241,3 +271,5 @@ class LossAwareMeanThreshold(MeanThreshold):
         self.cuts = int(state.get("cuts", 0))
         self.band.load_state_dict(state.get("loss_band", {}))
         self.norm_band.load_state_dict(state.get("norm_band", {}))
+        best = state.get("best_loss")
+        self.best_loss = None if best is None else float(best)

@@ -225,10 +225,15 @@ class LossBand:
         ``[ln 1.1, ln(2)/2]``."""
         return min(max(CALM_FLOOR, 3.0 * self.fast_noise()), HEALTHY_EXCESS)
 
+    def window(self) -> float:
+        """``n_eff``: how many steps the next smoothed value averages (9 at moderate noise, more for a
+        noisier signal, at most ``max_smoothing``) — about how long a change of level takes to show."""
+        n_eff = max(2.0 / (1.0 - self.fast_decay) - 1.0, (self.noise_sigmas * self.noise_level() / LOG2) ** 2)
+        return min(n_eff, self.max_smoothing)
+
     def decay(self) -> float:
         """The decay the next value is smoothed with."""
-        n_eff = max(2.0 / (1.0 - self.fast_decay) - 1.0, (self.noise_sigmas * self.noise_level() / LOG2) ** 2)
-        return 1.0 - 2.0 / (min(n_eff, self.max_smoothing) + 1.0)
+        return 1.0 - 2.0 / (self.window() + 1.0)
 
     def peek(self, value: float | None) -> BandReading | None:
         """The reading after feeding ``value``, without changing the state (None: not judged)."""
