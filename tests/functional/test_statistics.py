@@ -579,3 +579,57 @@ def test_loss_aware_state_round_trip_through_a_confirmed_runaway():
         partial = LossAwareMeanThreshold()
         partial.load_state_dict({key: v for key, v in state.items() if key != "norm_band"})
         assert [partial.step(n, loss) for n, loss in zip(norms[k:], losses[k:], strict=True)] != expected[k:]
+
+
+def _runaway_then_drift() -> tuple[list[float], list[float]]:
+    """A confirmed runaway (cut), 300 healthy binding steps, then a loss drifting up by 0.04% a step while
+    the norms stay at their level (binding the cut ceiling)."""
+    rng = random.Random(3)
+    norms = [2.0 * math.exp(rng.gauss(0.0, 0.1)) for _ in range(60)] + [2.0 * 1.1**k for k in range(1, 41)]
+    losses = [1.0 * math.exp(rng.gauss(0.0, 0.1)) for _ in range(60)] + [1.1**k for k in range(1, 41)]
+    norms += [2.0 * math.exp(rng.gauss(0.0, 0.1)) for _ in range(1800)]
+    losses += [math.exp(rng.gauss(0.0, 0.05)) for _ in range(300)]
+    losses += [math.exp(0.0004 * k + rng.gauss(0.0, 0.05)) for k in range(1500)]
+    return norms, losses
+
+
+def test_a_loss_drifting_up_after_a_cut_stops_the_slow_widening():
+    """The drift gate: after a cut, the ceiling widens by `slow_growth` only while the smoothed loss is
+    within its calm band of the lowest it has been. Reference: the same rule with the gate switched off
+    (a loss that drifts more slowly than the band's healthy level relaxes never reads as a rise)."""
+    norms, losses = _runaway_then_drift()
+    gated, ungated = LossAwareMeanThreshold(), LossAwareMeanThreshold()
+    ungated.drifted = lambda calm: False  # type: ignore[method-assign]
+    ceilings = []
+    for n, loss in zip(norms, losses, strict=True):
+        gated.step(n, loss)
+        ungated.step(n, loss)
+        ceilings.append((gated.ceiling, ungated.ceiling))
+    assert gated.cuts > 0 and math.isfinite(gated.slow_start)
+    (g_mid, u_mid), (g_end, u_end) = ceilings[1000], ceilings[-1]
+    assert g_end == g_mid  # drifted: held, never cut
+    assert u_end > 1.5 * u_mid  # without the gate: 0.05% a step for 900 steps
+    assert g_end < u_end
+
+
+def test_the_drift_gate_state_travels_in_the_checkpoint():
+    """Resumed in the middle of the drift: the same ceilings bit for bit; without ``best_loss`` the resumed
+    rule takes the drifted loss as its best and widens again."""
+    norms, losses = _runaway_then_drift()
+    uninterrupted = LossAwareMeanThreshold()
+    expected = [uninterrupted.step(n, loss) for n, loss in zip(norms, losses, strict=True)]
+    k = 1200
+    first = LossAwareMeanThreshold()
+    for n, loss in zip(norms[:k], losses[:k], strict=True):
+        first.step(n, loss)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    resumed = LossAwareMeanThreshold()
+    resumed.load_state_dict(state)
+    assert [resumed.step(n, loss) for n, loss in zip(norms[k:], losses[k:], strict=True)] == expected[k:]
+    forgetful = LossAwareMeanThreshold()
+    forgetful.load_state_dict({key: v for key, v in state.items() if key != "best_loss"})
+    tail = [forgetful.step(n, loss) for n, loss in zip(norms[k:], losses[k:], strict=True)]
+    assert tail[-1] > expected[-1]
