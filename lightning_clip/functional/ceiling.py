@@ -162,10 +162,8 @@ class LossAwareMeanThreshold(MeanThreshold):
         """Whether the smoothed loss stands more than ``calm`` (log units) above the lowest it has been
         (`best_loss`, not relaxed, unlike the band's healthy level): then the ceiling does not widen slowly
         (above the slow-start level) — a wider ceiling has not paid off."""
-        band = self.band
-        if self.best_loss is None or band.weight <= 0.0:
-            return False
-        return band.ema / band.weight - self.best_loss > calm
+        fast = self.band.smoothed()
+        return self.best_loss is not None and fast is not None and fast - self.best_loss > calm
 
     def fast_rate(self) -> float:
         """The growth of a binding ceiling per healthy step below the slow-start level: `fast_growth`
@@ -208,8 +206,8 @@ class LossAwareMeanThreshold(MeanThreshold):
 
     def update(self, norm: float, threshold: float, loss: float | None = None) -> None:
         plan = self._plan(norm, loss)
-        if self.band.update(loss) is not None and self.band.reference is not None:
-            fast = self.band.ema / self.band.weight
+        fast = self.band.smoothed() if self.band.update(loss) is not None else None
+        if fast is not None and self.band.reference is not None:
             self.best_loss = fast if self.best_loss is None else min(self.best_loss, fast)
         self.norm_band.update(norm)
         self.slow_start = plan.slow_start

@@ -235,6 +235,10 @@ class LossBand:
         """The decay the next value is smoothed with."""
         return 1.0 - 2.0 / (self.window() + 1.0)
 
+    def smoothed(self) -> float | None:
+        """The smoothed log value after the values fed so far (None before the first)."""
+        return self.ema / self.weight if self.weight > 0.0 else None
+
     def peek(self, value: float | None) -> BandReading | None:
         """The reading after feeding ``value``, without changing the state (None: not judged)."""
         x = _log(value)

@@ -446,6 +446,14 @@ STATE_CASES = {
 }
 
 
+def _through_a_file(state: dict) -> dict:
+    """``state`` saved with ``torch.save`` and loaded back with ``weights_only=True``."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
 @pytest.mark.parametrize("k", [15, 60])
 @pytest.mark.parametrize("kwargs", STATE_CASES.values(), ids=STATE_CASES.keys())
 def test_state_dict_round_trip_continues_exactly(kwargs, k):
@@ -456,10 +464,7 @@ def test_state_dict_round_trip_continues_exactly(kwargs, k):
 
     first = make_rule(**kwargs)
     head = [first.step(n) for n in norms[:k]]
-    buffer = io.BytesIO()
-    torch.save(first.state_dict(), buffer)
-    buffer.seek(0)
-    state = torch.load(buffer, weights_only=True)
+    state = _through_a_file(first.state_dict())
     assert state == first.state_dict()
 
     resumed = make_rule(**kwargs)
@@ -567,10 +572,7 @@ def test_loss_aware_state_round_trip_through_a_confirmed_runaway():
     for k in (62, 70):
         first = LossAwareMeanThreshold()
         head = [first.step(n, loss) for n, loss in zip(norms[:k], losses[:k], strict=True)]
-        buffer = io.BytesIO()
-        torch.save(first.state_dict(), buffer)
-        buffer.seek(0)
-        state = torch.load(buffer, weights_only=True)
+        state = _through_a_file(first.state_dict())
         resumed = LossAwareMeanThreshold()
         resumed.load_state_dict(state)
         tail = [resumed.step(n, loss) for n, loss in zip(norms[k:], losses[k:], strict=True)]
@@ -622,10 +624,7 @@ def test_the_drift_gate_state_travels_in_the_checkpoint():
     first = LossAwareMeanThreshold()
     for n, loss in zip(norms[:k], losses[:k], strict=True):
         first.step(n, loss)
-    buffer = io.BytesIO()
-    torch.save(first.state_dict(), buffer)
-    buffer.seek(0)
-    state = torch.load(buffer, weights_only=True)
+    state = _through_a_file(first.state_dict())
     resumed = LossAwareMeanThreshold()
     resumed.load_state_dict(state)
     assert [resumed.step(n, loss) for n, loss in zip(norms[k:], losses[k:], strict=True)] == expected[k:]
