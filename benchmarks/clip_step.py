@@ -9,6 +9,12 @@ Run: ``python benchmarks/clip_step.py [--rounds N] [--threads T] [--shapes 8 400
 Variants (each measures the total norm, updates its statistics if it has any, and clips in place):
 
 * ``floor``: the bare fused passes above, no statistics, no host transfer.
+* ``norm+mul``: one ``_foreach_norm`` and one ``_foreach_mul_`` whether clipping is needed or not: the floor
+  as issue 20 states its bar (≤ 1.2× for the per-tensor modes, at every shape); a second table gives the
+  per-tensor modes' ratios to it.
+* ``gather bound``: what any per-tensor rule pays before deciding anything: the norm pass, gathering its
+  per-tensor norms into one vector (``torch.stack``; on the CPU ``_foreach_norm`` returns one tensor per
+  gradient), and one fused multiply by a coefficient per tensor (views of one buffer).
 
 * ``lightning-clip``: what ``AdaptiveGradientClipping`` does per step — one fused ``_foreach_norm`` pass,
   one host transfer, the ``mean`` rule, and a fused ``_foreach_mul_`` only when clipping is needed.
@@ -77,6 +83,7 @@ def primed_rule(rule: PerTensorRule, grads: list[torch.Tensor], clip: bool) -> C
     def restore() -> None:
         rule.stats = saved.clone()
         rule.steps = 1000
+        rule.limits()  # as after a committed step, whose plan made the next step's limits
 
     restore()
     return restore
@@ -114,6 +121,18 @@ def variants(
             torch._foreach_mul_(grads, coef)  # type: ignore[arg-type]
         return norms
 
+    def norm_mul() -> object:
+        norms = torch._foreach_norm(grads, 2.0)  # type: ignore[arg-type]
+        torch._foreach_mul_(grads, coef)  # type: ignore[arg-type]
+        return norms
+
+    views = list(torch.full((len(grads),), 0.5).unbind())
+
+    def gather_bound() -> object:
+        norms = torch.stack(torch._foreach_norm(grads, 2.0))  # type: ignore[arg-type]
+        torch._foreach_mul_(grads, views)  # type: ignore[arg-type]
+        return norms
+
     def ours() -> object:
         total, _ = functional.grad_norms(grads)  # type: ignore[arg-type]
         norm = float(total.item())
@@ -144,6 +163,8 @@ def variants(
     }
     return {
         "floor": floor,
+        "norm+mul": norm_mul,
+        "gather bound": gather_bound,
         "lightning-clip": ours,
         "per-tensor adagc": lambda: per_tensor_step(adagc, scalers[0], grads),  # type: ignore[arg-type]
         "per-tensor mean": lambda: per_tensor_step(mean_pt, scalers[1], grads),  # type: ignore[arg-type]
@@ -205,6 +226,13 @@ def main() -> None:
         base = med["floor"]
         cells = [f"{med[n] * 1e3:.3f} ms ({med[n] / base:.2f}×)" for n in med]
         print(f"| {shape} | {case} | {' | '.join(cells)} |")
+    modes = ("gather bound", "per-tensor adagc", "per-tensor mean")
+    print("\nThe per-tensor modes against issue 20's floor (`norm+mul`; bar ≤ 1.2× at every shape):\n")
+    print(f"| shape | case | {' | '.join(modes)} |")
+    print("|---|---|---|---|---|")
+    for shape, case, med in rows:
+        base = med["norm+mul"]
+        print(f"| {shape} | {case} | {' | '.join(f'{med[n] / base:.2f}×' for n in modes)} |")
 
 
 if __name__ == "__main__":

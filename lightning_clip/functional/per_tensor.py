@@ -7,8 +7,10 @@ al. 2025, "AdaGC: Improving Training Stability for Large Language Model Pretrain
 
 Everything stays on the gradients' device: a rule turns the per-tensor norms of one fused
 ``_foreach_norm`` pass (`~lightning_clip.functional.norms.grad_norms`) into per-tensor coefficients
-(`PerTensorRule.plan`, a few vector operations, no host read), `PerTensorScaler` applies them in one
-fused multiply, and `PerTensorRule.commit` writes the new statistics once the step's fate is known. The
+(`PerTensorRule.plan`, a few vector operations, no host read; it also makes the statistics and the
+per-tensor limits the step would leave), `PerTensorScaler` (`lightning_clip.functional.clipping`,
+re-exported here) applies them in one fused multiply, and `PerTensorRule.commit` keeps those statistics
+once the step's fate is known (no device operation when the step covers every parameter). The
 statistics of an optimizer are one stacked float32 tensor (`PerTensorRule.stats`, shape ``(2, n)``:
 row 0 the running statistic of each tensor, row 1 how many steps each tensor has counted), plus a host
 count of the steps applied.
@@ -48,8 +50,7 @@ from typing import Any
 
 import torch
 
-from lightning_clip._compat import is_dtensor, local_tensor
-from lightning_clip.functional.clipping import EPS
+from lightning_clip.functional.clipping import EPS, PerTensorScaler
 from lightning_clip.functional.thresholds import MeanThreshold, check_max_norm
 
 __all__ = [
@@ -93,6 +94,9 @@ class PerTensorPlan:
             clipped one, its coefficient, and the total norm after clipping (see `SUMMARY`).
         total: the pre-clip total norm (0-d float32).
         warmup_threshold: the host threshold of the warm-up's global clip (``mode="adagc"`` only, else None).
+        next_limits: the per-tensor limits of ``new_stats`` (`PerTensorRule.limits`), made while the
+            step's small vectors are still in cache, so that `commit` only swaps tensors (None when the step
+            covers some of the parameters only: the limits are then made again at the next plan).
     """
 
     coefs: torch.Tensor
@@ -101,6 +105,7 @@ class PerTensorPlan:
     summary: torch.Tensor
     total: torch.Tensor
     warmup_threshold: float | None = None
+    next_limits: torch.Tensor | None = None
 
 
 class PerTensorRule:
@@ -122,6 +127,9 @@ class PerTensorRule:
         self.stats: torch.Tensor | None = None
         self.steps = 0
         self._saved: torch.Tensor | None = None  # loaded statistics, moved to the device at first use
+        # (the statistics they were made from, the per-tensor limits of the next step): see `limits`
+        self._limits: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._counted_all = False  # every tensor has counted a step (known on the host, never read back)
 
     # ------------------------------------------------------------------------------------ statistics
     def _stats(self, size: int, device: torch.device) -> torch.Tensor:
@@ -133,6 +141,8 @@ class PerTensorRule:
             grown = torch.zeros(2, max(size, 0 if stats is None else stats.shape[1]), device=device)
             if stats is not None:
                 grown[:, : stats.shape[1]] = stats.to(device)
+            if stats is None or stats.shape[1] < size:
+                self._counted_all = False  # new tensors, not counted yet
             self.stats = stats = grown
         return stats
 
@@ -142,7 +152,24 @@ class PerTensorRule:
 
     @staticmethod
     def _take(stats: torch.Tensor, positions: torch.Tensor | None, size: int) -> torch.Tensor:
-        return stats[:, :size] if positions is None else stats.index_select(1, positions)
+        if positions is None:
+            return stats if stats.shape[1] == size else stats[:, :size]
+        return stats.index_select(1, positions)
+
+    def limits(self) -> torch.Tensor | None:
+        """The per-tensor limits the next step's norms meet (`_limits_of` the statistics; None before
+        the first step), kept from the plan of the step that made the statistics: the same values made
+        again would cost the step about ten small vector operations after its gradient pass."""
+        stats = self.stats
+        if stats is None:
+            return None
+        if self._limits is None or self._limits[0] is not stats:
+            self._limits = (stats, self._limits_of(stats))
+        return self._limits[1]
+
+    def _limits_of(self, stats: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """The per-tensor limits of ``stats`` (float32 ``(n,)``), as `_decide` reads them."""
+        raise NotImplementedError
 
     def plan(
         self,
@@ -159,18 +186,24 @@ class PerTensorRule:
             positions: those tensors' positions among the optimizer's parameters (None: ``0 … m−1``).
             size: how many parameters the optimizer has (None: ``m``).
         """
-        size = len(per_tensor) if size is None else size
+        m = len(per_tensor)
+        size = m if size is None else size
         stats = self._stats(size, per_tensor.device)
-        current = self._take(stats, positions, len(per_tensor))
-        coefs, new_stats, warmup_threshold = self._decide(per_tensor, total, current)
+        whole = positions is None and stats.shape[1] == m  # the step covers every parameter
+        current = self._take(stats, positions, m)
+        limits = self.limits()
+        assert limits is not None
+        limits = limits if whole else self._take(limits.unsqueeze(0), positions, m)[0]
+        coefs, applied, new_stats, warmup_threshold = self._decide(per_tensor, total, current, limits)
         coefs = torch.where(torch.isfinite(total), coefs, 1.0)
-        summary = _summary(coefs, per_tensor, self.norm_type)
-        return PerTensorPlan(coefs, new_stats, positions, summary, total, warmup_threshold)
+        summary = _summary(coefs, applied, self.norm_type)
+        next_limits = self._limits_of(new_stats) if whole else None
+        return PerTensorPlan(coefs, new_stats, positions, summary, total, warmup_threshold, next_limits)
 
     def _decide(
-        self, norms: torch.Tensor, total: torch.Tensor, current: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, float | None]:  # pragma: no cover - abstract
-        """``(coefs, new statistics, warm-up threshold)`` for finite norms."""
+        self, norms: torch.Tensor, total: torch.Tensor, current: torch.Tensor, limits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float | None]:  # pragma: no cover - abstract
+        """``(coefs, norms as clipped, new statistics, warm-up threshold)`` for finite norms."""
         raise NotImplementedError
 
     def commit(self, plan: PerTensorPlan, finite: bool, total_norm: float | None = None) -> None:
@@ -179,10 +212,16 @@ class PerTensorRule:
         (needed by the warm-up rule of ``mode="adagc"`` without ``max_norm``)."""
         if not finite or self.stats is None:
             return
-        if plan.positions is None:
+        if plan.next_limits is not None and plan.new_stats.shape == self.stats.shape:
+            self.stats = plan.new_stats  # the step's own tensors: nothing to copy or make again
+            self._limits = (plan.new_stats, plan.next_limits)
+            self._counted_all = True  # every tensor counted this step
+        elif plan.positions is None:
             self.stats[:, : plan.new_stats.shape[1]] = plan.new_stats
+            self._limits = None
         else:
             self.stats.index_copy_(1, plan.positions, plan.new_stats)
+            self._limits = None
         self.steps += 1
 
     def thresholds(self) -> torch.Tensor:  # pragma: no cover - abstract
@@ -201,14 +240,16 @@ class PerTensorRule:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state.get("steps", 0))
         saved = state.get("stats")
-        self.stats = None
+        self.stats, self._limits = None, None
         self._saved = None if saved is None else saved.detach().to("cpu", torch.float32, copy=True)
+        self._counted_all = self._saved is not None and bool((self._saved[1] > 0).all())
 
 
-def _summary(coefs: torch.Tensor, norms: torch.Tensor, norm_type: float) -> torch.Tensor:
-    """``[clipped count, argmin index, min coef, total after clipping]`` as one float32 tensor."""
+def _summary(coefs: torch.Tensor, applied: torch.Tensor, norm_type: float) -> torch.Tensor:
+    """``[clipped count, argmin index, min coef, total after clipping]`` as one float32 tensor
+    (``applied``: the norms as clipped)."""
     smallest, most = torch.min(coefs, dim=0)  # (indexing with a tensor would read it on the host)
-    clipped_total = torch.linalg.vector_norm(coefs * norms, norm_type)
+    clipped_total = torch.linalg.vector_norm(applied, norm_type)
     return torch.stack([(coefs < 1.0).sum(), most, smallest, clipped_total]).float()  # promotes to float
 
 
@@ -260,21 +301,32 @@ class AdaGCRule(PerTensorRule):
     def _warmup_threshold(self) -> float:
         return self.max_norm if self.max_norm is not None else self._warmup_rule.current()
 
+    def _limits_of(self, stats: torch.Tensor) -> torch.Tensor:
+        return stats[0].clamp_min(ADAGC_EPS).mul_(self.factor)  # factor · max(γ, eps)
+
     def _decide(
-        self, norms: torch.Tensor, total: torch.Tensor, current: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, float | None]:
-        gamma, count = current[0], current[1]
+        self, norms: torch.Tensor, total: torch.Tensor, current: torch.Tensor, limits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float | None]:
+        gamma, count = current.unbind()
         threshold = self._warmup_threshold()
+        rel = torch.div(limits, norms.clamp_min(ADAGC_EPS)).clamp_max_(1.0)
+        if self.steps >= self.warmup_steps and self._counted_all:  # the steady state: no tensor is new
+            applied = rel * norms
+            return (
+                rel,
+                applied,
+                torch.stack([torch.lerp(gamma, applied, 1.0 - self.decay), count + 1.0]),
+                threshold,
+            )
         warm_coef = torch.clamp(threshold / (total + ADAGC_EPS), max=1.0)
         warm_norms = norms * warm_coef
-        rel = (self.factor * gamma.clamp_min(ADAGC_EPS) / norms.clamp_min(ADAGC_EPS)).clamp_max(1.0)
         new = count == 0
         warm = new if self.steps >= self.warmup_steps else torch.ones_like(new)
         coefs = torch.where(warm, warm_coef.expand_as(norms), rel)
         warm_gamma = torch.where(new, warm_norms, torch.minimum(gamma, warm_norms))
         rel_gamma = torch.lerp(gamma, rel * norms, 1.0 - self.decay)
         new_stats = torch.stack([torch.where(warm, warm_gamma, rel_gamma), count + 1.0])
-        return coefs, new_stats, threshold
+        return coefs, coefs * norms, new_stats, threshold
 
     def commit(self, plan: PerTensorPlan, finite: bool, total_norm: float | None = None) -> None:
         warming = self.max_norm is None and self.steps < self.warmup_steps
@@ -333,27 +385,31 @@ class MeanPerTensorRule(PerTensorRule):
         self.max_norm = check_max_norm(max_norm)
         self.norm_type = float(norm_type)
 
-    def _own_thresholds(self, current: torch.Tensor) -> torch.Tensor:
-        ema, count = current[0], current[1]
-        mean = ema / (1.0 - torch.pow(self.decay, count)).clamp_min(torch.finfo(torch.float32).tiny)
-        return torch.where(count >= self.warmup_steps, self.factor * mean, math.inf)
+    def _limits_of(self, stats: torch.Tensor) -> torch.Tensor:
+        ema, count = stats.unbind()
+        corrected = torch.pow(self.decay, count).neg_().add_(1.0).clamp_min_(torch.finfo(torch.float32).tiny)
+        return torch.where(count >= self.warmup_steps, torch.div(ema, corrected).mul_(self.factor), math.inf)
 
     def _decide(
-        self, norms: torch.Tensor, total: torch.Tensor, current: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, float | None]:
-        ema, count = current[0], current[1]
-        coefs = torch.clamp(self._own_thresholds(current) / (norms + EPS), max=1.0)
+        self, norms: torch.Tensor, total: torch.Tensor, current: torch.Tensor, limits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float | None]:
+        ema, count = current.unbind()
+        coefs = torch.div(limits, norms + EPS).clamp_max_(1.0)
+        applied = coefs * norms
         if self.max_norm is not None:
-            clipped_total = torch.linalg.vector_norm(coefs * norms, self.norm_type)
-            coefs = coefs * torch.clamp(self.max_norm / (clipped_total + EPS), max=1.0)
-        counted = norms > 0.0
-        applied = (coefs * norms).clamp_max(torch.finfo(torch.float32).max)
-        new_ema = torch.where(counted, self.decay * ema + (1.0 - self.decay) * applied, ema)
-        return coefs, torch.stack([new_ema, count + counted]), None
+            cap = torch.clamp(
+                self.max_norm / (torch.linalg.vector_norm(applied, self.norm_type) + EPS), max=1.0
+            )
+            coefs = coefs * cap
+            applied = coefs * norms
+        counted = norms > 0.0  # a tensor with a zero norm (or none) keeps its EMA: weight 0
+        fed = applied.clamp_max(torch.finfo(torch.float32).max)
+        new_ema = torch.lerp(ema, fed, counted * (1.0 - self.decay))
+        return coefs, applied, torch.stack([new_ema, count + counted]), None
 
     def thresholds(self) -> torch.Tensor:
         stats = self._held()
-        return torch.zeros(0) if stats is None else self._own_thresholds(stats)
+        return torch.zeros(0) if stats is None else self._limits_of(stats)
 
 
 def make_per_tensor_rule(
@@ -379,53 +435,3 @@ def make_per_tensor_rule(
             factor, decay, 1 if warmup_steps is None else warmup_steps, max_norm, norm_type
         )
     raise ValueError(f"`mode` must be one of {' | '.join(map(repr, PER_TENSOR_MODES))}, got {mode!r}.")
-
-
-class PerTensorScaler:
-    """Multiplies each tensor by its own coefficient (a device vector) in one fused ``_foreach_mul_``.
-
-    ``_foreach_mul_`` takes the per-tensor scalars as a list of 0-d tensors; they are views of one buffer
-    made once (unbinding a vector of 2,000 entries costs about as much as the multiply itself), so each step
-    only copies the coefficients into the buffer. No host read. Sharded tensors (``DTensor``) are scaled
-    through their local shards, with no communication.
-
-    Examples:
-        >>> scaler = PerTensorScaler()
-        >>> grads = [torch.ones(2), torch.ones(3)]
-        >>> scaler.scale_(grads, torch.tensor([0.5, 0.25]))
-        >>> [g.tolist() for g in grads]
-        [[0.5, 0.5], [0.25, 0.25, 0.25]]
-    """
-
-    def __init__(self) -> None:
-        self._buffer: torch.Tensor | None = None
-        self._views: tuple[torch.Tensor, ...] = ()
-        # (count, device, all on that device, sharded): the gradients' layout, checked when the count changes
-        self._layout: tuple[int, torch.device, bool, bool] | None = None
-
-    def _views_for(self, count: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-        if self._buffer is None or self._buffer.numel() < count or self._buffer.device != device:
-            self._buffer = torch.ones(count, dtype=torch.float32, device=device)
-            self._views = self._buffer.unbind()
-        return self._views
-
-    def scale_(self, tensors: list[torch.Tensor], coefs: torch.Tensor) -> None:
-        """``tensors[i] *= coefs[i]`` in place for every ``i``."""
-        count = len(tensors)
-        if count == 0:
-            return
-        device = coefs.device
-        if self._layout is None or self._layout[:2] != (count, device):
-            sharded = any(is_dtensor(t) for t in tensors)
-            locals_ = [local_tensor(t) for t in tensors] if sharded else tensors
-            self._layout = (count, device, all(t.device == device for t in locals_), sharded)
-        if self._layout[3]:
-            tensors = [local_tensor(t) for t in tensors]
-        views = self._views_for(count, device)
-        assert self._buffer is not None
-        self._buffer[:count].copy_(coefs)
-        if self._layout[2]:
-            torch._foreach_mul_(tensors, list(views[:count]))
-            return
-        for i, t in enumerate(tensors):  # several devices (rare): one multiply per tensor
-            t.mul_(views[i].to(t.device))

@@ -152,6 +152,78 @@ def test_a_nan_step_changes_nothing_and_is_not_clipped() -> None:
         assert_same(rule.state_dict(), before)
 
 
+@pytest.mark.parametrize("mode", ["adagc", "mean_per_tensor"])
+def test_the_limits_kept_from_the_plan_are_those_of_the_statistics(mode: str) -> None:
+    """The next step's limits are made in the plan and kept by `commit` (not made again). Reference: the
+    same rule with that cache dropped before every step, which makes them from its statistics. Over whole
+    steps, steps where some tensors have no gradient, NaN steps, steps never committed, a tensor added
+    mid-run and a resume through `state_dict`, every plan must agree bit for bit."""
+    from lightning_clip.functional.per_tensor import make_per_tensor_rule
+
+    def new() -> Any:
+        return make_per_tensor_rule(mode, 1.5 if mode != "adagc" else 1.05, 0.9, 2, 3.0)
+
+    cached, fresh = new(), new()
+    g = torch.Generator().manual_seed(0)
+    size = 3
+    for step in range(40):
+        if step == 20:
+            size = 4  # a parameter joins the optimizer
+        if step == 30:  # resume both from a checkpoint of the cached one
+            state = cached.state_dict()
+            cached, fresh = new(), new()
+            cached.load_state_dict(state)
+            fresh.load_state_dict(state)
+        norms = torch.rand(size, generator=g) * (10.0 if step % 7 == 3 else 1.0)
+        positions = None
+        if step % 5 == 4:  # tensor 1 has no gradient on this step
+            positions = torch.tensor([i for i in range(size) if i != 1])
+            norms = norms[positions]
+        if step % 11 == 6:
+            norms[0] = float("nan")
+        total = torch.linalg.vector_norm(norms)
+        fresh._limits = None  # the reference: limits made from its statistics
+        ours = cached.plan(norms, total, positions, size)
+        ref = fresh.plan(norms, total, positions, size)
+        for field in ("coefs", "new_stats", "summary"):
+            a, b = getattr(ours, field), getattr(ref, field)
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=f"{step} {field}")
+        if step % 13 != 12:  # sometimes the step's update is dropped: no commit
+            finite = bool(torch.isfinite(total))
+            cached.commit(ours, finite, float(total))
+            fresh.commit(ref, finite, float(total))
+        assert torch.equal(cached.thresholds(), fresh.thresholds()), step
+    assert cached.steps == fresh.steps >= 25
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_tensor_that_joins_late_starts_with_adagc_warm_up_rule(resume: bool) -> None:
+    """AdaGC clips a tensor it has never seen with the warm-up's global coefficient, however late it comes
+    (reference: the naive loop, `NaivePerTensor`): a parameter added to the optimizer, or one that had no
+    gradient until then, also right after a resume."""
+    from lightning_clip.functional.per_tensor import AdaGCRule
+
+    rule, naive = AdaGCRule(1.05, 0.9, 2, 1.0), NaivePerTensor("adagc", 1.05, 0.9, 2, 1.0)
+    g = torch.Generator().manual_seed(1)
+    for step in range(14):
+        if resume and step == 10:
+            state = rule.state_dict()
+            rule = AdaGCRule(1.05, 0.9, 2, 1.0)
+            rule.load_state_dict(state)
+        # steps 0-3: three parameters; 4-9: a fourth one, without a gradient; from 10 on, with one
+        size = 3 if step < 4 else 4
+        norms = torch.rand(size if step >= 10 else 3, generator=g) * 3.0
+        positions = torch.arange(3) if 4 <= step < 10 else None
+        plan = rule.plan(norms, torch.linalg.vector_norm(norms), positions, size)
+        expected = naive.coefs(norms.tolist())
+        assert plan.coefs.tolist() == pytest.approx(expected, rel=1e-6), step
+        if step == 10:  # by hand: the newcomer is scaled by the global warm-up coefficient
+            total = math.sqrt(sum(n * n for n in norms.tolist()))
+            assert float(plan.coefs[3]) == pytest.approx(min(1.0, 1.0 / (total + 1e-8)), rel=1e-6)
+        rule.commit(plan, finite=True)
+        naive.update(norms.tolist(), expected)
+
+
 # ------------------------------------------------------------------------------------------------ state
 def test_state_key_is_pinned() -> None:
     assert AdaptiveGradientClipping(mode="adagc", factor=1.05, decay=0.98, max_norm=1.0).state_key == (
