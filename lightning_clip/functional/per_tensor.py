@@ -215,7 +215,7 @@ class PerTensorRule:
         if plan.next_limits is not None and plan.new_stats.shape == self.stats.shape:
             self.stats = plan.new_stats  # the step's own tensors: nothing to copy or make again
             self._limits = (plan.new_stats, plan.next_limits)
-            self._counted_all = True  # every tensor counted this step
+            self._counted_all = True  # a whole step: AdaGC has counted every tensor (unused by the mean rule)
         elif plan.positions is None:
             self.stats[:, : plan.new_stats.shape[1]] = plan.new_stats
             self._limits = None
