@@ -185,19 +185,28 @@ def loss_aware_thresholds(
     cut to ``base * max(exp(-excess), 1e-3)``, slow-start level = base / 2); otherwise, with the excess at
     most its calm threshold (or no loss) and the norm above the ceiling, the ceiling grows by
     ``min(2**0.1, 2**(1/w))`` below the slow-start level, ``w`` the norm band's window after
-    the step, by ``1.0005`` above it unless the loss band's ``fast`` after the step stands more than the
-    calm threshold above its lowest value so far. The mean term is `mean_thresholds`'s, fed without the
-    ceiling.
+    the step, by ``1.0005`` above it — neither while *drifted*: the loss band's ``fast`` after the step
+    more than the calm threshold above its lowest value so far. Probes: outside an episode, once a *stall*
+    (the same test against the lowest ``fast`` since the last probe undone) has lasted ``w`` binding steps
+    (``w`` the longer of the two bands' windows after the step, rounded up to whole steps; a step that
+    does not stall resets the count, one that stalls without binding leaves it), the ceiling halves (the
+    slow-start level no higher); ``w`` steps later it stays halved if ``fast`` fell more than the calm
+    threshold below where it stood when the probe began, else it goes back and the stall's lowest value
+    becomes the current ``fast`` (the drift's lowest value stays). An episode closes any probe and resets the count. The mean term is
+    `mean_thresholds`'s, fed without the ceiling.
     """
     cap = math.inf if max_norm is None else max_norm
-    readings, _, loss_fasts = loss_band_windows(losses)
+    readings, loss_windows, loss_fasts = loss_band_windows(losses)
     norm_readings, norm_windows, _ = loss_band_windows(list(norms))
     out = []
     m, t = 0.0, 0  # running mean of the norms (plain rule)
     ceiling, slow, base, age, bases = math.inf, math.inf, None, 0, 0
     best = math.inf  # the lowest smoothed log loss once the band's reference is set
-    for n, reading, norm_reading, nw, fast in zip(
-        norms, readings, norm_readings, norm_windows, loss_fasts, strict=True
+    since = math.inf  # ... since the last probe the loss did not answer
+    drift = 0  # binding steps of the current drift
+    probe = None  # (smoothed log loss at its start, its age, the ceiling before it) of the open probe
+    for n, reading, norm_reading, lw, nw, fast in zip(
+        norms, readings, norm_readings, loss_windows, norm_windows, loss_fasts, strict=True
     ):
         excess, elevated, calm = (None, math.inf, math.inf) if reading is None else reading
         confirmed = norm_reading is not None and norm_reading[0] > math.log(2.0)
@@ -219,12 +228,30 @@ def loss_aware_thresholds(
         out.append(threshold)
         healthy = excess is None or excess <= calm
         if fast is not None:
-            best = min(best, fast)
-        if base is None and healthy and math.isfinite(n) and n > ceiling:
-            if ceiling < slow:
-                ceiling *= min(2.0**0.1, 2.0 ** (1.0 / nw))
-            elif excess is None or fast is None or fast - best <= calm:
-                ceiling *= 1.0005
+            best, since = min(best, fast), min(since, fast)
+        drifted = excess is not None and fast is not None and fast - best > calm
+        stalled = excess is not None and fast is not None and fast - since > calm
+        binding = math.isfinite(n) and n > ceiling
+        window = math.ceil(max(lw, nw) - 1e-6)  # whole steps
+        if base is not None:
+            drift, probe = 0, None
+        elif probe is not None:
+            start, probe_age, before = probe
+            probe = (start, probe_age + 1, before)
+            if probe_age + 1 >= window and fast is not None:
+                if fast >= start - calm:  # the loss did not answer the halving: undone
+                    ceiling = max(ceiling, before)
+                    since = fast
+                probe, drift = None, 0
+        else:
+            drift = drift + (1 if binding else 0) if stalled else 0
+            if drift >= window and fast is not None:
+                probe = (fast, 0, ceiling)
+                ceiling *= 0.5
+                slow = min(slow, ceiling)
+                drift = 0
+            elif healthy and binding and not drifted:
+                ceiling *= min(2.0**0.1, 2.0 ** (1.0 / nw)) if ceiling < slow else 1.0005
         if math.isfinite(n) and n > 0:
             t += 1
             m = decay * m + (1.0 - decay) * min(n, mean_term)
