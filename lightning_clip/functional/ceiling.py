@@ -87,13 +87,17 @@ class LossAwareMeanThreshold(MeanThreshold):
       when that is longer: no faster than a wider ceiling can show) up to the *slow-start
       level*, by `slow_growth` (doubles every ~1,400) above it (TCP's slow start and congestion
       avoidance) — at either pace only while the smoothed loss is within its calm band of the lowest it
-      has been (`drifted`): a loss drifting up under a widening ceiling stops the widening;
+      has been (`drifted`): a loss drifting up under a widening ceiling stops the widening. "The lowest"
+      is of the *settled* smoothed loss (`LossBand.settled`: the smoothed value plus the spread the noise
+      still adds while few values are averaged), so the lucky low batches of the first steps of a noisy
+      loss are not taken for a level the run has reached;
     * outside an episode, when the smoothed loss has stood above the lowest it has been (since the last
       probe undone: `stalled`) for a whole `probe_window` of binding steps — training does not progress
-      at this step length, and the norms do not confirm a runaway — a *probe* halves the ceiling (and the
-      slow-start level with it). One window later it is judged: kept when the smoothed loss fell by more
-      than its calm band (the shorter step paid off; a further stall may probe again), undone otherwise —
-      the ceiling back where it was and the stall's lowest level reset to the current one: a loss that
+      at this step length, and the norms do not confirm a runaway — a *probe* halves the ceiling (no
+      widening while it is open). One window later it is judged: kept when the smoothed loss fell by more
+      than its calm band (the shorter step paid off: the slow-start level comes down to it; a further
+      stall may probe again), undone otherwise — the ceiling back where it was, the slow-start level
+      untouched, and the stall's lowest level reset to the current one: a loss that
       stands where it stands whatever the step (a harder stage, a plateau) is no evidence against the
       step, so probes cannot ratchet the ceiling down. They only ever tighten it while the loss does not
       progress, never on the loss alone (the clip must bind), and a probe the loss does not answer is
@@ -161,13 +165,13 @@ class LossAwareMeanThreshold(MeanThreshold):
         self.cuts = 0
         self.band = LossBand()
         self.norm_band = LossBand()
-        self.best_loss: float | None = None  # the lowest smoothed log loss since the band was set
+        self.best_loss: float | None = None  # the lowest settled smoothed log loss since the band was set
         self.stall_steps = 0  # binding steps of the current stall (`stalled`)
         self.probe_level: float | None = None  # the smoothed log loss when the open probe began
         self.probe_age = 0  # steps of the open probe
         self.probe_ceiling: float | None = None  # the ceiling before the open probe halved it
         self.probes = 0  # probes begun
-        self.probe_best: float | None = None  # the lowest smoothed log loss since the last probe undone
+        self.probe_best: float | None = None  # ... since the last probe undone
 
     def mean_term(self) -> float:
         """The plain mean rule's threshold, ``min(factor · μ̂, max_norm)`` (``max_norm`` or ∞ in warm-up)."""
@@ -179,7 +183,7 @@ class LossAwareMeanThreshold(MeanThreshold):
 
     def drifted(self, calm: float) -> bool:
         """Whether the smoothed loss stands more than ``calm`` (log units) above the lowest it has been
-        (`best_loss`, not relaxed, unlike the band's healthy level): then the ceiling does not widen — a
+        (`best_loss`, of the settled value, not relaxed, unlike the band's healthy level): then the ceiling does not widen — a
         wider ceiling has not paid off."""
         fast = self.band.smoothed()
         return self.best_loss is not None and fast is not None and fast - self.best_loss > calm
@@ -233,8 +237,10 @@ class LossAwareMeanThreshold(MeanThreshold):
         plan = self._plan(norm, loss)
         fast = self.band.smoothed() if self.band.update(loss) is not None else None
         if fast is not None and self.band.reference is not None:
-            self.best_loss = fast if self.best_loss is None else min(self.best_loss, fast)
-            self.probe_best = fast if self.probe_best is None else min(self.probe_best, fast)
+            settled = self.band.settled()  # not a lucky low of a few values averaged
+            low = fast if settled is None else settled
+            self.best_loss = low if self.best_loss is None else min(self.best_loss, low)
+            self.probe_best = low if self.probe_best is None else min(self.probe_best, low)
         self.norm_band.update(norm)
         self.slow_start = plan.slow_start
         self.episode_base = plan.base
@@ -255,7 +261,6 @@ class LossAwareMeanThreshold(MeanThreshold):
             if self.stall_steps >= self.probe_window() and fast is not None:
                 self.probe_level, self.probe_age, self.probe_ceiling = fast, 0, self.ceiling
                 self.ceiling = max(self.probe_cut * self.ceiling, FLOAT32_TINY)
-                self.slow_start = min(self.slow_start, self.ceiling)
                 self.stall_steps = 0
                 self.probes += 1
             elif healthy and binding and not drifted:  # no widening while drifted, at either pace
@@ -273,16 +278,19 @@ class LossAwareMeanThreshold(MeanThreshold):
     def _judge_probe(self, fast: float | None, calm: float) -> None:
         """One step of an open probe: after `probe_window` steps, kept when the smoothed loss fell more
         than ``calm`` below where it stood when the probe began (the tighter step paid off), else undone —
-        the ceiling back to where it was, and the current smoothed loss taken as the lowest since
-        (`probe_best`): the loss stands where it stands whatever the step, so this drift is no evidence
-        against the ceiling (the widening stays held by `drifted`, against `best_loss`)."""
+        the ceiling back to where it was (the slow-start level was left where it stood), and the current
+        settled smoothed loss taken as the lowest since (`probe_best`): the loss stands where it stands whatever the step, so this drift is no evidence
+        against the ceiling (the widening stays held by `drifted`, against `best_loss`). Kept, the
+        slow-start level comes down to the halved ceiling, so that it widens back only slowly."""
         self.probe_age += 1
         if self.probe_age < self.probe_window() or fast is None or self.probe_level is None:
             return
         if not fast < self.probe_level - calm:
             if self.probe_ceiling is not None:
                 self.ceiling = max(self.ceiling, self.probe_ceiling)
-            self.probe_best = fast
+            self.probe_best = self.band.settled()
+        else:  # kept: the slow-start level follows (an undone probe leaves it where it was)
+            self.slow_start = min(self.slow_start, self.ceiling)
         self.probe_level, self.probe_age, self.probe_ceiling, self.stall_steps = None, 0, None, 0
 
     def tighten(self, threshold_at_event: float, fraction: float = 0.5) -> None:

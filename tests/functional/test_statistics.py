@@ -644,10 +644,7 @@ def _stall(answers: bool, steps: int = 1500) -> tuple[LossAwareMeanThreshold, li
     ceilings = []
     for t in range(steps):
         threshold = rule.current() if t else 10.0
-        if answers:
-            level = max(1.0, (threshold / 0.3) ** 0.25)
-        else:
-            level = 1.0 if t < 25 else 3.0
+        level = max(1.0, (threshold / 0.3) ** 0.25) if answers else (1.0 if t < 25 else 3.0)
         rule.step(100.0 * math.exp(rng.gauss(0.0, 0.05)), level * math.exp(rng.gauss(0.0, 0.05)))
         ceilings.append(rule.ceiling)
     return rule, ceilings
@@ -696,3 +693,26 @@ def test_an_open_probe_travels_in_the_checkpoint():
     forgetful = LossAwareMeanThreshold()
     forgetful.load_state_dict({key: v for key, v in state.items() if not key.startswith("probe")})
     assert [forgetful.step(n, loss) for n, loss in zip(norms[k:], losses[k:], strict=True)] != expected[k:]
+
+
+def test_an_undone_probe_leaves_the_slow_start_level_where_it_was():
+    """A probe the loss does not answer is undone whole: the ceiling back, and the slow-start level as it
+    stood before the probe (lowered with the halving, it would leave the restored ceiling above it, to
+    widen only at the slow pace — a healthy run throttled by a probe it did not answer)."""
+    rng = random.Random(5)
+    rule = LossAwareMeanThreshold()
+    undone = 0
+    before = None
+    for t in range(1500):
+        level = 1.0 if t < 25 else 3.0
+        opened = rule.probe_level is not None
+        slow, ceiling = rule.slow_start, rule.ceiling
+        rule.step(100.0 * math.exp(rng.gauss(0.0, 0.05)), level * math.exp(rng.gauss(0.0, 0.05)))
+        if not opened and rule.probe_level is not None:
+            before = (slow, ceiling)
+        if opened and rule.probe_level is None:
+            assert before is not None
+            if rule.ceiling >= before[1]:  # undone
+                undone += 1
+                assert rule.slow_start == before[0]
+    assert undone >= 1
