@@ -84,7 +84,7 @@ def loss_band_readings(
 
 def loss_band_windows(
     losses: list[float | None], max_smoothing: float = math.inf
-) -> tuple[list[tuple[float, float, float] | None], list[float], list[float | None]]:
+) -> tuple[list[tuple[float, float, float] | None], list[float], list[float | None], list[float | None]]:
     """`lightning_clip.functional.divergence.LossBand` written out from its documentation. Per value:
     ``(excess, elevated threshold, calm threshold)``, the thresholds as they stood before the value (None:
     not judged).
@@ -97,11 +97,14 @@ def loss_band_windows(
     terms (until then the excess is 0); excess = ``fast − ref``. ``max_smoothing`` caps ``n``. Thresholds: elevated ``= clip(5 σ_f,
     ln 1.25, ln 2)``, calm ``= clip(3 σ_f, ln 1.1, ln(2)/2)``. Also returned: the window ``n`` after each
     value (the next value's; unchanged by a value not judged), and ``fast`` after each value as the next
-    value's smoothing weighs it (None: the value is not judged, or the reference is not set yet).
+    value's smoothing weighs it (None: the value is not judged, or the reference is not set yet), and
+    the *settled* ``fast`` after each value (the same None): ``fast + √(spread² − σ_f²)`` with ``σ``, ``n``
+    and the weights as they stand after the value.
     """
     out: list[tuple[float, float, float] | None] = []
     windows: list[float] = []
     fasts: list[float | None] = []
+    lows: list[float | None] = []
     n = min(9.0, max_smoothing)
     weights: list[float] = []  # the EMA's weight on each value seen so far (for Σw and Σw²)
     values: list[float] = []
@@ -120,6 +123,7 @@ def loss_band_windows(
             out.append(None)
             windows.append(n)
             fasts.append(None)
+            lows.append(None)
             continue
         x = math.log(min(loss, 3.4028234663852886e38))
         s = sigma()
@@ -155,12 +159,14 @@ def loss_band_windows(
         if judged:
             ref = new_ref
         windows.append(n)
-        fasts.append(
-            None
-            if ref is None
-            else sum(wi * vi for wi, vi in zip(weights, values, strict=True)) / sum(weights)
+        after = sum(wi * vi for wi, vi in zip(weights, values, strict=True)) / sum(weights)
+        fasts.append(None if ref is None else after)
+        spread_after = s * math.sqrt(sum(wi * wi for wi in weights)) / sum(weights)
+        sigma_fast_after = s * math.sqrt((1 - d) / (1 + d))
+        lows.append(
+            None if ref is None else after + math.sqrt(max(0.0, spread_after**2 - sigma_fast_after**2))
         )
-    return out, windows, fasts
+    return out, windows, fasts, lows
 
 
 def loss_band_excess(losses: list[float | None], max_smoothing: float = math.inf) -> list[float | None]:
@@ -185,19 +191,30 @@ def loss_aware_thresholds(
     cut to ``base * max(exp(-excess), 1e-3)``, slow-start level = base / 2); otherwise, with the excess at
     most its calm threshold (or no loss) and the norm above the ceiling, the ceiling grows by
     ``min(2**0.1, 2**(1/w))`` below the slow-start level, ``w`` the norm band's window after
-    the step, by ``1.0005`` above it unless the loss band's ``fast`` after the step stands more than the
-    calm threshold above its lowest value so far. The mean term is `mean_thresholds`'s, fed without the
-    ceiling.
+    the step, by ``1.0005`` above it — neither while *drifted*: the loss band's ``fast`` after the step
+    more than the calm threshold above its lowest value so far. Probes: outside an episode, once a *stall*
+    (the same test against the lowest ``fast`` since the last probe undone) has lasted ``w`` binding steps
+    (``w`` the longer of the two bands' windows after the step, rounded up to whole steps; a step that
+    does not stall resets the count, one that stalls without binding leaves it), the ceiling halves; ``w``
+    steps later it stays halved (and the slow-start level becomes no higher) if ``fast`` fell more than
+    the calm threshold below where it stood when the probe began, else it goes back (the slow-start level
+    untouched) and the stall's lowest value becomes the current settled ``fast`` (the drift's lowest value
+    stays). The lowest values (drift and stall) are of the *settled* ``fast`` (`loss_band_windows`), not
+    ``fast`` itself: a lucky low of a few values averaged is not a lowest level. An episode closes any probe and resets the count. The mean term is
+    `mean_thresholds`'s, fed without the ceiling.
     """
     cap = math.inf if max_norm is None else max_norm
-    readings, _, loss_fasts = loss_band_windows(losses)
-    norm_readings, norm_windows, _ = loss_band_windows(list(norms))
+    readings, loss_windows, loss_fasts, loss_lows = loss_band_windows(losses)
+    norm_readings, norm_windows, _, _ = loss_band_windows(list(norms))
     out = []
     m, t = 0.0, 0  # running mean of the norms (plain rule)
     ceiling, slow, base, age, bases = math.inf, math.inf, None, 0, 0
     best = math.inf  # the lowest smoothed log loss once the band's reference is set
-    for n, reading, norm_reading, nw, fast in zip(
-        norms, readings, norm_readings, norm_windows, loss_fasts, strict=True
+    since = math.inf  # ... since the last probe the loss did not answer
+    drift = 0  # binding steps of the current drift
+    probe = None  # (smoothed log loss at its start, its age, the ceiling before it) of the open probe
+    for n, reading, norm_reading, lw, nw, fast, low in zip(
+        norms, readings, norm_readings, loss_windows, norm_windows, loss_fasts, loss_lows, strict=True
     ):
         excess, elevated, calm = (None, math.inf, math.inf) if reading is None else reading
         confirmed = norm_reading is not None and norm_reading[0] > math.log(2.0)
@@ -218,13 +235,32 @@ def loss_aware_thresholds(
         threshold = min(mean_term, ceiling)
         out.append(threshold)
         healthy = excess is None or excess <= calm
-        if fast is not None:
-            best = min(best, fast)
-        if base is None and healthy and math.isfinite(n) and n > ceiling:
-            if ceiling < slow:
-                ceiling *= min(2.0**0.1, 2.0 ** (1.0 / nw))
-            elif excess is None or fast is None or fast - best <= calm:
-                ceiling *= 1.0005
+        if fast is not None and low is not None:
+            best, since = min(best, low), min(since, low)
+        drifted = excess is not None and fast is not None and fast - best > calm
+        stalled = excess is not None and fast is not None and fast - since > calm
+        binding = math.isfinite(n) and n > ceiling
+        window = math.ceil(max(lw, nw) - 1e-6)  # whole steps
+        if base is not None:
+            drift, probe = 0, None
+        elif probe is not None:
+            start, probe_age, before = probe
+            probe = (start, probe_age + 1, before)
+            if probe_age + 1 >= window and fast is not None:
+                if fast >= start - calm:  # the loss did not answer the halving: undone
+                    ceiling = max(ceiling, before)
+                    since = low if low is not None else fast
+                else:  # answered: kept, and the slow-start level follows
+                    slow = min(slow, ceiling)
+                probe, drift = None, 0
+        else:
+            drift = drift + (1 if binding else 0) if stalled else 0
+            if drift >= window and fast is not None:
+                probe = (fast, 0, ceiling)
+                ceiling *= 0.5
+                drift = 0
+            elif healthy and binding and not drifted:
+                ceiling *= min(2.0**0.1, 2.0 ** (1.0 / nw)) if ceiling < slow else 1.0005
         if math.isfinite(n) and n > 0:
             t += 1
             m = decay * m + (1.0 - decay) * min(n, mean_term)

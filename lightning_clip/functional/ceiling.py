@@ -15,7 +15,8 @@ the norms only distorts its moment estimates (a GAN's generator clipped to 2e-4 
 **The loss only confirms.** The ceiling is cut only when the smoothed loss is elevated *and* the
 smoothed pre-clip norm is more than twice its own healthy level (`NORM_CONFIRM_EXCESS`): a loss that
 rises while the gradients stay at their scale (a KL warm-up, a harder curriculum stage, a stronger
-adversary) never cuts it.
+adversary) never cuts it. It may *probe* it (halve it while the clip binds and the loss stands above its
+lowest), but a probe the loss does not answer by coming down is undone.
 """
 
 from __future__ import annotations
@@ -85,8 +86,22 @@ class LossAwareMeanThreshold(MeanThreshold):
       widens by `fast_rate` (doubles every 10 such steps, or once per averaging window of its norm band
       when that is longer: no faster than a wider ceiling can show) up to the *slow-start
       level*, by `slow_growth` (doubles every ~1,400) above it (TCP's slow start and congestion
-      avoidance) — above it only while the smoothed loss is within its calm band of the lowest it has
-      been (`drifted`): a loss drifting up under a slowly widening ceiling stops the widening;
+      avoidance) — at either pace only while the smoothed loss is within its calm band of the lowest it
+      has been (`drifted`): a loss drifting up under a widening ceiling stops the widening. "The lowest"
+      is of the *settled* smoothed loss (`LossBand.settled`: the smoothed value plus the spread the noise
+      still adds while few values are averaged), so the lucky low batches of the first steps of a noisy
+      loss are not taken for a level the run has reached;
+    * outside an episode, when the smoothed loss has stood above the lowest it has been (since the last
+      probe undone: `stalled`) for a whole `probe_window` of binding steps — training does not progress
+      at this step length, and the norms do not confirm a runaway — a *probe* halves the ceiling (no
+      widening while it is open). One window later it is judged: kept when the smoothed loss fell by more
+      than its calm band (the shorter step paid off: the slow-start level comes down to it; a further
+      stall may probe again), undone otherwise — the ceiling back where it was, the slow-start level
+      untouched, and the stall's lowest level reset to the current one: a loss that
+      stands where it stands whatever the step (a harder stage, a plateau) is no evidence against the
+      step, so probes cannot ratchet the ceiling down. They only ever tighten it while the loss does not
+      progress, never on the loss alone (the clip must bind), and a probe the loss does not answer is
+      taken back;
     * when the smoothed loss is more than twice its healthy level (excess > log 2) and the smoothed pre-clip
       norm more than twice its own (`NORM_CONFIRM_EXCESS`: the loss alone is no evidence), an *episode* opens:
       its base is the threshold in force, the slow-start level drops to half the base, and the ceiling is
@@ -135,6 +150,8 @@ class LossAwareMeanThreshold(MeanThreshold):
     """At most this many bases (the first and the re-bases) per episode."""
     max_cut = 1000.0
     """One base cuts the ceiling by at most this factor."""
+    probe_cut = 0.5
+    """A probe multiplies the ceiling by this (halves it)."""
 
     def __init__(
         self, factor: float = 1.5, decay: float = 0.97, warmup_steps: int = 1, max_norm: float | None = None
@@ -148,7 +165,13 @@ class LossAwareMeanThreshold(MeanThreshold):
         self.cuts = 0
         self.band = LossBand()
         self.norm_band = LossBand()
-        self.best_loss: float | None = None  # the lowest smoothed log loss since the band was set
+        self.best_loss: float | None = None  # the lowest settled smoothed log loss since the band was set
+        self.stall_steps = 0  # binding steps of the current stall (`stalled`)
+        self.probe_level: float | None = None  # the smoothed log loss when the open probe began
+        self.probe_age = 0  # steps of the open probe
+        self.probe_ceiling: float | None = None  # the ceiling before the open probe halved it
+        self.probes = 0  # probes begun
+        self.probe_best: float | None = None  # ... since the last probe undone
 
     def mean_term(self) -> float:
         """The plain mean rule's threshold, ``min(factor · μ̂, max_norm)`` (``max_norm`` or ∞ in warm-up)."""
@@ -160,10 +183,16 @@ class LossAwareMeanThreshold(MeanThreshold):
 
     def drifted(self, calm: float) -> bool:
         """Whether the smoothed loss stands more than ``calm`` (log units) above the lowest it has been
-        (`best_loss`, not relaxed, unlike the band's healthy level): then the ceiling does not widen slowly
-        (above the slow-start level) — a wider ceiling has not paid off."""
+        (`best_loss`, of the settled value, not relaxed, unlike the band's healthy level): then the ceiling does not widen — a
+        wider ceiling has not paid off."""
         fast = self.band.smoothed()
         return self.best_loss is not None and fast is not None and fast - self.best_loss > calm
+
+    def stalled(self, calm: float) -> bool:
+        """Whether the smoothed loss stands more than ``calm`` above the lowest it has been since the last
+        probe it did not answer (`probe_best`): training is not progressing at this step size."""
+        fast = self.band.smoothed()
+        return self.probe_best is not None and fast is not None and fast - self.probe_best > calm
 
     def fast_rate(self) -> float:
         """The growth of a binding ceiling per healthy step below the slow-start level: `fast_growth`
@@ -208,7 +237,10 @@ class LossAwareMeanThreshold(MeanThreshold):
         plan = self._plan(norm, loss)
         fast = self.band.smoothed() if self.band.update(loss) is not None else None
         if fast is not None and self.band.reference is not None:
-            self.best_loss = fast if self.best_loss is None else min(self.best_loss, fast)
+            settled = self.band.settled()  # not a lucky low of a few values averaged
+            low = fast if settled is None else settled
+            self.best_loss = low if self.best_loss is None else min(self.best_loss, low)
+            self.probe_best = low if self.probe_best is None else min(self.probe_best, low)
         self.norm_band.update(norm)
         self.slow_start = plan.slow_start
         self.episode_base = plan.base
@@ -218,13 +250,48 @@ class LossAwareMeanThreshold(MeanThreshold):
         self.cuts += int(plan.cut)
         healthy = plan.excess is None or plan.excess <= plan.calm
         binding = math.isfinite(norm) and math.isfinite(self.ceiling) and norm > self.ceiling
-        if plan.base is None and healthy and binding:
-            if self.ceiling < self.slow_start:
-                growth = self.fast_rate()
-            else:
-                growth = 0.0 if plan.excess is not None and self.drifted(plan.calm) else self.slow_growth
-            self.ceiling = min(self.ceiling * (1.0 + growth), FLOAT32_MAX)
+        drifted = plan.excess is not None and self.drifted(plan.calm)
+        stalled = plan.excess is not None and self.stalled(plan.calm)
+        if plan.base is not None:  # an episode rules the ceiling: no probe runs or waits
+            self.stall_steps, self.probe_level, self.probe_age, self.probe_ceiling = 0, None, 0, None
+        elif self.probe_level is not None:
+            self._judge_probe(fast, plan.calm)
+        else:
+            self.stall_steps = self.stall_steps + int(binding) if stalled else 0
+            if self.stall_steps >= self.probe_window() and fast is not None:
+                self.probe_level, self.probe_age, self.probe_ceiling = fast, 0, self.ceiling
+                self.ceiling = max(self.probe_cut * self.ceiling, FLOAT32_TINY)
+                self.stall_steps = 0
+                self.probes += 1
+            elif healthy and binding and not drifted:  # no widening while drifted, at either pace
+                growth = self.fast_rate() if self.ceiling < self.slow_start else self.slow_growth
+                self.ceiling = min(self.ceiling * (1.0 + growth), FLOAT32_MAX)
         super().update(norm, self.mean_term())  # the mean as the plain rule applies the norm
+
+    def probe_window(self) -> int:
+        """How long a stall must bind before a probe, and how long a probe waits for the loss to answer:
+        the longer of the loss band's and the norm band's windows (`LossBand.window`: about how long a
+        change of level takes to show in the smoothed value), in whole steps (rounded up, past a 1e-6
+        rounding slack)."""
+        return math.ceil(max(self.band.window(), self.norm_band.window()) - 1e-6)
+
+    def _judge_probe(self, fast: float | None, calm: float) -> None:
+        """One step of an open probe: after `probe_window` steps, kept when the smoothed loss fell more
+        than ``calm`` below where it stood when the probe began (the tighter step paid off), else undone —
+        the ceiling back to where it was (the slow-start level was left where it stood), and the current
+        settled smoothed loss taken as the lowest since (`probe_best`): the loss stands where it stands whatever the step, so this drift is no evidence
+        against the ceiling (the widening stays held by `drifted`, against `best_loss`). Kept, the
+        slow-start level comes down to the halved ceiling, so that it widens back only slowly."""
+        self.probe_age += 1
+        if self.probe_age < self.probe_window() or fast is None or self.probe_level is None:
+            return
+        if not fast < self.probe_level - calm:
+            if self.probe_ceiling is not None:
+                self.ceiling = max(self.ceiling, self.probe_ceiling)
+            self.probe_best = self.band.settled()
+        else:  # kept: the slow-start level follows (an undone probe leaves it where it was)
+            self.slow_start = min(self.slow_start, self.ceiling)
+        self.probe_level, self.probe_age, self.probe_ceiling, self.stall_steps = None, 0, None, 0
 
     def tighten(self, threshold_at_event: float, fraction: float = 0.5) -> None:
         """After a rollback for a divergence: clip tighter than when it happened.
@@ -243,6 +310,7 @@ class LossAwareMeanThreshold(MeanThreshold):
             self.ceiling = min(self.ceiling, fraction * threshold_at_event)
             self.slow_start = min(self.slow_start, self.ceiling)
         self.episode_base, self.episode_age, self.episode_count = None, 0, 0
+        self.stall_steps, self.probe_level, self.probe_age, self.probe_ceiling = 0, None, 0, None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -256,6 +324,12 @@ class LossAwareMeanThreshold(MeanThreshold):
             "loss_band": self.band.state_dict(),
             "norm_band": self.norm_band.state_dict(),
             "best_loss": self.best_loss,
+            "stall_steps": self.stall_steps,
+            "probe_level": self.probe_level,
+            "probe_age": self.probe_age,
+            "probe_ceiling": self.probe_ceiling,
+            "probes": self.probes,
+            "probe_best": self.probe_best,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -271,3 +345,12 @@ class LossAwareMeanThreshold(MeanThreshold):
         self.norm_band.load_state_dict(state.get("norm_band", {}))
         best = state.get("best_loss")
         self.best_loss = None if best is None else float(best)
+        self.stall_steps = int(state.get("stall_steps", 0))
+        level = state.get("probe_level")
+        self.probe_level = None if level is None else float(level)
+        self.probe_age = int(state.get("probe_age", 0))
+        before = state.get("probe_ceiling")
+        self.probe_ceiling = None if before is None else float(before)
+        self.probes = int(state.get("probes", 0))
+        probe_best = state.get("probe_best")
+        self.probe_best = None if probe_best is None else float(probe_best)

@@ -239,6 +239,17 @@ class LossBand:
         """The smoothed log value after the values fed so far (None before the first)."""
         return self.ema / self.weight if self.weight > 0.0 else None
 
+    def settled(self) -> float | None:
+        """The smoothed log value plus how much more the noise still spreads it than once it averages its
+        full window (the early spread, ``√(spread² − s²)``, as the reference takes it; 0 once the window
+        is full): the level a lowest-so-far may take — a lucky low of a few values averaged is not taken
+        for the lowest the signal has been. None before the first value."""
+        fast = self.smoothed()
+        if fast is None:
+            return None
+        spread = self.noise_level() * math.sqrt(self.weight2) / self.weight
+        return fast + math.sqrt(max(0.0, spread**2 - self.fast_noise() ** 2))
+
     def peek(self, value: float | None) -> BandReading | None:
         """The reading after feeding ``value``, without changing the state (None: not judged)."""
         x = _log(value)

@@ -632,3 +632,87 @@ def test_the_drift_gate_state_travels_in_the_checkpoint():
     forgetful.load_state_dict({key: v for key, v in state.items() if key != "best_loss"})
     tail = [forgetful.step(n, loss) for n, loss in zip(norms[k:], losses[k:], strict=True)]
     assert tail[-1] > expected[-1]
+
+
+def _stall(answers: bool, steps: int = 1500) -> tuple[LossAwareMeanThreshold, list[float]]:
+    """Norms steady at 100 (the ceiling starts at 10 and binds throughout; the norms never confirm a rise).
+    When ``answers``, the loss is ``(threshold / 0.3) ** 0.25`` from the first step (a step too long for
+    the problem: the loss rises as the ceiling widens); otherwise it is calm at 1 for 25 steps, then 3
+    times higher for good (a harder stage of the task, whatever the step)."""
+    rng = random.Random(5)
+    rule = LossAwareMeanThreshold()
+    ceilings = []
+    for t in range(steps):
+        threshold = rule.current() if t else 10.0
+        level = max(1.0, (threshold / 0.3) ** 0.25) if answers else (1.0 if t < 25 else 3.0)
+        rule.step(100.0 * math.exp(rng.gauss(0.0, 0.05)), level * math.exp(rng.gauss(0.0, 0.05)))
+        ceilings.append(rule.ceiling)
+    return rule, ceilings
+
+
+def test_a_stall_that_answers_a_tighter_step_is_probed_down():
+    """The loss stands above its lowest while the clip binds and the norms stay at their level (no
+    episode): the ceiling is halved, and each halving the loss answers is kept. Between probes the ceiling
+    widens slowly again (the slow-start level), so it saws down rather than falls."""
+    rule, ceilings = _stall(answers=True)
+    assert rule.cuts == 0 and rule.probes >= 3
+    assert ceilings[-1] < 0.5 * max(ceilings)
+
+
+def test_a_stall_that_does_not_answer_is_not_probed_down():
+    """A loss that rose for good (×3, whatever the step): each probe is undone once the loss has not
+    answered it, and the drift holds the widening — the ceiling ends where the rise found it."""
+    rule, ceilings = _stall(answers=False)
+    assert rule.cuts == 0 and rule.probes >= 1
+    assert ceilings[-1] == pytest.approx(max(ceilings[20:100]), rel=1e-12)
+    assert min(ceilings[200:]) >= 0.5 * ceilings[-1]
+
+
+def test_an_open_probe_travels_in_the_checkpoint():
+    """Resumed while a probe is open: the same ceilings bit for bit; without the probe's state the
+    resumed rule never undoes the halving."""
+    rng = random.Random(5)
+    norms = [100.0 * math.exp(rng.gauss(0.0, 0.05)) for _ in range(600)]
+    losses = [(3.0 if t >= 25 else 1.0) * math.exp(rng.gauss(0.0, 0.05)) for t in range(600)]
+    uninterrupted = LossAwareMeanThreshold()
+    expected, opened = [], None
+    for t, (n, loss) in enumerate(zip(norms, losses, strict=True)):
+        expected.append(uninterrupted.step(n, loss))
+        if opened is None and uninterrupted.probe_level is not None:
+            opened = t
+    assert opened is not None
+    k = opened + 3
+    first = LossAwareMeanThreshold()
+    for n, loss in zip(norms[:k], losses[:k], strict=True):
+        first.step(n, loss)
+    assert first.probe_level is not None
+    state = _through_a_file(first.state_dict())
+    resumed = LossAwareMeanThreshold()
+    resumed.load_state_dict(state)
+    assert [resumed.step(n, loss) for n, loss in zip(norms[k:], losses[k:], strict=True)] == expected[k:]
+    forgetful = LossAwareMeanThreshold()
+    forgetful.load_state_dict({key: v for key, v in state.items() if not key.startswith("probe")})
+    assert [forgetful.step(n, loss) for n, loss in zip(norms[k:], losses[k:], strict=True)] != expected[k:]
+
+
+def test_an_undone_probe_leaves_the_slow_start_level_where_it_was():
+    """A probe the loss does not answer is undone whole: the ceiling back, and the slow-start level as it
+    stood before the probe (lowered with the halving, it would leave the restored ceiling above it, to
+    widen only at the slow pace — a healthy run throttled by a probe it did not answer)."""
+    rng = random.Random(5)
+    rule = LossAwareMeanThreshold()
+    undone = 0
+    before = None
+    for t in range(1500):
+        level = 1.0 if t < 25 else 3.0
+        opened = rule.probe_level is not None
+        slow, ceiling = rule.slow_start, rule.ceiling
+        rule.step(100.0 * math.exp(rng.gauss(0.0, 0.05)), level * math.exp(rng.gauss(0.0, 0.05)))
+        if not opened and rule.probe_level is not None:
+            before = (slow, ceiling)
+        if opened and rule.probe_level is None:
+            assert before is not None
+            if rule.ceiling >= before[1]:  # undone
+                undone += 1
+                assert rule.slow_start == before[0]
+    assert undone >= 1
