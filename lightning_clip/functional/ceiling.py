@@ -183,16 +183,18 @@ class LossAwareMeanThreshold(MeanThreshold):
 
     def drifted(self, calm: float) -> bool:
         """Whether the smoothed loss stands more than ``calm`` (log units) above the lowest it has been
-        (`best_loss`, of the settled value, not relaxed, unlike the band's healthy level): then the ceiling does not widen — a
-        wider ceiling has not paid off."""
-        fast = self.band.smoothed()
-        return self.best_loss is not None and fast is not None and fast - self.best_loss > calm
+        (`best_loss`, of the settled value, not relaxed, unlike the band's healthy level): then the
+        ceiling does not widen — a wider ceiling has not paid off."""
+        return self._above(self.best_loss, calm)
 
     def stalled(self, calm: float) -> bool:
         """Whether the smoothed loss stands more than ``calm`` above the lowest it has been since the last
         probe it did not answer (`probe_best`): training is not progressing at this step size."""
+        return self._above(self.probe_best, calm)
+
+    def _above(self, low: float | None, calm: float) -> bool:
         fast = self.band.smoothed()
-        return self.probe_best is not None and fast is not None and fast - self.probe_best > calm
+        return low is not None and fast is not None and fast - low > calm
 
     def fast_rate(self) -> float:
         """The growth of a binding ceiling per healthy step below the slow-start level: `fast_growth`
@@ -237,8 +239,8 @@ class LossAwareMeanThreshold(MeanThreshold):
         plan = self._plan(norm, loss)
         fast = self.band.smoothed() if self.band.update(loss) is not None else None
         if fast is not None and self.band.reference is not None:
-            settled = self.band.settled()  # not a lucky low of a few values averaged
-            low = fast if settled is None else settled
+            low = self.band.settled()  # not a lucky low of a few values averaged
+            assert low is not None  # (a value was fed)
             self.best_loss = low if self.best_loss is None else min(self.best_loss, low)
             self.probe_best = low if self.probe_best is None else min(self.probe_best, low)
         self.norm_band.update(norm)
@@ -279,8 +281,9 @@ class LossAwareMeanThreshold(MeanThreshold):
         """One step of an open probe: after `probe_window` steps, kept when the smoothed loss fell more
         than ``calm`` below where it stood when the probe began (the tighter step paid off), else undone —
         the ceiling back to where it was (the slow-start level was left where it stood), and the current
-        settled smoothed loss taken as the lowest since (`probe_best`): the loss stands where it stands whatever the step, so this drift is no evidence
-        against the ceiling (the widening stays held by `drifted`, against `best_loss`). Kept, the
+        settled smoothed loss taken as the lowest since (`probe_best`): the loss stands where it stands
+        whatever the step, so this drift is no evidence against the ceiling (the widening stays held by
+        `drifted`, against `best_loss`). Kept, the
         slow-start level comes down to the halved ceiling, so that it widens back only slowly."""
         self.probe_age += 1
         if self.probe_age < self.probe_window() or fast is None or self.probe_level is None:

@@ -240,15 +240,20 @@ class LossBand:
         return self.ema / self.weight if self.weight > 0.0 else None
 
     def settled(self) -> float | None:
-        """The smoothed log value plus how much more the noise still spreads it than once it averages its
-        full window (the early spread, ``√(spread² − s²)``, as the reference takes it; 0 once the window
-        is full): the level a lowest-so-far may take — a lucky low of a few values averaged is not taken
-        for the lowest the signal has been. None before the first value."""
+        """The smoothed log value plus its early spreads (`_early_spread`, as the reference candidate
+        takes them; 0 once the average holds its full window): the level a lowest-so-far may take — a
+        lucky low of a few values averaged is not taken for the lowest the signal has been. None before
+        the first value."""
         fast = self.smoothed()
         if fast is None:
             return None
-        spread = self.noise_level() * math.sqrt(self.weight2) / self.weight
-        return fast + math.sqrt(max(0.0, spread**2 - self.fast_noise() ** 2))
+        return fast + self.early_spreads * self._early_spread(self.weight, self.weight2)
+
+    def _early_spread(self, weight: float, weight2: float) -> float:
+        """How much more the noise spreads an average of total weight ``weight`` (squared weights
+        ``weight2``) than a full window's: ``√(spread² − s²)``, ``spread = σ·√weight2 / weight``."""
+        spread = self.noise_level() * math.sqrt(weight2) / weight
+        return math.sqrt(max(0.0, spread**2 - self.fast_noise() ** 2))
 
     def peek(self, value: float | None) -> BandReading | None:
         """The reading after feeding ``value``, without changing the state (None: not judged)."""
@@ -260,9 +265,9 @@ class LossBand:
         fast = (d * self.ema + (1.0 - d) * x) / weight
         if self.noise_count < self.noise_warmup:
             return BandReading(x, fast, fast)
-        spread = self.noise_level() * math.sqrt(d * d * self.weight2 + (1.0 - d) ** 2) / weight
-        early = math.sqrt(max(0.0, spread**2 - self.fast_noise() ** 2))
-        candidate = fast + self.early_spreads * early
+        candidate = fast + self.early_spreads * self._early_spread(
+            weight, d * d * self.weight2 + (1.0 - d) ** 2
+        )
         reference = candidate if self.reference is None else min(candidate, self.reference + self.relax)
         return BandReading(x, fast, reference)
 

@@ -310,21 +310,16 @@ class AdaGCRule(PerTensorRule):
         gamma, count = current.unbind()
         threshold = self._warmup_threshold()
         rel = torch.div(limits, norms.clamp_min(ADAGC_EPS)).clamp_max_(1.0)
+        rel_norms = rel * norms
+        rel_gamma = torch.lerp(gamma, rel_norms, 1.0 - self.decay)
         if self.steps >= self.warmup_steps and self._counted_all:  # the steady state: no tensor is new
-            applied = rel * norms
-            return (
-                rel,
-                applied,
-                torch.stack([torch.lerp(gamma, applied, 1.0 - self.decay), count + 1.0]),
-                threshold,
-            )
+            return rel, rel_norms, torch.stack([rel_gamma, count + 1.0]), threshold
         warm_coef = torch.clamp(threshold / (total + ADAGC_EPS), max=1.0)
         warm_norms = norms * warm_coef
         new = count == 0
         warm = new if self.steps >= self.warmup_steps else torch.ones_like(new)
         coefs = torch.where(warm, warm_coef.expand_as(norms), rel)
         warm_gamma = torch.where(new, warm_norms, torch.minimum(gamma, warm_norms))
-        rel_gamma = torch.lerp(gamma, rel * norms, 1.0 - self.decay)
         new_stats = torch.stack([torch.where(warm, warm_gamma, rel_gamma), count + 1.0])
         return coefs, coefs * norms, new_stats, threshold
 
@@ -338,11 +333,9 @@ class AdaGCRule(PerTensorRule):
         stats = self._held()
         if stats is None:
             return torch.zeros(0)
-        gamma, count = stats[0], stats[1]
-        rel = self.factor * gamma.clamp_min(ADAGC_EPS)
         if self.steps < self.warmup_steps:
-            return torch.full_like(gamma, math.inf)
-        return torch.where(count == 0, torch.full_like(gamma, math.inf), rel)
+            return torch.full_like(stats[0], math.inf)
+        return torch.where(stats[1] == 0, math.inf, self._limits_of(stats))
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "warmup_rule": self._warmup_rule.state_dict()}
