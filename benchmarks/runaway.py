@@ -24,8 +24,14 @@ Bars (issues 11 and 17), printed under the table:
   the demo's values) and ``gru_radius3`` (a GRU at the demo's values does not explode), and per preset: ``defaults`` solve as many seeds as the best fixed clip in {0.5, 1, 2} (most solved,
   then lowest median), with a median ≤ 1.25 × its median.
 
+``--rise [PRESET ...]``: a loss that rises *for good by design* under SGD: the presets ``rise`` (the demo's
+RNN) and ``rise_gru`` (``--cell gru``), whose targets are multiplied by 3 from step 1000 on (the loss
+jumps ×10–100, the gradient norms ×10, and stay there; the validation targets are ×3 too). No bar from an
+issue: the line under the table gives the defaults' median against the best fixed clip's (the rule
+before its episodes could be undone ended at a loss of 3–5, its ceiling cut to ~1e-6 for good).
+
 Run: ``python benchmarks/runaway.py [--seeds 0 ... 9] [--variants ROW ...] [--steps 3000] [--radius 1.2]
-[--lr 0.2] [--T 20] [--cell rnn|gru] [--hard [PRESET ...]] [--jobs 1] [--json PATH]`` (8–18 s a fit on
+[--lr 0.2] [--T 20] [--cell rnn|gru] [--hard [PRESET ...]] [--rise [PRESET ...]] [--jobs 1] [--json PATH]`` (8–18 s a fit on
 one core of the shared 2-core machine, load 3–8; a run without clipping stops at once; the default 7 rows
 × 10 seeds took 13 min with one job). ``--tables-from JSON ...`` prints the tables and bars of saved
 runs (merged). ``--figure PNG`` draws the threshold of one fit at defaults instead.
@@ -44,14 +50,14 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -87,6 +93,8 @@ class Setting:
     T: int = 20
     cell: str = "rnn"
     steps: int = 3000
+    rise_at: int | None = None  # the targets are multiplied by `rise` from this step on
+    rise: float = 3.0
 
 
 HARD = (
@@ -98,6 +106,20 @@ HARD = (
 )
 """The ``--hard`` presets. A GRU at the demo's values does not explode (no clipping solves it, MSE
 0.002-0.005 on seeds 0-2), hence ``gru_radius3`` too (no clipping blows up on seeds 0 and 1)."""
+
+RISE = (Setting("rise", rise_at=1000), Setting("rise_gru", cell="gru", rise_at=1000))
+"""The ``--rise`` presets: the targets ×3 for good from step 1000 (a rise by design, not a runaway)."""
+
+
+class RisingTargets(IterableDataset):
+    """``data``'s batches, their targets multiplied by ``factor`` from the ``at``-th batch on."""
+
+    def __init__(self, data: demo.AddingProblem, at: int, factor: float) -> None:
+        self.data, self.at, self.factor = data, at, factor
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i, (x, y) in enumerate(self.data):
+            yield x, (y * self.factor if i >= self.at else y)
 
 
 class MaxLoss(pl.Callback):
@@ -183,8 +205,12 @@ def fit(task: tuple[str, int, Setting]) -> Run:
     callbacks = make_callbacks()
     guarded = any(isinstance(cb, ExplosionGuard) for cb in callbacks)
     model = make_model(setting, guarded)
-    train = DataLoader(demo.AddingProblem(64, setting.T, seed=seed), batch_size=None)
+    data = demo.AddingProblem(64, setting.T, seed=seed)
     val = demo.validation_set(1000, setting.T)
+    if setting.rise_at is not None:
+        data = RisingTargets(data, setting.rise_at, setting.rise)
+        val = TensorDataset(val.tensors[0], setting.rise * val.tensors[1])
+    train = DataLoader(data, batch_size=None)
     track, coefs = MaxLoss(val), CoefRecorder()
     with tempfile.TemporaryDirectory() as root:
         trainer = pl.Trainer(
@@ -374,7 +400,8 @@ def table(setting: Setting, results: dict[str, list[Run]], seeds: Sequence[int])
     head = " | ".join(f"seed {s}" for s in seeds)
     lines = [
         f"### {setting.name}: {setting.cell}, radius {setting.radius}, SGD lr {setting.lr}, T={setting.T},"
-        f" {setting.steps} steps",
+        f" {setting.steps} steps"
+        + ("" if setting.rise_at is None else f", targets x{setting.rise:g} from step {setting.rise_at}"),
         "",
         f"| row | {head} | median MSE | solved | median steps to < 0.05 | diverged | errors | divergence"
         " events | rollbacks | tail coef | s/fit |",
@@ -406,7 +433,7 @@ def best_fixed(results: dict[str, list[Run]]) -> tuple[str, list[Run]] | None:
     return min(fixed, key=lambda kv: (-sum(r.solved for r in kv[1]), median([r.mse for r in kv[1]])))
 
 
-def bars(results: dict[str, list[Run]], hard: bool) -> list[str]:
+def bars(results: dict[str, list[Run]], hard: bool, rise: bool = False) -> list[str]:
     """The issue's bars, one line each."""
     out: list[str] = []
     best = best_fixed(results)
@@ -417,6 +444,13 @@ def bars(results: dict[str, list[Run]], hard: bool) -> list[str]:
         n, solved, finished = len(both), sum(r.solved for r in both), sum(r.finished for r in both)
         steps = median([r.steps_to_solve for r in both])
         ref_steps = median([r.steps_to_solve for r in runs])
+        if rise:
+            out.append(
+                f"rise by design (no bar), defaults: {finished}/{n} finish, {solved}/{n} solve vs"
+                f" {sum(r.solved for r in runs)}/{len(runs)} for {name} (the best fixed); median {_num(m)}"
+                f" vs {_num(value)} (ratio {m / value:.3f})"
+            )
+            return out
         if hard:
             ref_solved = sum(r.solved for r in runs)
             ok = solved >= ref_solved and m <= 1.25 * value
@@ -464,6 +498,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, list[Run]]]:
         metavar="PRESET",
         help=f"hard presets instead of one setting (none named: all of {[h.name for h in HARD]})",
     )
+    parser.add_argument(
+        "--rise",
+        nargs="*",
+        default=None,
+        metavar="PRESET",
+        help=f"rise-by-design presets instead of one setting (none named: all of {[r.name for r in RISE]})",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="processes (spawned); 1: in this process")
     parser.add_argument("--json", metavar="PATH", default=None, help="write every run's raw numbers here")
     parser.add_argument(
@@ -486,9 +527,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, list[Run]]]:
         return {}
     for row in args.variants:
         row_setup(row)  # fail early on an unknown row
-    if args.hard is not None:
-        chosen = [h for h in HARD if not args.hard or h.name in args.hard]
-        settings = [Setting(h.name, h.radius, h.lr, h.T, h.cell, args.steps) for h in chosen]
+    if args.hard is not None or args.rise is not None:
+        presets, named = (HARD, args.hard) if args.hard is not None else (RISE, args.rise)
+        settings = [replace(h, steps=args.steps) for h in presets if not named or h.name in named]
     else:
         name = "demo" if (args.radius, args.lr, args.T, args.cell) == (1.2, 0.2, 20, "rnn") else "custom"
         settings = [Setting(name, args.radius, args.lr, args.T, args.cell, args.steps)]
@@ -509,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, list[Run]]]:
                     saved[(d["setting"], d["row"], d["seed"])] = Run(**d)
         runs = [r for r in saved.values() if r.seed in args.seeds]
         names = list(dict.fromkeys(r.setting for r in runs))
-        known = {st.name: st for st in (*HARD, Setting())}
+        known = {st.name: st for st in (*HARD, *RISE, Setting())}
         settings = [known.get(n, Setting(n)) for n in names]
         args.seeds = sorted({r.seed for r in runs})
         tasks = []
@@ -547,7 +588,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, list[Run]]]:
         print()
         print(table(st, results, sorted({r.seed for rr in results.values() for r in rr})))
         print()
-        for line in bars(results, hard=st.name in {h.name for h in HARD}):
+        for line in bars(results, hard=st.name in {h.name for h in HARD}, rise=st.rise_at is not None):
             print(line)
     return out
 

@@ -101,32 +101,46 @@ def loss_band_windows(
     the *settled* ``fast`` after each value (the same None): ``fast + √(spread² − σ_f²)`` with ``σ``, ``n``
     and the weights as they stand after the value.
     """
-    out: list[tuple[float, float, float] | None] = []
-    windows: list[float] = []
-    fasts: list[float | None] = []
-    lows: list[float | None] = []
-    n = min(9.0, max_smoothing)
-    weights: list[float] = []  # the EMA's weight on each value seen so far (for Σw and Σw²)
-    values: list[float] = []
-    ref = last = None
-    jumps: list[float] = []  # the noise terms, oldest first
+    band = BandSteps(max_smoothing)
+    steps = [band.step(loss) for loss in losses]
+    return [r[0] for r in steps], [r[1] for r in steps], [r[2] for r in steps], [r[3] for r in steps]
 
-    def sigma() -> float:
-        if not jumps:
+
+class BandSteps:
+    """`loss_band_windows` one value at a time (`step`), so that a rule may re-set the reference between
+    values (`accept`: the reference becomes the last settled ``fast``, once it is set)."""
+
+    def __init__(self, max_smoothing: float = math.inf) -> None:
+        self.max_smoothing = max_smoothing
+        self.n = min(9.0, max_smoothing)
+        self.weights: list[float] = []  # the EMA's weight on each value seen so far (for Σw and Σw²)
+        self.values: list[float] = []
+        self.ref: float | None = None
+        self.last: float | None = None
+        self.jumps: list[float] = []  # the noise terms, oldest first
+        self.low: float | None = None  # the last settled fast
+        self.peeked = math.nan  # the last reading's fast (before its value was fed)
+
+    def sigma(self) -> float:
+        if not self.jumps:
             return 0.0
-        k = len(jumps)
-        ema = sum(0.02 * 0.98 ** (k - 1 - i) * j for i, j in enumerate(jumps))
+        k = len(self.jumps)
+        ema = sum(0.02 * 0.98 ** (k - 1 - i) * j for i, j in enumerate(self.jumps))
         return (math.pi**0.5 / 2) * ema / (1 - 0.98**k)
 
-    for loss in losses:
+    def accept(self) -> None:
+        if self.ref is not None and self.low is not None:
+            self.ref = self.low
+
+    def step(
+        self, loss: float | None
+    ) -> tuple[tuple[float, float, float] | None, float, float | None, float | None]:
+        """One value: its reading, the window after it, ``fast`` and the settled ``fast`` after it."""
         if loss is None or not math.isfinite(loss) or loss <= 0:
-            out.append(None)
-            windows.append(n)
-            fasts.append(None)
-            lows.append(None)
-            continue
+            return None, self.n, None, None
+        max_smoothing, weights, values, jumps = self.max_smoothing, self.weights, self.values, self.jumps
         x = math.log(min(loss, 3.4028234663852886e38))
-        s = sigma()
+        s = self.sigma()
         n = min(max(9.0, (5 * s / math.log(2.0)) ** 2), max_smoothing)
         d = 1 - 2 / (n + 1)
         sigma_fast = s * math.sqrt((1 - d) / (1 + d))
@@ -138,35 +152,37 @@ def loss_band_windows(
         if judged:
             spread = s * math.sqrt(sum(wi * wi for wi in w)) / sum(w)
             candidate = fast + math.sqrt(max(0.0, spread**2 - sigma_fast**2))
-            new_ref = candidate if ref is None else min(candidate, ref + 0.001)
+            new_ref = candidate if self.ref is None else min(candidate, self.ref + 0.001)
         else:
             new_ref = fast
         excess = fast - new_ref
-        out.append((excess, elevated, calm))
-        if last is not None and (not judged or excess <= math.log(2.0) / 2):
-            jump = abs(x - last)
+        self.peeked = fast
+        if self.last is not None and (not judged or excess <= math.log(2.0) / 2):
+            jump = abs(x - self.last)
             if len(jumps) >= 5:
                 k = len(jumps)
                 mean = sum(0.02 * 0.98 ** (k - 1 - i) * j for i, j in enumerate(jumps)) / (1 - 0.98**k)
                 jump = min(jump, 4 * mean)
             jumps.append(jump)
-        s = sigma()
-        n = min(max(9.0, (5 * s / math.log(2.0)) ** 2), max_smoothing)
-        d = 1 - 2 / (n + 1)
-        weights = [*(d * wi for wi in weights), 1 - d]
+        s = self.sigma()
+        self.n = min(max(9.0, (5 * s / math.log(2.0)) ** 2), max_smoothing)
+        d = 1 - 2 / (self.n + 1)
+        self.weights = weights = [*(d * wi for wi in weights), 1 - d]
         values.append(x)
-        last = x
+        self.last = x
         if judged:
-            ref = new_ref
-        windows.append(n)
+            self.ref = new_ref
         after = sum(wi * vi for wi, vi in zip(weights, values, strict=True)) / sum(weights)
-        fasts.append(None if ref is None else after)
         spread_after = s * math.sqrt(sum(wi * wi for wi in weights)) / sum(weights)
         sigma_fast_after = s * math.sqrt((1 - d) / (1 + d))
-        lows.append(
-            None if ref is None else after + math.sqrt(max(0.0, spread_after**2 - sigma_fast_after**2))
+        low = after + math.sqrt(max(0.0, spread_after**2 - sigma_fast_after**2))
+        self.low = low
+        return (
+            (excess, elevated, calm),
+            self.n,
+            None if self.ref is None else after,
+            None if self.ref is None else low,
         )
-    return out, windows, fasts, lows
 
 
 def loss_band_excess(losses: list[float | None], max_smoothing: float = math.inf) -> list[float | None]:
@@ -202,10 +218,18 @@ def loss_aware_thresholds(
     stays). The lowest values (drift and stall) are of the *settled* ``fast`` (`loss_band_windows`), not
     ``fast`` itself: a lucky low of a few values averaged is not a lowest level. An episode closes any probe and resets the count. The mean term is
     `mean_thresholds`'s, fed without the ceiling.
+
+    Undone episodes: each base records the loss band's ``fast`` of its reading (before the value is fed)
+    as its peak (then the highest such ``fast`` of its steps), and the highest single ``ln(loss)`` of its
+    first 5 steps. At an elevated step of an episode with all 3 bases made, 10 or more steps after the
+    third, whose reading's ``fast`` is neither above that highest single value nor more than the calm
+    threshold below that peak, the episode ends undone: no cut, the ceiling back up to where it stood
+    before the episode's first base (and the slow-start level to where it was then); after the step,
+    both bands' references become their settled ``fast``, and so do the drift's and the stall's lowest
+    values.
     """
     cap = math.inf if max_norm is None else max_norm
-    readings, loss_windows, loss_fasts, loss_lows = loss_band_windows(losses)
-    norm_readings, norm_windows, _, _ = loss_band_windows(list(norms))
+    loss_band, norm_band = BandSteps(), BandSteps()
     out = []
     m, t = 0.0, 0  # running mean of the norms (plain rule)
     ceiling, slow, base, age, bases = math.inf, math.inf, None, 0, 0
@@ -213,29 +237,49 @@ def loss_aware_thresholds(
     since = math.inf  # ... since the last probe the loss did not answer
     drift = 0  # binding steps of the current drift
     probe = None  # (smoothed log loss at its start, its age, the ceiling before it) of the open probe
-    for n, reading, norm_reading, lw, nw, fast, low in zip(
-        norms, readings, norm_readings, loss_windows, norm_windows, loss_fasts, loss_lows, strict=True
-    ):
+    before_episode = None  # (ceiling, slow-start level) before the open episode's first base
+    peak = highest = -math.inf  # the open base's peak fast and highest single log loss of its first steps
+    for n, loss in zip(norms, losses, strict=True):
+        reading, lw, fast, low = loss_band.step(loss)
+        peeked = loss_band.peeked
+        norm_reading, nw, _, _ = norm_band.step(n)
+        undone = False
         excess, elevated, calm = (None, math.inf, math.inf) if reading is None else reading
         confirmed = norm_reading is not None and norm_reading[0] > math.log(2.0)
         mean_term = cap if t < warmup_steps else min(factor * m / (1.0 - decay**t), cap)
         if t == 0 and ceiling == math.inf and math.isfinite(n) and n > 0:
             ceiling = 0.1 * n
         if excess is not None and excess > elevated and (confirmed or base is not None):
+            assert loss is not None
             if base is None or (age >= 10 and bases < 3):
                 current = min(ceiling, mean_term)
                 if math.isfinite(current):
+                    if base is None:
+                        before_episode = (ceiling, slow)
                     base, age, bases = current, 0, bases + 1
                     slow = 0.5 * base
+                    peak, highest = peeked, math.log(loss)
+            elif age >= 10 and not (peeked > highest or peeked < peak - calm):
+                undone, base, age, bases = True, None, 0, 0
+                assert before_episode is not None
+                ceiling, slow = max(ceiling, before_episode[0]), before_episode[1]
+            elif base is not None:
+                peak = max(peak, peeked)
+                if age < 5:
+                    highest = max(highest, math.log(loss))
             if base is not None:
                 ceiling = min(ceiling, base * max(math.exp(-excess), 1e-3))
             age = age + 1 if base is not None else 0
         else:
             base, age, bases = None, 0, 0
+        if undone:
+            loss_band.accept()
+            norm_band.accept()
+            best = since = loss_band.low
         threshold = min(mean_term, ceiling)
         out.append(threshold)
         healthy = excess is None or excess <= calm
-        if fast is not None and low is not None:
+        if fast is not None and low is not None and not undone:
             best, since = min(best, low), min(since, low)
         drifted = excess is not None and fast is not None and fast - best > calm
         stalled = excess is not None and fast is not None and fast - since > calm

@@ -116,6 +116,11 @@ class LightningClipCallback(CallbackBase):
         """Called by `ExplosionGuard` after the rollback, with `before_rollback`'s ``memo`` and the
         event's kinds (e.g. ``"divergence"``), before the restored state is snapshotted again."""
 
+    def on_new_level(self) -> None:
+        """Called by `ExplosionGuard` on the first step after a rollback for a divergence, when the restored,
+        known-good state sees the loss at the same new level: the rise is in the data (by design), not in the
+        steps; what the callback tightened for it may be undone."""
+
     @staticmethod
     def _sum_over_ranks(trainer: Trainer, flags: list[int]) -> list[int]:
         """Sum integer ``flags`` over the ranks (one small all-reduce, the same as the step's, `_rank_sum`;

@@ -423,3 +423,12 @@ class AdaptiveGradientClipping(LightningClipCallback):
             rule = self.rule(i)
             if isinstance(rule, LossAwareMeanThreshold):
                 rule.tighten(bound)
+
+    @override
+    def on_new_level(self) -> None:
+        """The loss rose by design (`ExplosionGuard`'s restored known-good state sees it too): each
+        loss-aware rule undoes what it cut or tightened for it (`LossAwareMeanThreshold.new_level`). A step
+        not yet committed is fed to the fresh bands when it is (at the new level)."""
+        for rule in self._rules.values():
+            if isinstance(rule, LossAwareMeanThreshold):
+                rule.new_level()

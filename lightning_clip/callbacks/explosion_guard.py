@@ -176,6 +176,7 @@ class ExplosionGuard(RecoveryMixin, LightningClipCallback):  # type: ignore[misc
         self._overflow_streak = 0
         self._spike = self._make_spike_rule()
         self._detector = DivergenceDetector()
+        self._check_level = False  # the next loss is a restored known-good state's (`_check_new_level`)
         self._run_id = ""  # this run's identity, kept across resumes (saved); set at setup
         # transient
         self._identity = RunIdentity("", "", 0)
@@ -237,6 +238,7 @@ class ExplosionGuard(RecoveryMixin, LightningClipCallback):  # type: ignore[misc
             "divergence": self._detector.state_dict(),
             "healthy": self._detector.snapshot_ok,
             "run_id": self._run_id,
+            "check_level": self._check_level,
         }
 
     @override
@@ -260,6 +262,7 @@ class ExplosionGuard(RecoveryMixin, LightningClipCallback):  # type: ignore[misc
             self._spike.load_state_dict(spike)
         self._detector = DivergenceDetector()
         self._detector.load_state_dict(state_dict.get("divergence", {}))
+        self._check_level = bool(state_dict.get("check_level", False))
         run_id = state_dict.get("run_id")
         self._run_id = run_id if isinstance(run_id, str) and run_id else self._run_id
 
@@ -344,6 +347,7 @@ class ExplosionGuard(RecoveryMixin, LightningClipCallback):  # type: ignore[misc
         self._losses.clear()
         scaler = _compat.gradient_scaler(trainer)
         any_overflow = scaler is not None and reduced[-1] > 0
+        self._check_new_level(trainer, mean_loss)
         reading = observe.divergence_reading(self._detector, state, reduced, mean_loss)
         obs = D.Observation.from_flags(
             reduced,

@@ -16,7 +16,8 @@ the norms only distorts its moment estimates (a GAN's generator clipped to 2e-4 
 smoothed pre-clip norm is more than twice its own healthy level (`NORM_CONFIRM_EXCESS`): a loss that
 rises while the gradients stay at their scale (a KL warm-up, a harder curriculum stage, a stronger
 adversary) never cuts it. It may *probe* it (halve it while the clip binds and the loss stands above its
-lowest), but a probe the loss does not answer by coming down is undone.
+lowest), but a probe the loss does not answer by coming down is undone, and so is an episode of cuts
+that the loss answers neither by coming down nor by climbing on.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_clip.functional.divergence import LossBand
+from lightning_clip.functional.divergence import ANCHOR_STEPS, LossBand
 from lightning_clip.functional.thresholds import FLOAT32_MAX, MeanThreshold, _bounded
 
 __all__ = ["NORMALISING_KEYS", "NORM_CONFIRM_EXCESS", "LossAwareMeanThreshold", "ceiling_applies"]
@@ -69,6 +70,8 @@ class _CeilingPlan:
     cut: bool
     excess: float | None
     calm: float
+    undo: tuple[float, float] | None
+    undone: bool
 
 
 class LossAwareMeanThreshold(MeanThreshold):
@@ -108,8 +111,15 @@ class LossAwareMeanThreshold(MeanThreshold):
       cut to ``base × exp(−excess)`` — shrunk by the factor the loss rose (at most `max_cut` per base) —
       following the worst excess of the episode. An episode still open after `rebase_steps` steps is
       re-based on the current threshold, so a runaway the first cut did not stop is cut again, up to
-      `episode_bases` bases in all: a loss that stays up whatever the threshold (it rose for good) stops
-      lowering it. The episode closes when the loss is back below twice its level.
+      `episode_bases` bases in all. The episode closes when the loss is back below twice its level;
+    * an episode whose loss answers none of its cuts is *undone*: `rebase_steps` or more steps after its
+      last base, the smoothed loss neither climbs above the highest single loss of that base's first
+      `~lightning_clip.functional.divergence.ANCHOR_STEPS` steps (a runaway still compounding) nor came
+      down more than its calm band from the highest it has been since (`_answered`). The loss and the
+      norms rose for good (targets scaled up, a harder stage, with SGD): the ceiling and the slow-start
+      level go back to where they stood before the episode, and the levels the loss and the norms stand at
+      become their healthy levels (`LossBand.accept`; the drift's and the stall's lowest too). Without
+      this, three bases of a loss ×30 for good took the ceiling 10⁴× down, and kept it there.
 
     The running mean cannot ratchet the threshold up through a runaway (the ceiling does not follow the
     norms) and the ceiling does not depend on the mean (it cannot collapse with it). Without a loss
@@ -172,6 +182,10 @@ class LossAwareMeanThreshold(MeanThreshold):
         self.probe_ceiling: float | None = None  # the ceiling before the open probe halved it
         self.probes = 0  # probes begun
         self.probe_best: float | None = None  # ... since the last probe undone
+        self.episode_peak: float | None = None  # the highest smoothed log loss since the episode's base
+        self.episode_anchor: float | None = None  # the highest single log loss of its first steps
+        self.episode_undo: tuple[float, float] | None = None  # ceiling and slow start before the episode
+        self.episodes_undone = 0
 
     def mean_term(self) -> float:
         """The plain mean rule's threshold, ``min(factor · μ̂, max_norm)`` (``max_norm`` or ∞ in warm-up)."""
@@ -210,6 +224,7 @@ class LossAwareMeanThreshold(MeanThreshold):
         mean_term = self.mean_term()
         ceiling, slow_start = self.ceiling, self.slow_start
         base, age, bases = self.episode_base, self.episode_age, self.episode_count
+        undo = self.episode_undo
         if self.count == 0 and not math.isfinite(ceiling) and math.isfinite(norm) and norm > 0.0:
             ceiling = self.start * _bounded(norm)
         reading = self.band.peek(loss)
@@ -218,38 +233,73 @@ class LossAwareMeanThreshold(MeanThreshold):
         calm = self.band.calm_excess()
         norm_reading = self.norm_band.peek(norm)
         confirmed = norm_reading is not None and norm_reading.excess > NORM_CONFIRM_EXCESS
+        undone = False
         if excess is not None and excess > self.band.elevated_excess() and (confirmed or base is not None):
+            assert reading is not None
             if base is None or (age >= self.rebase_steps and bases < self.episode_bases):
                 current = min(ceiling, mean_term)
                 if math.isfinite(current):
+                    undo = (ceiling, slow_start) if base is None and undo is None else undo
                     base, age, bases = current, 0, bases + 1
                     slow_start = self.slow_start_fraction * base
+            elif age >= self.rebase_steps and not self._answered(reading.fast, calm):
+                # every base spent, and the loss stands where it jumped whatever the cuts: a new level of
+                # the loss, not a runaway — the episode is undone
+                undone, base, age, bases = True, None, 0, 0
+                if undo is not None:
+                    ceiling, slow_start = max(ceiling, undo[0]), undo[1]
+                undo = None
             if base is not None:
                 target = max(base * max(math.exp(-excess), 1.0 / self.max_cut), FLOAT32_TINY)
                 if target < ceiling:
                     ceiling, cut = target, True
         else:
-            base, age, bases = None, 0, 0
-        return _CeilingPlan(min(mean_term, ceiling), ceiling, slow_start, base, age, bases, cut, excess, calm)
+            base, age, bases, undo = None, 0, 0, None
+        return _CeilingPlan(
+            min(mean_term, ceiling), ceiling, slow_start, base, age, bases, cut, excess, calm, undo, undone
+        )
+
+    def _answered(self, fast: float, calm: float) -> bool:
+        """Whether the loss of an open episode answers its cut: it still climbs (``fast`` above the highest
+        single loss of the base's first `ANCHOR_STEPS` steps: a runaway the cut has not stopped yet), or it
+        came down (more than ``calm`` below the highest smoothed value since the base)."""
+        climbing = self.episode_anchor is not None and fast > self.episode_anchor
+        fell = self.episode_peak is not None and fast < self.episode_peak - calm
+        return climbing or fell
 
     def threshold(self, norm: float, loss: float | None = None) -> float:
         return self._plan(norm, loss).threshold
 
     def update(self, norm: float, threshold: float, loss: float | None = None) -> None:
         plan = self._plan(norm, loss)
-        fast = self.band.smoothed() if self.band.update(loss) is not None else None
+        reading = self.band.update(loss)
+        fast = self.band.smoothed() if reading is not None else None
+        if plan.base is None or reading is None:
+            self.episode_peak = self.episode_anchor = None
+        elif plan.age == 0:
+            self.episode_peak, self.episode_anchor = reading.fast, reading.log_value
+        else:
+            self.episode_peak = max(self.episode_peak or -math.inf, reading.fast)
+            if plan.age < ANCHOR_STEPS:
+                self.episode_anchor = max(self.episode_anchor or -math.inf, reading.log_value)
         if fast is not None and self.band.reference is not None:
             low = self.band.settled()  # not a lucky low of a few values averaged
             assert low is not None  # (a value was fed)
             self.best_loss = low if self.best_loss is None else min(self.best_loss, low)
             self.probe_best = low if self.probe_best is None else min(self.probe_best, low)
         self.norm_band.update(norm)
+        if plan.undone:  # the levels the loss and the norms stand at are their healthy levels from here on
+            self.band.accept()
+            self.norm_band.accept()
+            self.best_loss = self.probe_best = self.band.settled()
         self.slow_start = plan.slow_start
         self.episode_base = plan.base
         self.episode_age = plan.age + 1 if plan.base is not None else 0
         self.episode_count = plan.bases
+        self.episode_undo = plan.undo
         self.ceiling = plan.ceiling
         self.cuts += int(plan.cut)
+        self.episodes_undone += int(plan.undone)
         healthy = plan.excess is None or plan.excess <= plan.calm
         binding = math.isfinite(norm) and math.isfinite(self.ceiling) and norm > self.ceiling
         drifted = plan.excess is not None and self.drifted(plan.calm)
@@ -309,10 +359,39 @@ class LossAwareMeanThreshold(MeanThreshold):
             >>> rule.ceiling, rule.slow_start
             (0.25, 0.25)
         """
+        undo = self.episode_undo if self.episode_undo is not None else (self.ceiling, self.slow_start)
         if math.isfinite(threshold_at_event) and threshold_at_event > 0.0:
             self.ceiling = min(self.ceiling, fraction * threshold_at_event)
             self.slow_start = min(self.slow_start, self.ceiling)
         self.episode_base, self.episode_age, self.episode_count = None, 0, 0
+        self.episode_peak = self.episode_anchor = None
+        self.episode_undo = undo  # kept while the loss stays elevated (`new_level`), dropped once it is not
+        self.stall_steps, self.probe_level, self.probe_age, self.probe_ceiling = 0, None, 0, None
+
+    def new_level(self) -> None:
+        """The loss stands at a new level by design (`ExplosionGuard` found that its restored, known-good
+        state sees the rise too): what was cut or tightened for it is undone — the ceiling and the slow-start
+        level back to where they stood before (`episode_undo`: before the open episode, or before `tighten`)
+        — and the loss's and the norms' bands, and the lowest levels, start afresh from the new level.
+
+        Examples:
+            >>> rule = LossAwareMeanThreshold()
+            >>> _ = rule.step(8.0, loss=1.0)
+            >>> before = rule.ceiling
+            >>> rule.tighten(0.5)
+            >>> rule.ceiling
+            0.25
+            >>> rule.new_level()
+            >>> rule.ceiling == before
+            True
+        """
+        if self.episode_undo is not None:
+            self.ceiling, self.slow_start = max(self.ceiling, self.episode_undo[0]), self.episode_undo[1]
+            self.episodes_undone += 1
+        self.episode_base, self.episode_age, self.episode_count = None, 0, 0
+        self.episode_peak = self.episode_anchor = self.episode_undo = None
+        self.band, self.norm_band = LossBand(), LossBand()
+        self.best_loss = self.probe_best = None
         self.stall_steps, self.probe_level, self.probe_age, self.probe_ceiling = 0, None, 0, None
 
     def state_dict(self) -> dict[str, Any]:
@@ -333,6 +412,10 @@ class LossAwareMeanThreshold(MeanThreshold):
             "probe_ceiling": self.probe_ceiling,
             "probes": self.probes,
             "probe_best": self.probe_best,
+            "episode_peak": self.episode_peak,
+            "episode_anchor": self.episode_anchor,
+            "episode_undo": None if self.episode_undo is None else list(self.episode_undo),
+            "episodes_undone": self.episodes_undone,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -357,3 +440,8 @@ class LossAwareMeanThreshold(MeanThreshold):
         self.probes = int(state.get("probes", 0))
         probe_best = state.get("probe_best")
         self.probe_best = None if probe_best is None else float(probe_best)
+        peak, anchor, undo = state.get("episode_peak"), state.get("episode_anchor"), state.get("episode_undo")
+        self.episode_peak = None if peak is None else float(peak)
+        self.episode_anchor = None if anchor is None else float(anchor)
+        self.episode_undo = None if undo is None else (float(undo[0]), float(undo[1]))
+        self.episodes_undone = int(state.get("episodes_undone", 0))

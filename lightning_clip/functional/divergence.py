@@ -63,6 +63,7 @@ __all__ = [
     "HEALTHY_EXCESS",
     "HEALTHY_NORM_EXCESS",
     "HEALTHY_STREAK",
+    "NEW_LEVEL_SIGMAS",
     "RUNAWAY_GROWTH",
     "RUNAWAY_WINDOW",
     "WRECKED_LOSS_EXCESS",
@@ -103,6 +104,9 @@ WRECKED_LOSS_EXCESS = math.log(100.0)
 """A confirmed rise to more than 100× the healthy level is a divergence whether or not it still climbs
 (the weights were wrecked: no curriculum stage jumps that far)."""
 ANCHOR_STEPS = 5
+NEW_LEVEL_SIGMAS = 5.0
+"""A restored known-good state's first loss stands at a new level when it is this many noise σ (and ×4)
+above the healthy level (`DivergenceDetector.new_level`)."""
 """The anchor is the highest single loss of this many first steps of a confirmed rise."""
 
 DETECTOR_SMOOTHING = 19.0
@@ -254,6 +258,14 @@ class LossBand:
         ``weight2``) than a full window's: ``√(spread² − s²)``, ``spread = σ·√weight2 / weight``."""
         spread = self.noise_level() * math.sqrt(weight2) / weight
         return math.sqrt(max(0.0, spread**2 - self.fast_noise() ** 2))
+
+    def accept(self) -> None:
+        """Take the level the signal stands at as its healthy level: the reference becomes the
+        `settled` smoothed value (a no-op before the reference is set)."""
+        if self.reference is not None:
+            settled = self.settled()
+            assert settled is not None
+            self.reference = settled
 
     def peek(self, value: float | None) -> BandReading | None:
         """The reading after feeding ``value``, without changing the state (None: not judged)."""
@@ -411,6 +423,26 @@ class DivergenceDetector:
         self.healthy_streak = self.healthy_streak + 1 if reading.verdict == HEALTHY else 0
         self.steps += 1
         return reading
+
+    def new_level(self, loss: float | None) -> bool:
+        """Whether the first loss of a restored, known-good state stands at a new level: more than a
+        divergence's excess (`DIVERGED_LOSS_EXCESS`, ×4) and more than `NEW_LEVEL_SIGMAS` × its noise above
+        the healthy level this detector (rewound with the state) knew. The weights that were healthy see
+        the rise on the current batches too: it is in the data (a loss that rises by design), not in the
+        steps taken since. False while the level is not set, or for a loss that is not positive and finite.
+
+        Examples:
+            >>> detector = DivergenceDetector()
+            >>> for loss in (1.0, 0.9, 1.1, 1.0, 0.95, 1.05, 1.0):
+            ...     _ = detector.update(loss, norm=1.0)
+            >>> detector.new_level(1.3), detector.new_level(60.0)
+            (False, True)
+        """
+        x = _log(loss)
+        reference = self.loss.reference
+        if x is None or reference is None:
+            return False
+        return x - reference > max(DIVERGED_LOSS_EXCESS, NEW_LEVEL_SIGMAS * self.loss.noise_level())
 
     @property
     def snapshot_ok(self) -> bool:

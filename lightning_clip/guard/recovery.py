@@ -8,10 +8,13 @@ calls the pipeline of `lightning_clip.guard.rollback` once (list, choose, read, 
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from lightning_utilities.core.rank_zero import rank_zero_warn
+
 from lightning_clip import _compat
-from lightning_clip.exceptions import GradientExplosionError
+from lightning_clip.exceptions import GradientExplosionError, LightningClipWarning
 from lightning_clip.functional.divergence import DivergenceDetector, Reading
 from lightning_clip.functional.thresholds import MeanThreshold
 from lightning_clip.guard import decision as D
@@ -57,6 +60,7 @@ class RecoveryMixin:
     _logged: LoggedWindow
     _identity: RunIdentity
     _pending: EventRecord | None
+    _check_level: bool
 
     if TYPE_CHECKING:
         state_key: str
@@ -140,6 +144,7 @@ class RecoveryMixin:
         self._detector = DivergenceDetector()  # rewound with the state (fresh when the state has none)
         if state.guard is not None:
             self._detector.load_state_dict(state.guard.get("divergence", {}))
+        self._check_level = D.DIVERGENCE in record.kinds  # the next loss is the known-good weights'
         self._skip_remaining = self.skip_batches
         self._overflow_streak = 0
         record.restored = {"source": state.source, "step": state.step, "path": state.path}
@@ -151,6 +156,30 @@ class RecoveryMixin:
             self._known_good.take(
                 trainer, siblings, self.lr_scale, label=state.step, agree=agree, guard=self._own_state()
             )
+
+    def _check_new_level(self, trainer: Trainer, mean_loss: float | None) -> None:
+        """The first step after a rollback for a divergence: when the restored, known-good weights see a
+        loss at a new level (`DivergenceDetector.new_level`), the rise is in the data, not in the steps
+        taken: the divergence check starts again from that level (a fresh detector), with a warning.
+        ``mean_loss`` is the same on every rank, and so is the decision."""
+        if not self._check_level:
+            return
+        self._check_level = False
+        reference = self._detector.loss.reference
+        if reference is None or not self._detector.new_level(mean_loss):
+            return
+        self._detector = DivergenceDetector()
+        for cb in self._siblings(trainer):  # e.g. the clipper undoes its cuts and its tightening
+            cb.on_new_level()
+        ratio = (mean_loss or math.nan) / math.exp(reference)
+        rank_zero_warn(
+            f"ExplosionGuard: the known-good state restored at step {trainer.global_step} sees a loss of"
+            f" {mean_loss:.4g}, {ratio:.3g}x its healthy level, on the current batches: the rise is in the"
+            " data, not in the steps taken (a loss that rises by design: a harder stage, rescaled targets)."
+            " The divergence check starts again from this level; pass `detect_divergence=False` if the loss"
+            " is meant to jump.",
+            category=LightningClipWarning,
+        )
 
     @property
     def _snapshots_on(self) -> bool:

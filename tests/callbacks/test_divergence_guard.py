@@ -16,11 +16,23 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from lightning_clip import AdaptiveGradientClipping, ExplosionGuard, GradientExplosionError
-from lightning_clip.functional.divergence import DETECTOR_SMOOTHING, DIVERGED_LOSS_EXCESS
+from lightning_clip import (
+    AdaptiveGradientClipping,
+    ExplosionGuard,
+    GradientExplosionError,
+    LightningClipWarning,
+)
+from lightning_clip.functional.divergence import DETECTOR_SMOOTHING, DIVERGED_LOSS_EXCESS, DivergenceDetector
 from lightning_clip.report import load_events
 from lightning_clip.testing import FaultInjector
-from tests.models import ExplodingRNN, LossBlowUp, adding_loader, make_trainer, regression_loader
+from tests.models import (
+    ExplodingRNN,
+    LossBlowUp,
+    RegressionModel,
+    adding_loader,
+    make_trainer,
+    regression_loader,
+)
 from tests.reference import loss_band_excess
 
 
@@ -148,10 +160,13 @@ def test_divergence_rollback_makes_the_clipper_clip_tighter(tmp_path: Any) -> No
     clipper = AdaptiveGradientClipping()
     guard = ExplosionGuard(snapshot_every_n_steps=5)
     bounds = BoundAtBatchStart(clipper)
-    # ten steps ×1e4 (four that come back are a transient the clipper rides out: no event)
-    _trainer, _model = fit_blowup(
-        tmp_path, [clipper, guard, bounds], 45, steps=tuple(range(30, 40)), factor=1e4
-    )
+    # ten steps ×1e4 (four that come back are a transient the clipper rides out: no event); the batch after
+    # the rollback is still ×1e4 whatever the weights: the guard sees it is in the data
+    with pytest.warns(LightningClipWarning, match="the rise is in the\\s+data"):
+        _trainer, _model = fit_blowup(
+            tmp_path, [clipper, guard, bounds], 45, steps=tuple(range(30, 40)), factor=1e4
+        )
+    assert len(guard.records) == 1
     first = guard.records[0]
     assert first["kind"] == "divergence" and first["action"] == "rollback"
     step = first["step"]
@@ -228,3 +243,76 @@ def test_rollback_rewinds_the_detector_and_its_state_loads_with_weights_only(tmp
     other.load_state_dict(loaded)
     assert other.state_dict() == guard.state_dict()
     assert trainer.global_step == 20
+
+
+class TargetsRise(RegressionModel):
+    """A `RegressionModel` whose targets are ×``factor`` from global step ``at`` on, for good: the loss
+    (×~900) and the gradients (×~30) rise by design, and the steps stay sound (SGD's stability does not
+    depend on the targets: training converges to the new optimum)."""
+
+    def __init__(self, at: int, factor: float = 30.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.at, self.factor = at, factor
+        self.losses: list[float] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        scale = self.factor if self.global_step >= self.at else 1.0
+        loss = torch.nn.functional.mse_loss(self(x), scale * y)
+        self.losses.append(float(loss.detach()))
+        return loss
+
+
+def fit_rise(tmp_path: Any, callbacks: list[Any], steps: int = 200) -> TargetsRise:
+    torch.manual_seed(0)
+    model = TargetsRise(at=100)
+    trainer = make_trainer(tmp_path, callbacks=callbacks, max_steps=steps, max_epochs=-1)
+    trainer.fit(model, regression_loader(n=512, batch_size=16))
+    return model
+
+
+def test_a_loss_that_jumps_for_good_with_its_gradients_is_one_rollback_then_a_new_level(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Targets ×30 for good: the loss ×~900 and the norms ×~30 read as a wrecked run, and the guard rolls
+    back. The restored, known-good weights see the same loss on the next batch: the rise is in the data.
+    The guard says so and goes on from the new level: one rollback, no error, and the run ends where the
+    same run without the guard ends. Without that check (patched out), the same fit rolls back 5 times
+    and raises."""
+    reference = fit_rise(tmp_path / "none", [])
+    guard = ExplosionGuard()
+    with pytest.warns(LightningClipWarning, match="the rise is in the\\s+data"):
+        model = fit_rise(tmp_path / "guard", [guard])
+    assert [r["kind"] for r in guard.records] == ["divergence"]
+    assert guard.rollbacks == 1 and guard.records[0]["restored"]["step"] <= 100  # trained on the old targets
+    tail, ref_tail = model.losses[-20:], reference.losses[-20:]
+    assert sum(tail) / 20 < 1.5 * sum(ref_tail) / 20  # the run trained on at the new level
+
+    monkeypatch.setattr(DivergenceDetector, "new_level", lambda self, loss: False)
+    blind = ExplosionGuard()
+    with pytest.raises(GradientExplosionError, match="rollback budget is spent"):
+        fit_rise(tmp_path / "blind", [blind])
+    assert blind.rollbacks == 5
+
+
+def test_with_the_clipper_a_new_level_undoes_its_cuts_and_its_tightening(tmp_path: Any) -> None:
+    """Both callbacks on the same jump for good: the clipper cuts its ceiling (an episode), the guard rolls
+    back and the clipper tightens. When the restored state sees the same loss, the clipper is told: its
+    ceiling goes back to where it stood before the jump, and the run ends where the clipper alone ends
+    (which undoes its own episode later, after its three bases)."""
+    alone = AdaptiveGradientClipping()
+    with pytest.warns(LightningClipWarning, match="throttled"):  # back at its old step length: documented
+        reference = fit_rise(tmp_path / "alone", [alone])
+    assert alone.rule(0).episodes_undone == 1  # type: ignore[attr-defined]
+    clipper, guard = AdaptiveGradientClipping(), ExplosionGuard()
+    bounds = BoundAtBatchStart(clipper)
+    with pytest.warns(LightningClipWarning) as caught:  # the guard's, and the clipper's throttle as above
+        model = fit_rise(tmp_path / "both", [clipper, guard, bounds])
+    assert sum("the rise is in the data" in " ".join(str(w.message).split()) for w in caught) == 1
+    assert guard.rollbacks == 1
+    event = guard.records[0]["step"]
+    before = bounds.at[100][1]  # the ceiling when the first batch of new targets came
+    assert min(c for step, (_, c, _) in bounds.at.items() if 100 <= step <= event) < 0.1 * before  # cut
+    assert bounds.at[event + 2][1] >= before  # undone: back where it stood before the jump
+    tail, ref_tail = model.losses[-20:], reference.losses[-20:]
+    assert sum(tail) / 20 < 1.5 * sum(ref_tail) / 20

@@ -325,21 +325,26 @@ def test_mean_rule_matches_the_design_formula(factor, decay, warmup, max_norm, s
     assert type(plain) is MeanThreshold and plain.step(norms[0]) == expected[0]
 
 
-LOSS_SHAPES = ("calm", "noisy", "runaway")
+JUMP_AT = 150
+LOSS_SHAPES = ("calm", "noisy", "runaway", "jump")
 
 
 def loss_sequence(seed: int, shape: str, steps: int = STEPS) -> list[float | None]:
-    """A training loss per step: decreasing with small noise, with large noise, or with two runaways (a
-    jump of x20 growing for 15 steps), plus a few steps without a loss and a NaN."""
+    """A training loss per step: decreasing with small noise, with large noise, with two runaways (a
+    jump of x20 growing for 15 steps), or with a jump by design (x30 for good from step 150: `JUMP_AT`; a bump x3 at
+    steps 260-274),
+    plus a few steps without a loss and a NaN."""
     rng = random.Random(seed)
     losses: list[float | None] = []
     level = 2.0
     for t in range(steps):
         level *= 0.995
-        noise = {"calm": 0.05, "noisy": 0.8, "runaway": 0.2}[shape]
+        noise = {"calm": 0.05, "noisy": 0.8, "runaway": 0.2, "jump": 0.2}[shape]
         value = level * math.exp(rng.gauss(0.0, noise))
         if shape == "runaway" and (60 <= t < 75 or 200 <= t < 215):
             value *= 20.0 * 1.3 ** (t % 20)
+        if shape == "jump" and t >= JUMP_AT:  # and a bump x3 later, the gradients at their new level
+            value *= 30.0 * (3.0 if 260 <= t < 275 else 1.0)
         losses.append(value)
     losses[7], losses[40] = None, math.nan
     return losses
@@ -356,9 +361,15 @@ def test_loss_aware_rule_matches_its_documented_formula(factor, decay, warmup, m
     norms[17] = math.nan
     norms[18] = math.inf
     losses = loss_sequence(seed, shape)
+    if shape == "jump":  # the gradients jump with the loss (x10), for good
+        norms[JUMP_AT:] = [10.0 * n for n in norms[JUMP_AT:]]
     rule = make_rule("mean", factor=factor, decay=decay, warmup_steps=warmup, max_norm=max_norm)
     assert type(rule) is LossAwareMeanThreshold
-    got = [rule.step(n, loss) for n, loss in zip(norms, losses, strict=True)]
+    got, ceilings, undone_counts = [], [], []
+    for n, loss in zip(norms, losses, strict=True):
+        got.append(rule.step(n, loss))
+        ceilings.append(rule.ceiling)
+        undone_counts.append(rule.episodes_undone)
     expected = loss_aware_thresholds(norms, losses, factor, decay, warmup, max_norm)
     assert got == pytest.approx(
         expected, rel=1e-7
@@ -369,6 +380,12 @@ def test_loss_aware_rule_matches_its_documented_formula(factor, decay, warmup, m
         assert min(g / p for g, p in zip(got[60:80], plain[60:80], strict=True)) < 0.2
     if shape == "calm":
         assert rule.cuts == 0
+    if shape == "jump":  # cut by its three bases, then undone: the ceiling back where it stood before
+        assert rule.episodes_undone == 1
+        at = undone_counts.index(1)
+        assert JUMP_AT + 30 <= at < JUMP_AT + 60
+        assert min(ceilings[JUMP_AT:at]) < 1e-3 * ceilings[JUMP_AT - 1]
+        assert ceilings[at] == ceilings[JUMP_AT - 1]
 
 
 def test_loss_aware_first_steps_and_a_cut_by_hand():
@@ -583,6 +600,73 @@ def test_loss_aware_state_round_trip_through_a_confirmed_runaway():
         assert [partial.step(n, loss) for n, loss in zip(norms[k:], losses[k:], strict=True)] != expected[k:]
 
 
+def _jump_for_good() -> tuple[list[float], list[float]]:
+    """Calm for 100 steps, then the loss ×30 and the norms ×10 for good, from one step to the next (SGD
+    targets scaled up: no runaway, a new level)."""
+    rng = random.Random(4)
+    norms = [2.0 * math.exp(rng.gauss(0.0, 0.1)) * (10.0 if t >= 100 else 1.0) for t in range(260)]
+    losses = [math.exp(rng.gauss(0.0, 0.1)) * (30.0 if t >= 100 else 1.0) for t in range(260)]
+    return norms, losses
+
+
+def test_an_episode_the_loss_does_not_answer_is_undone():
+    """A jump for good: three bases cut the ceiling >1000×; 10 steps after the third, the loss stands where
+    it jumped (neither climbing on nor coming down), so the episode is undone — the ceiling and the
+    slow-start level back to what they were before it, exactly, and the bands' healthy levels at the new
+    level (no new episode after it). Reference: the same rule that never undoes an episode."""
+    norms, losses = _jump_for_good()
+    rule, kept = LossAwareMeanThreshold(), LossAwareMeanThreshold()
+    kept._answered = lambda fast, calm: True  # type: ignore[method-assign]
+    before, opened = None, None
+    for t, (n, loss) in enumerate(zip(norms, losses, strict=True)):
+        state = (rule.ceiling, rule.slow_start)
+        rule.step(n, loss)
+        kept.step(n, loss)
+        if opened is None and rule.cuts:
+            before, opened = state, t
+        if rule.episodes_undone:
+            break
+    assert before is not None and opened is not None and rule.episodes_undone == 1
+    assert opened == 101  # one step after the jump: the smoothed norm is then twice its level
+    assert t == opened + 30  # re-based at +10 and +20; undone 10 steps after the third base
+    assert (rule.ceiling, rule.slow_start) == before
+    assert kept.ceiling < 1e-3 * before[0] and kept.episode_count == 3
+    cuts = rule.cuts
+    for n, loss in zip(norms[t + 1 :], losses[t + 1 :], strict=True):
+        rule.step(n, loss)
+        kept.step(n, loss)
+    assert rule.cuts == cuts and rule.episode_base is None  # no new episode after the undo
+    assert rule.ceiling >= before[0]
+    assert kept.episode_base is not None and kept.ceiling < 1e-3 * before[0]  # held down for good
+
+
+@pytest.mark.parametrize("k", [103, 125, 131])
+def test_an_episode_being_undone_resumes_bit_for_bit(k):
+    """Resumed during the jump's episode (its first base, its third, right after the undo): the same state
+    and thresholds bit for bit; without the state before the episode, the resumed rule is not undone to
+    it."""
+    norms, losses = _jump_for_good()
+    uninterrupted = LossAwareMeanThreshold()
+    expected = [uninterrupted.step(n, loss) for n, loss in zip(norms, losses, strict=True)]
+    first = LossAwareMeanThreshold()
+    for n, loss in zip(norms[:k], losses[:k], strict=True):
+        first.step(n, loss)
+    state = _through_a_file(first.state_dict())
+    resumed = LossAwareMeanThreshold()
+    resumed.load_state_dict(state)
+    assert resumed.state_dict() == first.state_dict()  # the peak and the anchor of the base included
+    if k == 125:
+        assert resumed.episode_peak is not None and resumed.episode_anchor is not None
+    assert [resumed.step(n, loss) for n, loss in zip(norms[k:], losses[k:], strict=True)] == expected[k:]
+    assert resumed.state_dict() == uninterrupted.state_dict()
+    keys = {103: ["episode_undo"], 125: ["episode_undo"], 131: []}[k]
+    for key in keys:
+        partial = LossAwareMeanThreshold()
+        partial.load_state_dict({name: v for name, v in state.items() if name != key})
+        tail = [partial.step(n, loss) for n, loss in zip(norms[k:], losses[k:], strict=True)]
+        assert tail != expected[k:], key
+
+
 def _runaway_then_drift() -> tuple[list[float], list[float]]:
     """A confirmed runaway (cut), 300 healthy binding steps, then a loss drifting up by 0.04% a step while
     the norms stay at their level (binding the cut ceiling)."""
@@ -716,3 +800,29 @@ def test_an_undone_probe_leaves_the_slow_start_level_where_it_was():
                 undone += 1
                 assert rule.slow_start == before[0]
     assert undone >= 1
+
+
+def test_tighten_then_new_level_restores_the_ceiling_and_a_calm_step_forgets_it():
+    """`tighten` keeps what it replaced (with an open episode: what the episode replaced) until the loss is
+    calm again; `new_level` restores it and starts the bands afresh."""
+    norms, losses = _jump_for_good()
+    rule = LossAwareMeanThreshold()
+    for n, loss in zip(norms[:105], losses[:105], strict=True):  # into the jump's first episode
+        rule.step(n, loss)
+    assert rule.episode_base is not None and rule.episode_undo is not None
+    before_episode = rule.episode_undo
+    rule.tighten(0.5 * rule.current())
+    assert rule.episode_base is None and rule.episode_undo == before_episode
+    rule.new_level()
+    assert (rule.ceiling, rule.slow_start) == before_episode
+    assert rule.band.reference is None and rule.norm_band.reference is None and rule.best_loss is None
+    calm = LossAwareMeanThreshold()
+    for n, loss in zip(norms[:60], losses[:60], strict=True):
+        calm.step(n, loss)
+    ceiling = calm.ceiling
+    calm.tighten(0.5 * calm.current())
+    assert calm.episode_undo is not None and calm.episode_undo[0] == ceiling
+    calm.step(norms[60], losses[60])  # a calm step: the memory of the tightening is dropped
+    assert calm.episode_undo is None
+    calm.new_level()
+    assert calm.ceiling < ceiling  # nothing to undo any more
