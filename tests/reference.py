@@ -85,7 +85,7 @@ def loss_band_readings(
 def loss_band_windows(
     losses: list[float | None], max_smoothing: float = math.inf
 ) -> tuple[list[tuple[float, float, float] | None], list[float], list[float | None], list[float | None]]:
-    """`lightning_clip.functional.divergence.LossBand` written out from its documentation. Per value:
+    """`lightning_clip.functional.band.LossBand` written out from its documentation. Per value:
     ``(excess, elevated threshold, calm threshold)``, the thresholds as they stood before the value (None:
     not judged).
 

@@ -7,8 +7,8 @@
   clipping thresholds (``mean``, loss-aware by default, ZClip's ``zscore``, AutoClip's ``percentile``).
 * `per_tensor`: per-tensor thresholds (AdaGC, the per-tensor ``mean`` rule) over one stacked statistics
   tensor, and the fused per-tensor multiply.
-* `divergence`: where the training loss (or a norm) stands against its healthy level, and the finite
-  divergence detector of `ExplosionGuard`.
+* `band`: where the training loss (or a norm) stands against its healthy level (`LossBand`).
+* `divergence`: the finite divergence detector of `ExplosionGuard`.
 * `health`: per-layer and through-time gradient health, spectral radii.
 * `causes`: what makes gradients vanish, measured: activation sites of the autograd graph, their
   derivatives, dead units, weight scales, residual connections, a recent loss or norm jump.
@@ -28,6 +28,7 @@ Examples:
 """
 
 from lightning_clip.functional import (
+    band,
     causes,
     clipping,
     divergence,
@@ -37,9 +38,10 @@ from lightning_clip.functional import (
     per_tensor,
     thresholds,
 )
+from lightning_clip.functional.band import LossBand
 from lightning_clip.functional.ceiling import LossAwareMeanThreshold, ceiling_applies
 from lightning_clip.functional.clipping import EPS, clip_coef, clip_grads_, scale_grads_
-from lightning_clip.functional.divergence import DivergenceDetector, LossBand
+from lightning_clip.functional.divergence import DivergenceDetector
 from lightning_clip.functional.health import spectral_radius
 from lightning_clip.functional.norms import all_finite, collect_grads, grad_norms, group_norms, total_norm
 from lightning_clip.functional.per_tensor import AdaGCRule, MeanPerTensorRule, PerTensorScaler
@@ -66,6 +68,7 @@ __all__ = [
     "ThresholdRule",
     "ZScoreThreshold",
     "all_finite",
+    "band",
     "causes",
     "ceiling_applies",
     "clip_coef",

@@ -27,7 +27,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_clip.functional.divergence import ANCHOR_STEPS, LossBand
+from lightning_clip.functional.band import LossBand
+from lightning_clip.functional.divergence import ANCHOR_STEPS
 from lightning_clip.functional.thresholds import FLOAT32_MAX, MeanThreshold, _bounded
 
 __all__ = ["NORMALISING_KEYS", "NORM_CONFIRM_EXCESS", "LossAwareMeanThreshold", "ceiling_applies"]
@@ -80,7 +81,7 @@ class LossAwareMeanThreshold(MeanThreshold):
     ``threshold_t = min(factor · μ̂_{t−1}, ceiling_t, max_norm)``. ``μ̂`` is exactly `MeanThreshold`'s
     statistic (the bias-corrected EMA of the norms as the plain mean rule applies them, so with a ceiling
     that never binds this is the first release's rule). The **ceiling** is an absolute bound, fed by a
-    `~lightning_clip.functional.divergence.LossBand` of the loss (its *excess*: the log of the
+    `~lightning_clip.functional.band.LossBand` of the loss (its *excess*: the log of the
     smoothed loss over its healthy level):
 
     * it starts at `start` (a tenth) × the first finite norm: nothing is known about the scale of the
