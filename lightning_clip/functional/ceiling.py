@@ -84,43 +84,26 @@ class LossAwareMeanThreshold(MeanThreshold):
     `~lightning_clip.functional.band.LossBand` of the loss (its *excess*: the log of the
     smoothed loss over its healthy level):
 
-    * it starts at `start` (a tenth) × the first finite norm: nothing is known about the scale of the
-      problem yet, so the first steps are clipped to a tenth of their own norm (a trust-region warm-up);
-    * on a step where it binds (the norm is above it) and the loss is in its band (excess ≤ log(2)/2), it
-      widens by `fast_rate` (doubles every 10 such steps, or once per averaging window of its norm band
-      when that is longer: no faster than a wider ceiling can show) up to the *slow-start
-      level*, by `slow_growth` (doubles every ~1,400) above it (TCP's slow start and congestion
-      avoidance) — at either pace only while the smoothed loss is within its calm band of the lowest it
-      has been (`drifted`): a loss drifting up under a widening ceiling stops the widening. "The lowest"
-      is of the *settled* smoothed loss (`LossBand.settled`: the smoothed value plus the spread the noise
-      still adds while few values are averaged), so the lucky low batches of the first steps of a noisy
-      loss are not taken for a level the run has reached;
-    * outside an episode, when the smoothed loss has stood above the lowest it has been (since the last
-      probe undone: `stalled`) for a whole `probe_window` of binding steps — training does not progress
-      at this step length, and the norms do not confirm a runaway — a *probe* halves the ceiling (no
-      widening while it is open). One window later it is judged: kept when the smoothed loss fell by more
-      than its calm band (the shorter step paid off: the slow-start level comes down to it; a further
-      stall may probe again), undone otherwise — the ceiling back where it was, the slow-start level
-      untouched, and the stall's lowest level reset to the current one: a loss that
-      stands where it stands whatever the step (a harder stage, a plateau) is no evidence against the
-      step, so probes cannot ratchet the ceiling down. They only ever tighten it while the loss does not
-      progress, never on the loss alone (the clip must bind), and a probe the loss does not answer is
-      taken back;
-    * when the smoothed loss is more than twice its healthy level (excess > log 2) and the smoothed pre-clip
-      norm more than twice its own (`NORM_CONFIRM_EXCESS`: the loss alone is no evidence), an *episode* opens:
-      its base is the threshold in force, the slow-start level drops to half the base, and the ceiling is
-      cut to ``base × exp(−excess)`` — shrunk by the factor the loss rose (at most `max_cut` per base) —
-      following the worst excess of the episode. An episode still open after `rebase_steps` steps is
-      re-based on the current threshold, so a runaway the first cut did not stop is cut again, up to
-      `episode_bases` bases in all. The episode closes when the loss is back below twice its level;
-    * an episode whose loss answers none of its cuts is *undone*: `rebase_steps` or more steps after its
-      last base, the smoothed loss neither climbs above the highest single loss of that base's first
-      `~lightning_clip.functional.divergence.ANCHOR_STEPS` steps (a runaway still compounding) nor came
-      down more than its calm band from the highest it has been since (`_answered`). The loss and the
-      norms rose for good (targets scaled up, a harder stage, with SGD): the ceiling and the slow-start
-      level go back to where they stood before the episode, and the levels the loss and the norms stand at
-      become their healthy levels (`LossBand.accept`; the drift's and the stall's lowest too). Without
-      this, three bases of a loss ×30 for good took the ceiling 10⁴× down, and kept it there.
+    * it starts at `start` (a tenth) × the first finite norm (a trust-region warm-up);
+    * on a step where it binds and the loss is in its band (excess ≤ its calm band), it widens by
+      `fast_rate` (a doubling per 10 steps, or per averaging window of its norm band when longer) up to
+      the *slow-start level*, by `slow_growth` above it — at either pace only while the smoothed loss
+      is within its calm band of the lowest *settled* value it has been (`drifted`,
+      `LossBand.settled`: lucky early batches are no level the run reached);
+    * outside an episode, when the smoothed loss has stood above its lowest (since the last probe undone:
+      `stalled`) for a `probe_window` of binding steps, a *probe* halves the ceiling; one window later it
+      is kept if the smoothed loss fell by more than its calm band, undone otherwise (`_judge_probe`):
+      a loss that stands where it stands whatever the step cannot ratchet the ceiling down;
+    * when the smoothed loss is elevated (above twice its healthy level for a noisy loss) *and* the smoothed
+      pre-clip norm more than twice its own (`NORM_CONFIRM_EXCESS`), an *episode* opens: its base is the
+      threshold in force, the slow-start level drops to half of it, and the ceiling is cut to
+      ``base × exp(−excess)`` (at most `max_cut`), following the worst excess; still open after
+      `rebase_steps` steps, it is re-based on the current threshold (`episode_bases` bases in all). It
+      closes when the loss is no longer elevated;
+    * an episode whose loss answers none of its cuts is *undone* (`_answered`): `rebase_steps` after its
+      last base, the smoothed loss neither climbs on nor came down — the loss and the norms rose for good
+      (targets scaled up, a harder stage): the ceiling and the slow-start level go back to where they stood
+      before the episode, and the bands take the levels they stand at as healthy (`LossBand.accept`).
 
     The running mean cannot ratchet the threshold up through a runaway (the ceiling does not follow the
     norms) and the ceiling does not depend on the mean (it cannot collapse with it). Without a loss
@@ -395,54 +378,41 @@ class LossAwareMeanThreshold(MeanThreshold):
         self.best_loss = self.probe_best = None
         self.stall_steps, self.probe_level, self.probe_age, self.probe_ceiling = 0, None, 0, None
 
+    _OPTIONAL: tuple[str, ...] = ("episode_base", "best_loss", "probe_level", "probe_ceiling", "probe_best")
+    _OPTIONAL += ("episode_peak", "episode_anchor")
+    """State keys holding a float or None."""
+    _COUNTS = (
+        "episode_age",
+        "episode_count",
+        "cuts",
+        "stall_steps",
+        "probe_age",
+        "probes",
+        "episodes_undone",
+    )
+    """State keys holding an int (0 when absent)."""
+
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(),
             "ceiling": self.ceiling,
             "slow_start": self.slow_start,
-            "episode_base": self.episode_base,
-            "episode_age": self.episode_age,
-            "episode_count": self.episode_count,
-            "cuts": self.cuts,
+            **{key: getattr(self, key) for key in (*self._OPTIONAL, *self._COUNTS)},
             "loss_band": self.band.state_dict(),
             "norm_band": self.norm_band.state_dict(),
-            "best_loss": self.best_loss,
-            "stall_steps": self.stall_steps,
-            "probe_level": self.probe_level,
-            "probe_age": self.probe_age,
-            "probe_ceiling": self.probe_ceiling,
-            "probes": self.probes,
-            "probe_best": self.probe_best,
-            "episode_peak": self.episode_peak,
-            "episode_anchor": self.episode_anchor,
             "episode_undo": None if self.episode_undo is None else list(self.episode_undo),
-            "episodes_undone": self.episodes_undone,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.ceiling = float(state.get("ceiling", math.inf))
         self.slow_start = float(state.get("slow_start", math.inf))
-        base = state.get("episode_base")
-        self.episode_base = None if base is None else float(base)
-        self.episode_age = int(state.get("episode_age", 0))
-        self.episode_count = int(state.get("episode_count", 0))
-        self.cuts = int(state.get("cuts", 0))
+        for key in self._OPTIONAL:
+            value = state.get(key)
+            setattr(self, key, None if value is None else float(value))
+        for key in self._COUNTS:
+            setattr(self, key, int(state.get(key, 0)))
         self.band.load_state_dict(state.get("loss_band", {}))
         self.norm_band.load_state_dict(state.get("norm_band", {}))
-        best = state.get("best_loss")
-        self.best_loss = None if best is None else float(best)
-        self.stall_steps = int(state.get("stall_steps", 0))
-        level = state.get("probe_level")
-        self.probe_level = None if level is None else float(level)
-        self.probe_age = int(state.get("probe_age", 0))
-        before = state.get("probe_ceiling")
-        self.probe_ceiling = None if before is None else float(before)
-        self.probes = int(state.get("probes", 0))
-        probe_best = state.get("probe_best")
-        self.probe_best = None if probe_best is None else float(probe_best)
-        peak, anchor, undo = state.get("episode_peak"), state.get("episode_anchor"), state.get("episode_undo")
-        self.episode_peak = None if peak is None else float(peak)
-        self.episode_anchor = None if anchor is None else float(anchor)
+        undo = state.get("episode_undo")
         self.episode_undo = None if undo is None else (float(undo[0]), float(undo[1]))
-        self.episodes_undone = int(state.get("episodes_undone", 0))
