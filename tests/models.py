@@ -221,6 +221,24 @@ class LossBlowUp(RegressionModel):
         return loss * self.factor
 
 
+class TargetsRise(RegressionModel):
+    """A `RegressionModel` whose targets are ×``factor`` from global step ``at`` on, for good: the loss
+    (×~900) and the gradients (×~30) rise by design, and the steps stay sound (SGD's stability does not
+    depend on the targets: training converges to the new optimum)."""
+
+    def __init__(self, at: int, factor: float = 30.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.at, self.factor = at, factor
+        self.losses: list[float] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        scale = self.factor if self.global_step >= self.at else 1.0
+        loss = torch.nn.functional.mse_loss(self(x), scale * y)
+        self.losses.append(float(loss.detach()))
+        return loss
+
+
 def adding_batch(
     batch_size: int, seq_len: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:

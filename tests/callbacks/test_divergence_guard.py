@@ -28,7 +28,7 @@ from lightning_clip.testing import FaultInjector
 from tests.models import (
     ExplodingRNN,
     LossBlowUp,
-    RegressionModel,
+    TargetsRise,
     adding_loader,
     make_trainer,
     regression_loader,
@@ -243,24 +243,6 @@ def test_rollback_rewinds_the_detector_and_its_state_loads_with_weights_only(tmp
     other.load_state_dict(loaded)
     assert other.state_dict() == guard.state_dict()
     assert trainer.global_step == 20
-
-
-class TargetsRise(RegressionModel):
-    """A `RegressionModel` whose targets are ×``factor`` from global step ``at`` on, for good: the loss
-    (×~900) and the gradients (×~30) rise by design, and the steps stay sound (SGD's stability does not
-    depend on the targets: training converges to the new optimum)."""
-
-    def __init__(self, at: int, factor: float = 30.0, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.at, self.factor = at, factor
-        self.losses: list[float] = []
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        scale = self.factor if self.global_step >= self.at else 1.0
-        loss = torch.nn.functional.mse_loss(self(x), scale * y)
-        self.losses.append(float(loss.detach()))
-        return loss
 
 
 def fit_rise(tmp_path: Any, callbacks: list[Any], steps: int = 200) -> TargetsRise:

@@ -10,11 +10,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from lightning_clip import AdaptiveGradientClipping
 from lightning_clip.callbacks.explosion_guard import ExplosionGuard
 from lightning_clip.guard.events import EVENTS_FILENAME, RUN_LOGS_DIRNAME
 from lightning_clip.report import load_events
 from lightning_clip.testing import FaultInjector
-from tests.models import RegressionModel, make_trainer, regression_loader
+from tests.models import RegressionModel, TargetsRise, make_trainer, regression_loader
 
 
 class SaveResult(pl.Callback):
@@ -107,5 +108,52 @@ def test_divergence_on_the_mean_loss_is_decided_alike_on_every_rank(tmp_path: An
     assert r0["kinds"] == r1["kinds"]
     assert r0["kinds"] and {k for _, k, _ in r0["kinds"]} == {"divergence"}
     assert all(12 <= s < 16 for s, _, _ in r0["kinds"])
+    for name, w in r0["weights"].items():
+        assert torch.equal(w, r1["weights"][name]), name
+
+
+class SaveRise(pl.Callback):
+    """Each rank writes the guard's events, the clipper's rule state and its final weights to a file."""
+
+    def __init__(self, out: str, guard: ExplosionGuard, clipper: AdaptiveGradientClipping) -> None:
+        self.out, self.guard, self.clipper = out, guard, clipper
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        torch.save(
+            {
+                "weights": pl_module.state_dict(),
+                "kinds": [(r["step"], r["kind"], r["restored"]["step"]) for r in self.guard.records],
+                "rollbacks": self.guard.rollbacks,
+                "rule": self.clipper.rule(0).state_dict(),
+            },
+            os.path.join(self.out, f"rise{trainer.global_rank}.pt"),
+        )
+
+
+@pytest.mark.distributed
+@pytest.mark.filterwarnings("ignore::lightning_clip.exceptions.LightningClipWarning")  # checked single-process
+def test_a_new_level_is_found_alike_on_every_rank(tmp_path: Any) -> None:
+    """Targets ×30 for good on both ranks, both callbacks: one divergence rollback, the restored state sees
+    the same (mean) loss on both ranks, and both guards restart their check while both clippers undo their
+    cuts: the same events, the same rule state bit for bit, the same weights."""
+    clipper, guard = AdaptiveGradientClipping(), ExplosionGuard()
+    torch.manual_seed(0)
+    trainer = make_trainer(
+        tmp_path,
+        callbacks=[clipper, guard, SaveRise(str(tmp_path), guard, clipper)],
+        max_steps=160,
+        max_epochs=-1,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_fork",
+        deterministic=False,
+    )
+    trainer.fit(TargetsRise(at=100), regression_loader(n=1024, batch_size=16))
+    r0 = torch.load(tmp_path / "rise0.pt")
+    r1 = torch.load(tmp_path / "rise1.pt")
+    assert r0["kinds"] == r1["kinds"] and [k for _, k, _ in r0["kinds"]] == ["divergence"]
+    assert r0["rollbacks"] == r1["rollbacks"] == 1
+    assert r0["rule"] == r1["rule"]
+    assert r0["rule"]["episodes_undone"] >= 1
     for name, w in r0["weights"].items():
         assert torch.equal(w, r1["weights"][name]), name
