@@ -131,7 +131,9 @@ class SaveRise(pl.Callback):
 
 
 @pytest.mark.distributed
-@pytest.mark.filterwarnings("ignore::lightning_clip.exceptions.LightningClipWarning")  # checked single-process
+@pytest.mark.filterwarnings(
+    "ignore::lightning_clip.exceptions.LightningClipWarning"
+)  # checked single-process
 def test_a_new_level_is_found_alike_on_every_rank(tmp_path: Any) -> None:
     """Targets ×30 for good on both ranks, both callbacks: one divergence rollback, the restored state sees
     the same (mean) loss on both ranks, and both guards restart their check while both clippers undo their
