@@ -58,6 +58,12 @@ def ceiling_applies(defaults: Mapping[str, Any]) -> bool:
     return not any(key in defaults for key in NORMALISING_KEYS)
 
 
+def _undone(ceiling: float, undo: tuple[float, float]) -> tuple[float, float]:
+    """The ceiling and slow-start level once what replaced ``undo`` (the pair they were before an episode
+    or a `LossAwareMeanThreshold.tighten`) is undone: the ceiling no lower than it is now."""
+    return max(ceiling, undo[0]), undo[1]
+
+
 @dataclass(frozen=True)
 class _CeilingPlan:
     """What one step decides about the ceiling (computed identically in ``threshold`` and ``update``)."""
@@ -231,7 +237,7 @@ class LossAwareMeanThreshold(MeanThreshold):
                 # the loss, not a runaway — the episode is undone
                 undone, base, age, bases = True, None, 0, 0
                 if undo is not None:
-                    ceiling, slow_start = max(ceiling, undo[0]), undo[1]
+                    ceiling, slow_start = _undone(ceiling, undo)
                 undo = None
             if base is not None:
                 target = max(base * max(math.exp(-excess), 1.0 / self.max_cut), FLOAT32_TINY)
@@ -289,7 +295,7 @@ class LossAwareMeanThreshold(MeanThreshold):
         drifted = plan.excess is not None and self.drifted(plan.calm)
         stalled = plan.excess is not None and self.stalled(plan.calm)
         if plan.base is not None:  # an episode rules the ceiling: no probe runs or waits
-            self.stall_steps, self.probe_level, self.probe_age, self.probe_ceiling = 0, None, 0, None
+            self._close_probe()
         elif self.probe_level is not None:
             self._judge_probe(fast, plan.calm)
         else:
@@ -328,7 +334,7 @@ class LossAwareMeanThreshold(MeanThreshold):
             self.probe_best = self.band.settled()
         else:  # kept: the slow-start level follows (an undone probe leaves it where it was)
             self.slow_start = min(self.slow_start, self.ceiling)
-        self.probe_level, self.probe_age, self.probe_ceiling, self.stall_steps = None, 0, None, 0
+        self._close_probe()
 
     def tighten(self, threshold_at_event: float, fraction: float = 0.5) -> None:
         """After a rollback for a divergence: clip tighter than when it happened.
@@ -347,10 +353,8 @@ class LossAwareMeanThreshold(MeanThreshold):
         if math.isfinite(threshold_at_event) and threshold_at_event > 0.0:
             self.ceiling = min(self.ceiling, fraction * threshold_at_event)
             self.slow_start = min(self.slow_start, self.ceiling)
-        self.episode_base, self.episode_age, self.episode_count = None, 0, 0
-        self.episode_peak = self.episode_anchor = None
+        self._close_episode()
         self.episode_undo = undo  # kept while the loss stays elevated (`new_level`), dropped once it is not
-        self.stall_steps, self.probe_level, self.probe_age, self.probe_ceiling = 0, None, 0, None
 
     def new_level(self) -> None:
         """The loss stands at a new level by design (`ExplosionGuard` found that its restored, known-good
@@ -370,26 +374,27 @@ class LossAwareMeanThreshold(MeanThreshold):
             True
         """
         if self.episode_undo is not None:
-            self.ceiling, self.slow_start = max(self.ceiling, self.episode_undo[0]), self.episode_undo[1]
+            self.ceiling, self.slow_start = _undone(self.ceiling, self.episode_undo)
             self.episodes_undone += 1
-        self.episode_base, self.episode_age, self.episode_count = None, 0, 0
-        self.episode_peak = self.episode_anchor = self.episode_undo = None
+        self._close_episode()
         self.band, self.norm_band = LossBand(), LossBand()
         self.best_loss = self.probe_best = None
+
+    def _close_episode(self) -> None:
+        """No episode open (and no memory of what one replaced), no probe open or waiting."""
+        self.episode_base, self.episode_age, self.episode_count = None, 0, 0
+        self.episode_peak = self.episode_anchor = self.episode_undo = None
+        self._close_probe()
+
+    def _close_probe(self) -> None:
+        """No probe open, and no stall counted towards one."""
         self.stall_steps, self.probe_level, self.probe_age, self.probe_ceiling = 0, None, 0, None
 
-    _OPTIONAL: tuple[str, ...] = ("episode_base", "best_loss", "probe_level", "probe_ceiling", "probe_best")
-    _OPTIONAL += ("episode_peak", "episode_anchor")
+    _OPTIONAL = ("episode_base", "best_loss", "probe_level", "probe_ceiling", "probe_best", "episode_peak",
+                 "episode_anchor")  # fmt: skip
     """State keys holding a float or None."""
-    _COUNTS = (
-        "episode_age",
-        "episode_count",
-        "cuts",
-        "stall_steps",
-        "probe_age",
-        "probes",
-        "episodes_undone",
-    )
+    _COUNTS = ("episode_age", "episode_count", "cuts", "stall_steps", "probe_age", "probes",
+               "episodes_undone")  # fmt: skip
     """State keys holding an int (0 when absent)."""
 
     def state_dict(self) -> dict[str, Any]:

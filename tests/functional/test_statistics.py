@@ -471,6 +471,21 @@ def _through_a_file(state: dict) -> dict:
     return torch.load(buffer, weights_only=True)
 
 
+def _fed(
+    norms: list[float], losses: list[float], rule: LossAwareMeanThreshold | None = None
+) -> tuple[LossAwareMeanThreshold, list[float]]:
+    """``rule`` (a fresh default one when None) fed these steps, and the thresholds it gave."""
+    rule = LossAwareMeanThreshold() if rule is None else rule
+    return rule, [rule.step(n, loss) for n, loss in zip(norms, losses, strict=True)]
+
+
+def _loaded(state: dict) -> LossAwareMeanThreshold:
+    """A fresh default loss-aware rule that loaded ``state``."""
+    rule = LossAwareMeanThreshold()
+    rule.load_state_dict(state)
+    return rule
+
+
 @pytest.mark.parametrize("k", [15, 60])
 @pytest.mark.parametrize("kwargs", STATE_CASES.values(), ids=STATE_CASES.keys())
 def test_state_dict_round_trip_continues_exactly(kwargs, k):
@@ -583,21 +598,16 @@ def test_loss_aware_state_round_trip_through_a_confirmed_runaway():
     rng = random.Random(3)
     norms = [2.0 * math.exp(rng.gauss(0.0, 0.1)) for _ in range(60)] + [2.0 * 1.1**k for k in range(1, 41)]
     losses = [1.0 * math.exp(rng.gauss(0.0, 0.1)) for _ in range(60)] + [1.1**k for k in range(1, 41)]
-    uninterrupted = LossAwareMeanThreshold()
-    expected = [uninterrupted.step(n, loss) for n, loss in zip(norms, losses, strict=True)]
+    uninterrupted, expected = _fed(norms, losses)
     assert uninterrupted.cuts > 0
     for k in (62, 70):
-        first = LossAwareMeanThreshold()
-        head = [first.step(n, loss) for n, loss in zip(norms[:k], losses[:k], strict=True)]
+        first, head = _fed(norms[:k], losses[:k])
         state = _through_a_file(first.state_dict())
-        resumed = LossAwareMeanThreshold()
-        resumed.load_state_dict(state)
-        tail = [resumed.step(n, loss) for n, loss in zip(norms[k:], losses[k:], strict=True)]
+        resumed, tail = _fed(norms[k:], losses[k:], _loaded(state))
         assert head + tail == expected
         assert resumed.state_dict() == uninterrupted.state_dict()
-        partial = LossAwareMeanThreshold()
-        partial.load_state_dict({key: v for key, v in state.items() if key != "norm_band"})
-        assert [partial.step(n, loss) for n, loss in zip(norms[k:], losses[k:], strict=True)] != expected[k:]
+        partial = _loaded({key: v for key, v in state.items() if key != "norm_band"})
+        assert _fed(norms[k:], losses[k:], partial)[1] != expected[k:]
 
 
 def _jump_for_good() -> tuple[list[float], list[float]]:
@@ -646,25 +656,19 @@ def test_an_episode_being_undone_resumes_bit_for_bit(k):
     and thresholds bit for bit; without the state before the episode, the resumed rule is not undone to
     it."""
     norms, losses = _jump_for_good()
-    uninterrupted = LossAwareMeanThreshold()
-    expected = [uninterrupted.step(n, loss) for n, loss in zip(norms, losses, strict=True)]
-    first = LossAwareMeanThreshold()
-    for n, loss in zip(norms[:k], losses[:k], strict=True):
-        first.step(n, loss)
+    uninterrupted, expected = _fed(norms, losses)
+    first, _ = _fed(norms[:k], losses[:k])
     state = _through_a_file(first.state_dict())
-    resumed = LossAwareMeanThreshold()
-    resumed.load_state_dict(state)
+    resumed = _loaded(state)
     assert resumed.state_dict() == first.state_dict()  # the peak and the anchor of the base included
     if k == 125:
         assert resumed.episode_peak is not None and resumed.episode_anchor is not None
-    assert [resumed.step(n, loss) for n, loss in zip(norms[k:], losses[k:], strict=True)] == expected[k:]
+    assert _fed(norms[k:], losses[k:], resumed)[1] == expected[k:]
     assert resumed.state_dict() == uninterrupted.state_dict()
     keys = {103: ["episode_undo"], 125: ["episode_undo"], 131: []}[k]
     for key in keys:
-        partial = LossAwareMeanThreshold()
-        partial.load_state_dict({name: v for name, v in state.items() if name != key})
-        tail = [partial.step(n, loss) for n, loss in zip(norms[k:], losses[k:], strict=True)]
-        assert tail != expected[k:], key
+        partial = _loaded({name: v for name, v in state.items() if name != key})
+        assert _fed(norms[k:], losses[k:], partial)[1] != expected[k:], key
 
 
 def _runaway_then_drift() -> tuple[list[float], list[float]]:
@@ -702,19 +706,13 @@ def test_the_drift_gate_state_travels_in_the_checkpoint():
     """Resumed in the middle of the drift: the same ceilings bit for bit; without ``best_loss`` the resumed
     rule takes the drifted loss as its best and widens again."""
     norms, losses = _runaway_then_drift()
-    uninterrupted = LossAwareMeanThreshold()
-    expected = [uninterrupted.step(n, loss) for n, loss in zip(norms, losses, strict=True)]
+    _, expected = _fed(norms, losses)
     k = 1200
-    first = LossAwareMeanThreshold()
-    for n, loss in zip(norms[:k], losses[:k], strict=True):
-        first.step(n, loss)
+    first, _ = _fed(norms[:k], losses[:k])
     state = _through_a_file(first.state_dict())
-    resumed = LossAwareMeanThreshold()
-    resumed.load_state_dict(state)
-    assert [resumed.step(n, loss) for n, loss in zip(norms[k:], losses[k:], strict=True)] == expected[k:]
-    forgetful = LossAwareMeanThreshold()
-    forgetful.load_state_dict({key: v for key, v in state.items() if key != "best_loss"})
-    tail = [forgetful.step(n, loss) for n, loss in zip(norms[k:], losses[k:], strict=True)]
+    assert _fed(norms[k:], losses[k:], _loaded(state))[1] == expected[k:]
+    forgetful = _loaded({key: v for key, v in state.items() if key != "best_loss"})
+    tail = _fed(norms[k:], losses[k:], forgetful)[1]
     assert tail[-1] > expected[-1]
 
 
@@ -766,17 +764,12 @@ def test_an_open_probe_travels_in_the_checkpoint():
             opened = t
     assert opened is not None
     k = opened + 3
-    first = LossAwareMeanThreshold()
-    for n, loss in zip(norms[:k], losses[:k], strict=True):
-        first.step(n, loss)
+    first, _ = _fed(norms[:k], losses[:k])
     assert first.probe_level is not None
     state = _through_a_file(first.state_dict())
-    resumed = LossAwareMeanThreshold()
-    resumed.load_state_dict(state)
-    assert [resumed.step(n, loss) for n, loss in zip(norms[k:], losses[k:], strict=True)] == expected[k:]
-    forgetful = LossAwareMeanThreshold()
-    forgetful.load_state_dict({key: v for key, v in state.items() if not key.startswith("probe")})
-    assert [forgetful.step(n, loss) for n, loss in zip(norms[k:], losses[k:], strict=True)] != expected[k:]
+    assert _fed(norms[k:], losses[k:], _loaded(state))[1] == expected[k:]
+    forgetful = _loaded({key: v for key, v in state.items() if not key.startswith("probe")})
+    assert _fed(norms[k:], losses[k:], forgetful)[1] != expected[k:]
 
 
 def test_an_undone_probe_leaves_the_slow_start_level_where_it_was():
