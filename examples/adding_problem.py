@@ -15,8 +15,9 @@ Variants, each a real Lightning fit writing a ``CSVLogger`` run directory under 
 * ``rnn_clip_val``: the same with ``Trainer(gradient_clip_val=1.0)``.
 * ``rnn_adaptive_nocap``: the same with ``AdaptiveGradientClipping()`` at its defaults, no ``max_norm``.
   The threshold is the running mean's multiple under a ceiling learned from the training loss: it starts
-  at a tenth of the first norm, widens while the loss stays in its band, and is cut by the factor the
-  loss rose when it jumps, so the run trains through the runaway without an absolute threshold.
+  at a tenth of the median of the first five norms, widens while the loss stays in its band, and is cut
+  by the factor the loss rose when it jumps, so the run trains through the runaway without an absolute
+  threshold.
 * ``rnn_adaptive``: ``AdaptiveGradientClipping(max_norm=1.0)``: the adaptive threshold under a ceiling.
 * ``rnn_guard``: the same plus ``ExplosionGuard`` while a ``FaultInjector`` fills the gradients with NaN
   on two steps mid-run: the guard never applies those updates, rolls back and the run finishes.

@@ -5,6 +5,7 @@ pre-clip norms and the applied figures. Imported by the tests; holds no test its
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any
 
 import pytorch_lightning as pl
@@ -201,7 +202,8 @@ def loss_aware_thresholds(
     """The default ``mean`` rule (loss-aware ceiling), written out from its documentation: the threshold
     per step for the pre-clip ``norms`` and the step ``losses`` (None: no loss), every step applied.
 
-    Ceiling: 0.1 x the first finite norm; an episode while the loss excess is above its elevated threshold
+    Ceiling: over the first 5 finite norms, 0.1 x their median so far (outside an episode), from there
+    on as follows; an episode while the loss excess is above its elevated threshold
     (`loss_band_readings`), opened only when the norm's own band (the same band fed the norms) reads an
     excess above ln 2 (the norms confirm the rise; an open episode goes on without); base = the threshold in force, re-based after 10 steps, 3 bases at most; ceiling
     cut to ``base * max(exp(-excess), 1e-3)``, slow-start level = base / 2); otherwise, with the excess at
@@ -239,6 +241,7 @@ def loss_aware_thresholds(
     probe = None  # (smoothed log loss at its start, its age, the ceiling before it) of the open probe
     before_episode = None  # (ceiling, slow-start level) before the open episode's first base
     peak = highest = -math.inf  # the open base's peak fast and highest single log loss of its first steps
+    start: list[float] | None = []  # the finite norms of the start (its first 5); None after
     for n, loss in zip(norms, losses, strict=True):
         reading, lw, fast, low = loss_band.step(loss)
         peeked = loss_band.peeked
@@ -247,8 +250,10 @@ def loss_aware_thresholds(
         excess, elevated, calm = (None, math.inf, math.inf) if reading is None else reading
         confirmed = norm_reading is not None and norm_reading[0] > math.log(2.0)
         mean_term = cap if t < warmup_steps else min(factor * m / (1.0 - decay**t), cap)
-        if t == 0 and ceiling == math.inf and math.isfinite(n) and n > 0:
-            ceiling = 0.1 * n
+        if start is not None and base is None and math.isfinite(n) and n > 0:
+            ceiling = 0.1 * statistics.median(
+                [*start, n]
+            )  # the first 5 finite norms: a tenth of their median
         if excess is not None and excess > elevated and (confirmed or base is not None):
             assert loss is not None
             if base is None or (age >= 10 and bases < 3):
@@ -308,6 +313,8 @@ def loss_aware_thresholds(
         if math.isfinite(n) and n > 0:
             t += 1
             m = decay * m + (1.0 - decay) * min(n, mean_term)
+            if start is not None:
+                start = [*start, n] if t < 5 else None
     return out
 
 

@@ -15,7 +15,8 @@ from lightning_clip.callbacks._base import LightningClipCallback
 from lightning_clip.callbacks._per_tensor import PerTensorClipping
 from lightning_clip.callbacks._throttle import ThrottleWatch, throttle_message
 from lightning_clip.exceptions import LightningClipWarning
-from lightning_clip.functional.ceiling import LossAwareMeanThreshold, ceiling_applies
+from lightning_clip.functional.ceiling import LossAwareMeanThreshold
+from lightning_clip.functional.optimizers import ceiling_applies
 from lightning_clip.functional.per_tensor import PER_TENSOR_MODES
 from lightning_clip.functional.thresholds import (
     MODES,
@@ -51,15 +52,15 @@ class AdaptiveGradientClipping(LightningClipCallback):
       bias-corrected EMA of the norms as the plain rule applies them (Pascanu et al. 2013 suggest the average
       norm as the threshold; a spike never inflates its own statistics) and ``ceiling`` an absolute bound
       learned from the training loss (`~lightning_clip.functional.ceiling.LossAwareMeanThreshold`):
-      it starts at a tenth of the first norm, widens while the loss stays in its band, and is cut by the
-      factor the smoothed loss rose when it climbs above its healthy level *and* the gradient norms
-      confirm it (the smoothed norm more than twice its own level): the loss on its own never cuts it. No
-      statistic of the norms alone can bound a runaway (the mean of clipped norms follows it up). The
-      ceiling applies only to optimizers whose step is proportional to the gradient (SGD, with or without
-      momentum: `~lightning_clip.functional.ceiling.ceiling_applies`): an optimizer that normalises the
-      gradient's scale (Adam, AdamW, RMSprop, ...) takes the same step under any ceiling, so for it the
-      rule is the plain one. With ``loss_aware=False`` the first release's plain rule,
-      ``min(factor · μ̂_{t−1}, max_norm)``, for every optimizer.
+      it starts at a tenth of the median of the first five norms, widens while the loss stays in its
+      band, and is cut by the factor the smoothed loss rose when it climbs above its healthy level *and*
+      the gradient norms confirm it (the smoothed norm more than twice its own level): the loss on its
+      own never cuts it. No statistic of the norms alone can bound a runaway (the mean of clipped norms
+      follows it up). The ceiling applies only to optimizers whose step is proportional to the gradient
+      (SGD, with or without momentum: `~lightning_clip.functional.optimizers.ceiling_applies`): an
+      optimizer that normalises the gradient's scale (Adam, AdamW, RMSprop, ...) takes the same step
+      under any ceiling, so for it the rule is the plain one. With ``loss_aware=False`` the first
+      release's plain rule, ``min(factor · μ̂_{t−1}, max_norm)``, for every optimizer.
     * ``"zscore"``: ZClip (Kumar et al. 2025) — reproduces ``zclip.ZClip`` 1.0.0 (``mode="zscore"``,
       ``clip_option="adaptive_scaling"``, ``clip_factor=1``); pass ``warmup_steps=25, max_norm=1.0`` for
       ZClip's defaults.

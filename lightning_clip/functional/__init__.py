@@ -39,11 +39,12 @@ from lightning_clip.functional import (
     thresholds,
 )
 from lightning_clip.functional.band import LossBand
-from lightning_clip.functional.ceiling import LossAwareMeanThreshold, ceiling_applies
+from lightning_clip.functional.ceiling import LossAwareMeanThreshold
 from lightning_clip.functional.clipping import EPS, clip_coef, clip_grads_, scale_grads_
 from lightning_clip.functional.divergence import DivergenceDetector
 from lightning_clip.functional.health import spectral_radius
 from lightning_clip.functional.norms import all_finite, collect_grads, grad_norms, group_norms, total_norm
+from lightning_clip.functional.optimizers import ceiling_applies
 from lightning_clip.functional.per_tensor import AdaGCRule, MeanPerTensorRule, PerTensorScaler
 from lightning_clip.functional.thresholds import (
     MODES,

@@ -1,16 +1,11 @@
-"""The ``mean`` rule's ceiling learned from the training loss (`LossAwareMeanThreshold`), and where it
-applies (`ceiling_applies`).
+"""The ``mean`` rule's ceiling learned from the training loss (`LossAwareMeanThreshold`).
 
 No Lightning and no tensors here, like `lightning_clip.functional.thresholds`, whose contract the rule
 keeps: host-side floats once per optimizer step, a ``state_dict`` of plain values.
 
-**Where it applies.** A clipping threshold bounds the length of the step only for an optimizer whose step
-is proportional to the gradient (SGD, with or without momentum). An optimizer that normalises the gradient
-by its own running scale (Adam, AdamW, RMSprop, Adagrad, Lion, ...) takes the same step whatever uniform
-factor the gradients were scaled by: a ceiling cannot shorten its step, and a ceiling that stays far below
-the norms only distorts its moment estimates (a GAN's generator clipped to 2e-4 of its norms collapsed).
-`ceiling_applies` tells the two apart from the optimizer's ``defaults``; where it says no,
-``AdaptiveGradientClipping`` uses the plain `~lightning_clip.functional.thresholds.MeanThreshold`.
+**Where it applies:** only to an optimizer whose step follows the gradient's scale
+(`~lightning_clip.functional.optimizers.ceiling_applies`); elsewhere ``AdaptiveGradientClipping`` uses the
+plain `~lightning_clip.functional.thresholds.MeanThreshold`.
 
 **The loss only confirms.** The ceiling is cut only when the smoothed loss is elevated *and* the
 smoothed pre-clip norm is more than twice its own healthy level (`NORM_CONFIRM_EXCESS`): a loss that
@@ -23,7 +18,7 @@ that the loss answers neither by coming down nor by climbing on.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,31 +26,12 @@ from lightning_clip.functional.band import LossBand
 from lightning_clip.functional.divergence import ANCHOR_STEPS
 from lightning_clip.functional.thresholds import FLOAT32_MAX, MeanThreshold, _bounded
 
-__all__ = ["NORMALISING_KEYS", "NORM_CONFIRM_EXCESS", "LossAwareMeanThreshold", "ceiling_applies"]
+__all__ = ["NORM_CONFIRM_EXCESS", "LossAwareMeanThreshold"]
 
 NORM_CONFIRM_EXCESS = math.log(2.0)
 """A loss rise cuts the ceiling only with the smoothed pre-clip norm above twice its healthy level."""
 FLOAT32_TINY = 1.1754943508222875e-38
 """Smallest normal float32: the loss-aware ceiling never goes below it (so it can always widen again)."""
-NORMALISING_KEYS = ("eps", "betas", "etas")
-"""An optimizer whose ``defaults`` hold one of these normalises the gradient's scale (Adam's family,
-RMSprop, Adagrad, Adadelta, Adafactor, Lion, Rprop, ...): its step does not follow a uniform rescaling."""
-
-
-def ceiling_applies(defaults: Mapping[str, Any]) -> bool:
-    """Whether a clipping threshold bounds the step of an optimizer with these ``defaults``
-    (``optimizer.defaults``): True for SGD-like optimizers, whose step is proportional to the gradient;
-    False for those that normalise its scale (`NORMALISING_KEYS`).
-
-    Examples:
-        >>> import torch
-        >>> w = [torch.nn.Parameter(torch.zeros(1))]
-        >>> ceiling_applies(torch.optim.SGD(w, lr=0.1, momentum=0.9).defaults)
-        True
-        >>> ceiling_applies(torch.optim.AdamW(w).defaults), ceiling_applies(torch.optim.RMSprop(w).defaults)
-        (False, False)
-    """
-    return not any(key in defaults for key in NORMALISING_KEYS)
 
 
 def _undone(ceiling: float, undo: tuple[float, float]) -> tuple[float, float]:
@@ -90,7 +66,9 @@ class LossAwareMeanThreshold(MeanThreshold):
     `~lightning_clip.functional.band.LossBand` of the loss (its *excess*: the log of the
     smoothed loss over its healthy level):
 
-    * it starts at `start` (a tenth) × the first finite norm (a trust-region warm-up);
+    * it starts at `start` (a tenth) × the median of the finite norms so far, over the first
+      `start_steps` (5) of them (a trust-region warm-up; the median, so that one outlying first batch, a
+      spike or a lull, does not set it), then widens from there;
     * on a step where it binds and the loss is in its band (excess ≤ its calm band), it widens by
       `fast_rate` (a doubling per 10 steps, or per averaging window of its norm band when longer) up to
       the *slow-start level*, by `slow_growth` above it — at either pace only while the smoothed loss
@@ -125,18 +103,20 @@ class LossAwareMeanThreshold(MeanThreshold):
 
     Examples:
         >>> rule = LossAwareMeanThreshold()
-        >>> rule.step(10.0, loss=1.0)  # first step: a tenth of its norm
-        1.0
-        >>> [round(rule.step(10.0, loss=0.9), 4) for _ in range(4)]  # loss in band, ceiling binding: widened
-        [1.0718, 1.1487, 1.2311, 1.3195]
+        >>> [round(rule.step(n, loss=1.0), 4) for n in (40.0, 10.0, 12.0, 10.0, 10.0)]  # a tenth of the median
+        [4.0, 2.5, 1.2, 1.1, 1.0]
+        >>> [round(rule.step(10.0, loss=0.9), 4) for _ in range(3)]  # loss in band, ceiling binding: widened
+        [1.0718, 1.1487, 1.2311]
         >>> round(rule.threshold(10.0, loss=50.0), 4)  # the loss alone (norm at its level) cuts nothing
-        1.4142
-        >>> round(rule.step(1000.0, loss=50.0), 4)  # loss 2.9 x its level, norms confirm: ceiling cut 2.9 x
-        0.4829
+        1.3195
+        >>> round(rule.step(1000.0, loss=50.0), 4)  # loss 2.5 x its level, norms confirm: ceiling cut 2.5 x
+        0.5292
     """
 
     start = 0.1
-    """The ceiling starts at this fraction of the first finite norm."""
+    """The ceiling starts at this fraction of the median of the first `start_steps` finite norms."""
+    start_steps = 5
+    """Over the first this-many finite norms, the ceiling is `start` × their median so far."""
     fast_growth = 2.0 ** (1.0 / 10.0) - 1.0
     """Growth of a binding ceiling per healthy step below the slow-start level (doubles every 10 steps) at
     most: see `fast_rate`."""
@@ -176,6 +156,7 @@ class LossAwareMeanThreshold(MeanThreshold):
         self.episode_anchor: float | None = None  # the highest single log loss of its first steps
         self.episode_undo: tuple[float, float] | None = None  # ceiling and slow start before the episode
         self.episodes_undone = 0
+        self.first_norms: list[float] | None = []  # the start's norms; None once the start is over
 
     def mean_term(self) -> float:
         """The plain mean rule's threshold, ``min(factor · μ̂, max_norm)`` (``max_norm`` or ∞ in warm-up)."""
@@ -201,12 +182,10 @@ class LossAwareMeanThreshold(MeanThreshold):
         return low is not None and fast is not None and fast - low > calm
 
     def fast_rate(self) -> float:
-        """The growth of a binding ceiling per healthy step below the slow-start level: `fast_growth`
-        (doubling every 10 steps), but at most a doubling per *window* of its norm band (the steps its
-        smoothed value averages, `LossBand.window`): a wider ceiling shows in the smoothed norm only after
-        about that many steps, so the ceiling grows no faster than its evidence. At moderate noise
-        (windows of 9 steps) that is `fast_growth`; while the norms are noisy (early training, an
-        exploding RNN: windows of 30-170 steps) the ceiling widens that much more slowly."""
+        """The growth of a binding ceiling per healthy step below the slow-start level: `fast_growth`, but
+        at most a doubling per *window* of its norm band (`LossBand.window`: a wider ceiling shows in the
+        smoothed norm only after about that many steps). Windows are 9 steps at moderate noise, 30-170
+        while the norms are noisy (early training, an exploding RNN): the ceiling widens that slowly."""
         window = self.norm_band.window()
         return min(self.fast_growth, 2.0 ** (1.0 / window) - 1.0)
 
@@ -215,8 +194,8 @@ class LossAwareMeanThreshold(MeanThreshold):
         ceiling, slow_start = self.ceiling, self.slow_start
         base, age, bases = self.episode_base, self.episode_age, self.episode_count
         undo = self.episode_undo
-        if self.count == 0 and not math.isfinite(ceiling) and math.isfinite(norm) and norm > 0.0:
-            ceiling = self.start * _bounded(norm)
+        if self.first_norms is not None and base is None and math.isfinite(norm) and norm > 0.0:
+            ceiling = self.start * statistics.median([*self.first_norms, _bounded(norm)])
         reading = self.band.peek(loss)
         excess = None if reading is None else reading.excess
         cut = False
@@ -308,6 +287,10 @@ class LossAwareMeanThreshold(MeanThreshold):
             elif healthy and binding and not drifted:  # no widening while drifted, at either pace
                 growth = self.fast_rate() if self.ceiling < self.slow_start else self.slow_growth
                 self.ceiling = min(self.ceiling * (1.0 + growth), FLOAT32_MAX)
+        if self.first_norms is not None and math.isfinite(norm) and norm > 0.0:
+            self.first_norms.append(_bounded(norm))
+            if len(self.first_norms) >= self.start_steps:
+                self.first_norms = None
         super().update(norm, self.mean_term())  # the mean as the plain rule applies the norm
 
     def probe_window(self) -> int:
@@ -319,12 +302,11 @@ class LossAwareMeanThreshold(MeanThreshold):
 
     def _judge_probe(self, fast: float | None, calm: float) -> None:
         """One step of an open probe: after `probe_window` steps, kept when the smoothed loss fell more
-        than ``calm`` below where it stood when the probe began (the tighter step paid off), else undone —
-        the ceiling back to where it was (the slow-start level was left where it stood), and the current
-        settled smoothed loss taken as the lowest since (`probe_best`): the loss stands where it stands
-        whatever the step, so this drift is no evidence against the ceiling (the widening stays held by
-        `drifted`, against `best_loss`). Kept, the
-        slow-start level comes down to the halved ceiling, so that it widens back only slowly."""
+        than ``calm`` below where it stood when the probe began (the tighter step paid off; the slow-start
+        level comes down to the halved ceiling, so that it widens back only slowly), else undone: the
+        ceiling back to where it was, and the current settled smoothed loss taken as the lowest since
+        (`probe_best`) — a loss that stands where it stands whatever the step is no evidence against the
+        ceiling (the widening stays held by `drifted`, against `best_loss`)."""
         self.probe_age += 1
         if self.probe_age < self.probe_window() or fast is None or self.probe_level is None:
             return
@@ -354,6 +336,7 @@ class LossAwareMeanThreshold(MeanThreshold):
             self.ceiling = min(self.ceiling, fraction * threshold_at_event)
             self.slow_start = min(self.slow_start, self.ceiling)
         self._close_episode()
+        self.first_norms = None  # the tightened ceiling is not overridden by the start's estimate
         self.episode_undo = undo  # kept while the loss stays elevated (`new_level`), dropped once it is not
 
     def new_level(self) -> None:
@@ -406,6 +389,7 @@ class LossAwareMeanThreshold(MeanThreshold):
             "loss_band": self.band.state_dict(),
             "norm_band": self.norm_band.state_dict(),
             "episode_undo": None if self.episode_undo is None else list(self.episode_undo),
+            "first_norms": None if self.first_norms is None else list(self.first_norms),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -421,3 +405,7 @@ class LossAwareMeanThreshold(MeanThreshold):
         self.norm_band.load_state_dict(state.get("norm_band", {}))
         undo = state.get("episode_undo")
         self.episode_undo = None if undo is None else (float(undo[0]), float(undo[1]))
+        first = state.get(
+            "first_norms", [] if self.count == 0 else None
+        )  # saved without it: over once counted
+        self.first_norms = None if first is None else [float(value) for value in first]

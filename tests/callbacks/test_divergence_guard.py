@@ -107,8 +107,8 @@ def test_clipper_and_guard_train_through_the_runaway(tmp_path: Any) -> None:
     guard, clipper = ExplosionGuard(), AdaptiveGradientClipping()
     make_trainer(tmp_path / "b", callbacks=[clipper, guard], max_steps=500).fit(model, adding_loader(500))
     assert max(model.losses) < 10.0
-    assert sum(model.losses[-50:]) / 50 < 0.5 * sum(model.losses[:50]) / 50  # and it learns:
-    assert sum(model.losses[-50:]) / 50 < 1 / 6  # below the trivial predictor's MSE
+    # and it learns: a quarter below the trivial predictor's MSE (1/6) by step 500
+    assert sum(model.losses[-50:]) / 50 < 0.75 / 6
     assert clipper.rule(0).ceiling < 0.5 * clipper.last[0][0] or clipper.rule(0).cuts > 0  # type: ignore[attr-defined]
 
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import random
 
@@ -388,22 +389,64 @@ def test_loss_aware_rule_matches_its_documented_formula(factor, decay, warmup, m
         assert ceilings[at] == ceilings[JUMP_AT - 1]
 
 
+def test_loss_aware_start_is_a_tenth_of_the_median_of_the_first_five_norms():
+    rule = LossAwareMeanThreshold()
+    # an outlying first norm (40) sets the start only until the median sees past it: a tenth of the median
+    # of 40; of 40, 10; of 40, 10, 12; of 40, 10, 12, 8; of 40, 10, 12, 8, 10
+    starts = [rule.step(norm, loss=1.0) for norm in (40.0, 10.0, 12.0, 8.0, 10.0)]
+    assert starts == pytest.approx([4.0, 2.5, 1.2, 1.1, 1.0], rel=1e-12)
+    # from there it widens as usual (the 5th step's update too): binding, the loss in its band, by at most
+    # 2^0.1 a step (less while the norms were this noisy: a doubling per window of the norm band)
+    grown = [1.0] + [rule.step(10.0, loss=1.0) for _ in range(3)]
+    assert all(1.0 < b / a <= 2**0.1 + 1e-12 for a, b in itertools.pairwise(grown))
+    # a lull first (a small first norm): the median lifts the start as the norms come
+    lull = LossAwareMeanThreshold()
+    assert [lull.step(norm) for norm in (0.2, 3.0, 2.0, 4.0, 2.5)] == pytest.approx(
+        [0.02, 0.16, 0.2, 0.25, 0.25]
+    )
+
+
 def test_loss_aware_first_steps_and_a_cut_by_hand():
     rule = LossAwareMeanThreshold()
-    assert rule.step(10.0, loss=1.0) == pytest.approx(1.0)  # a tenth of the first norm
-    assert rule.step(10.0, loss=1.0) == pytest.approx(2**0.1)  # binding, loss in band: widened by 2^0.1
-    for k in (2, 3, 4):  # the band sets its reference (0) at the 5th loss, once it has 3 noise terms (0)
-        assert rule.step(10.0, loss=1.0) == pytest.approx(2 ** (0.1 * k))
+    for _ in range(5):  # the start: a tenth of the norms' median, whatever the ceiling would have grown to
+        assert rule.step(10.0, loss=1.0) == pytest.approx(1.0)
+    # the band sets its reference (0) at the 5th loss, once it has 3 noise terms (0): the 5th step was
+    # healthy and binding, so it widened the ceiling by 2^0.1.
     # smoothed log loss after five ln 1 and one ln 50: 0.2·ln 50 / (1 − 0.8⁶); the reference: 0 relaxed by
     # 0.001 (no noise, so no early spread)
     excess = 0.2 * math.log(50.0) / (1 - 0.8**6) - 0.001
-    expected = 2**0.5 * math.exp(-excess)  # base = the ceiling in force, shrunk by the loss ratio
+    expected = 2**0.1 * math.exp(-excess)  # base = the ceiling in force, shrunk by the loss ratio
     # the loss on its own cuts nothing: with the norm at its level the ceiling stands
-    assert rule.threshold(10.0, loss=50.0) == pytest.approx(2**0.5, rel=1e-12)
+    assert rule.threshold(10.0, loss=50.0) == pytest.approx(2**0.1, rel=1e-12)
     # a norm ×100 confirms it: the norm band's excess 0.2·ln 100 / (1 − 0.8⁶) − 0.001 > ln 2
     assert 0.2 * math.log(100.0) / (1 - 0.8**6) - 0.001 > math.log(2.0)
     assert rule.step(1000.0, loss=50.0) == pytest.approx(expected, rel=1e-12)
-    assert rule.cuts == 1 and rule.slow_start == pytest.approx(0.5 * 2**0.5)
+    assert rule.cuts == 1 and rule.slow_start == pytest.approx(0.5 * 2**0.1)
+
+
+def test_loss_aware_start_resumes_mid_way_and_ends_at_a_tightening():
+    norms = [40.0, 10.0, 12.0, 8.0, 10.0, 9.0, 11.0]
+    whole = LossAwareMeanThreshold()
+    expected = [whole.step(n, loss=1.0) for n in norms]
+    first = LossAwareMeanThreshold()
+    got = [first.step(n, loss=1.0) for n in norms[:2]]
+    state = first.state_dict()
+    assert state["first_norms"] == [40.0, 10.0]  # plain values, in the checkpoint
+    resumed = LossAwareMeanThreshold()
+    resumed.load_state_dict(state)
+    got += [resumed.step(n, loss=1.0) for n in norms[2:]]
+    assert got == expected  # bit for bit
+    assert resumed.state_dict()["first_norms"] is None  # the start is over after 5 norms
+    # a tightening (a rollback for a divergence) inside the start ends it: the median does not undo it
+    early = LossAwareMeanThreshold()
+    early.step(40.0, loss=1.0)
+    early.tighten(1.0)
+    assert early.step(10.0, loss=1.0) == pytest.approx(0.5)  # not a tenth of median(40, 10) = 2.5
+    # a state saved before the start was checkpointed: the start is over once a norm was counted
+    legacy = {key: value for key, value in state.items() if key != "first_norms"}
+    old = LossAwareMeanThreshold()
+    old.load_state_dict(legacy)
+    assert old.first_norms is None and old.step(12.0, loss=1.0) == pytest.approx(first.ceiling)
 
 
 def test_loss_aware_ceiling_never_collapses_to_zero():

@@ -213,13 +213,13 @@ def test_default_rule_in_a_fit_follows_its_reference(tmp_path: Any, trainer_kwar
 
 
 def test_default_rule_cuts_its_ceiling_in_a_runaway(tmp_path: Any) -> None:
-    """The demo's exploding RNN at twice its learning rate (0.4): the loss jumps, the ceiling is cut by the
-    loss's ratio, as the reference says, and the loss stays bounded. (At the demo's 0.2 the ceiling widens
-    no faster than its bands can see, and no runaway starts within 80 steps: no cut to check. At 0.4 its
-    onset turns on small differences of the ceiling — near step 70 with a ceiling that stopped at 1.89
-    near step 62, near step 85 with one at 1.91 — so the fit runs 120 steps.)"""
-    torch.manual_seed(0)
-    model = ExplodingRNN(lr=0.4)
+    """The demo's exploding RNN at three times its learning rate (0.6): the loss jumps, the ceiling is cut
+    by the loss's ratio, as the reference says, and the loss stays bounded. (At the demo's 0.2 the ceiling
+    widens no faster than its bands can see, and no runaway starts within 80 steps: no cut to check. At
+    0.4 and 0.5 its onset turns on small differences of the ceiling, and on the seed: with this seed and
+    0.6 the first cut comes near step 36, so the fit runs 120 steps.)"""
+    torch.manual_seed(1)
+    model = ExplodingRNN(lr=0.6)
     pre, losses = PreClipNorms(), StepLosses()
     clipper = AdaptiveGradientClipping()
     figures = LastFigures(clipper)

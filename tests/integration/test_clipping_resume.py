@@ -74,7 +74,7 @@ def test_resume_continues_exactly(tmp_path: Any, saved_at: int, crashed_at: int,
 @pytest.mark.parametrize("loss_aware", [False, True])
 def test_resume_without_saved_state_differs(tmp_path: Any, loss_aware: bool) -> None:
     """Control: the same resume with the callback's state dropped from the file restarts the warm-up (the
-    loss-aware rule: its ceiling starts again at a tenth of the first norm)."""
+    loss-aware rule: its ceiling starts again at a tenth of the first norms)."""
     _, _, full_thresholds, _ = _run(tmp_path / "full", TOTAL, loss_aware=loss_aware)
     every = ModelCheckpoint(dirpath=str(tmp_path / "ckpts"), every_n_train_steps=6, save_top_k=-1)
     _run(tmp_path / "first", 6, callbacks=(every,), loss_aware=loss_aware, enable_checkpointing=True)

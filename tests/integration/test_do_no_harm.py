@@ -44,7 +44,7 @@ def fit(tmp_path: Any, model: pl.LightningModule, steps: int, clipper: AdaptiveG
 @pytest.mark.parametrize("optimizer", ["adam", "adamw"])
 def test_an_optimizer_that_normalises_the_gradient_gets_the_plain_rule(tmp_path: Any, optimizer: str) -> None:
     """Adam's step does not follow a uniform rescaling of the gradients: the ceiling (and its cautious
-    start at a tenth of the first norm) would only distort its moments, so the rule is the plain one."""
+    start at a tenth of the first norms) would only distort its moments, so the rule is the plain one."""
     clipper = AdaptiveGradientClipping()
     torch.manual_seed(0)
     model = LossBlowUp(steps=tuple(range(20, 40)), factor=30.0, optimizer=optimizer, lr=1e-2)
