@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_warn
@@ -15,12 +15,14 @@ from lightning_clip.callbacks._base import LightningClipCallback
 from lightning_clip.callbacks._per_tensor import PerTensorClipping
 from lightning_clip.callbacks._throttle import ThrottleWatch, throttle_message
 from lightning_clip.exceptions import LightningClipWarning
+from lightning_clip.functional.cautious import CautiousMeanThreshold
 from lightning_clip.functional.ceiling import LossAwareMeanThreshold
 from lightning_clip.functional.optimizers import ceiling_applies
 from lightning_clip.functional.per_tensor import PER_TENSOR_MODES
 from lightning_clip.functional.thresholds import (
     MODES,
     RULE_DEFAULTS,
+    MeanThreshold,
     ThresholdRule,
     check_max_norm,
     make_rule,
@@ -37,6 +39,12 @@ ALL_MODES = (*MODES, *PER_TENSOR_MODES)
 """Every ``mode``: the total-norm rules, then the per-tensor ones (`lightning_clip.functional.per_tensor`)."""
 
 __all__ = ["AdaptiveGradientClipping"]
+
+
+def _follows_loss(rule: ThresholdRule) -> TypeGuard[LossAwareMeanThreshold]:
+    """Whether the loss cuts, probes or tightens this rule's ceiling (the loss-aware rule of an SGD-like
+    optimizer; not `CautiousMeanThreshold`, the start alone for an optimizer that normalises)."""
+    return isinstance(rule, LossAwareMeanThreshold) and rule.follows_loss
 
 
 class AdaptiveGradientClipping(LightningClipCallback):
@@ -215,7 +223,11 @@ class AdaptiveGradientClipping(LightningClipCallback):
         if check_choice("mode", self.mode, ALL_MODES) in PER_TENSOR_MODES:
             arguments["mode"] = "mean"  # validates the shared arguments (the per-tensor rules use their own)
         if index is not None and not self._ceiling_applies.get(index, True):
-            arguments["loss_aware"] = False
+            arguments["loss_aware"] = False  # its step does not follow the gradient's scale: no loss feedback
+            rule = make_rule(**arguments)
+            if self.loss_aware and type(rule) is MeanThreshold:  # ``mode="mean"``: its cautious start
+                return CautiousMeanThreshold(rule.factor, rule.decay, rule.warmup_steps, rule.max_norm)
+            return rule
         return make_rule(**arguments)
 
     @property
@@ -298,10 +310,10 @@ class AdaptiveGradientClipping(LightningClipCallback):
         }
         # a rule made before the fit (e.g. read through `rule(i)`) becomes the kind its optimizer takes
         for i, rule in list(self._rules.items()):
-            wanted = self.uses_loss and self._ceiling_applies.get(i, True)
-            if isinstance(rule, LossAwareMeanThreshold) != wanted:
-                self._rules[i] = self._new_rule(i)
-                self._rules[i].load_state_dict(rule.state_dict())
+            fresh = self._new_rule(i)
+            if type(fresh) is not type(rule):
+                fresh.load_state_dict(rule.state_dict())
+                self._rules[i] = fresh
         if self._per_tensor is not None:
             self._per_tensor.on_fit_start(pl_module)
         scaler = _compat.gradient_scaler(trainer)
@@ -412,7 +424,7 @@ class AdaptiveGradientClipping(LightningClipCallback):
         self._commit()
         if self._per_tensor is not None:
             self._per_tensor.commit()
-        return {i: r.current() for i, r in self._rules.items() if isinstance(r, LossAwareMeanThreshold)}
+        return {i: r.current() for i, r in self._rules.items() if _follows_loss(r)}
 
     @override
     def after_rollback(self, memo: dict[int, float], kinds: Sequence[str]) -> None:
@@ -422,7 +434,7 @@ class AdaptiveGradientClipping(LightningClipCallback):
             return
         for i, bound in memo.items():
             rule = self.rule(i)
-            if isinstance(rule, LossAwareMeanThreshold):
+            if _follows_loss(rule):
                 rule.tighten(bound)
 
     @override
@@ -431,5 +443,5 @@ class AdaptiveGradientClipping(LightningClipCallback):
         loss-aware rule undoes what it cut or tightened for it (`LossAwareMeanThreshold.new_level`). A step
         not yet committed is fed to the fresh bands when it is (at the new level)."""
         for rule in self._rules.values():
-            if isinstance(rule, LossAwareMeanThreshold):
+            if _follows_loss(rule):
                 rule.new_level()

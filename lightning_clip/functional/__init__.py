@@ -39,6 +39,7 @@ from lightning_clip.functional import (
     thresholds,
 )
 from lightning_clip.functional.band import LossBand
+from lightning_clip.functional.cautious import CautiousMeanThreshold
 from lightning_clip.functional.ceiling import LossAwareMeanThreshold
 from lightning_clip.functional.clipping import EPS, clip_coef, clip_grads_, scale_grads_
 from lightning_clip.functional.divergence import DivergenceDetector
@@ -59,6 +60,7 @@ __all__ = [
     "EPS",
     "MODES",
     "AdaGCRule",
+    "CautiousMeanThreshold",
     "DivergenceDetector",
     "LossAwareMeanThreshold",
     "LossBand",

@@ -113,6 +113,8 @@ class LossAwareMeanThreshold(MeanThreshold):
         0.5292
     """
 
+    follows_loss = True
+    """The loss cuts and probes the ceiling (`CautiousMeanThreshold`, its start alone, says False)."""
     start = 0.1
     """The ceiling starts at this fraction of the median of the first `start_steps` finite norms."""
     start_steps = 5
