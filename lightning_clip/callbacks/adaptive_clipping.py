@@ -67,8 +67,10 @@ class AdaptiveGradientClipping(LightningClipCallback):
       follows it up). The ceiling applies only to optimizers whose step is proportional to the gradient
       (SGD, with or without momentum: `~lightning_clip.functional.optimizers.ceiling_applies`): an
       optimizer that normalises the gradient's scale (Adam, AdamW, RMSprop, ...) takes the same step
-      under any ceiling, so for it the rule is the plain one. With ``loss_aware=False`` the first
-      release's plain rule, ``min(factor · μ̂_{t−1}, max_norm)``, for every optimizer.
+      under any ceiling, so for it only the start applies, widened while it binds and never cut
+      (`~lightning_clip.functional.cautious.CautiousMeanThreshold`: it keeps the first norms out of
+      Adam's second moment). With ``loss_aware=False`` the first release's plain rule,
+      ``min(factor · μ̂_{t−1}, max_norm)``, for every optimizer.
     * ``"zscore"``: ZClip (Kumar et al. 2025) — reproduces ``zclip.ZClip`` 1.0.0 (``mode="zscore"``,
       ``clip_option="adaptive_scaling"``, ``clip_factor=1``); pass ``warmup_steps=25, max_norm=1.0`` for
       ZClip's defaults.
@@ -113,9 +115,10 @@ class AdaptiveGradientClipping(LightningClipCallback):
         max_norm: optional absolute cap (``> 0``), applied always, also during warm-up; ``adagc``: the
             warm-up's global clip (``lambda_abs``) only.
         norm_type: p of the p-norm, any ``p > 0`` or ``float("inf")``.
-        loss_aware: ``mean`` mode: also follow the training loss (the ceiling above) for the optimizers
-            it can act on. False: the plain rule for every optimizer (for a loss that is not a signal of
-            the step length: adversarial or curriculum objectives, RL).
+        loss_aware: ``mean`` mode: the ceiling above (learned from the training loss for the optimizers
+            it can act on, its cautious start alone for the others). False: the plain rule for every
+            optimizer (for a loss that is not a signal of the step length: adversarial or curriculum
+            objectives, RL).
 
     Raises:
         ValueError / TypeError: at construction, for an argument out of range or of the wrong type.
