@@ -1,5 +1,7 @@
 """Resume: a run stopped at step k and resumed with ``Trainer.fit(ckpt_path=...)`` continues with the same
-thresholds and ends with bit-identical weights to an uninterrupted run (Adam + a step-interval StepLR)."""
+thresholds and ends with bit-identical weights to an uninterrupted run (a step-interval StepLR), for each
+kind of ``mode="mean"`` rule: the plain one (``loss_aware=False``, Adam), the loss-aware ceiling (SGD) and
+its cautious start alone (Adam at defaults)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,11 @@ from tests.models import RegressionModel, make_trainer, regression_loader
 from tests.reference import LastFigures
 
 TOTAL = 16
+RULES = {  # the rule → (loss_aware, optimizer, lr)
+    "plain": (False, "adam", 0.1),
+    "loss_aware": (True, "sgd", 0.05),  # the ceiling learned from the loss applies to SGD
+    "cautious": (True, "adam", 0.1),  # an optimizer that normalises the gradient: the cautious start alone
+}
 
 
 def _clipper(loss_aware: bool = False) -> AdaptiveGradientClipping:
@@ -26,44 +33,45 @@ def _run(
     max_steps: int,
     ckpt_path: str | None = None,
     callbacks: tuple[Any, ...] = (),
-    loss_aware: bool = False,
+    rule: str = "plain",
+    n: int = 48,
     **kwargs: Any,
 ):
     pl.seed_everything(0, verbose=False)
-    # the loss-aware ceiling applies to SGD (an optimizer that normalises the gradient gets the plain rule)
-    optimizer, lr = ("sgd", 0.05) if loss_aware else ("adam", 0.1)
+    loss_aware, optimizer, lr = RULES[rule]
     model = RegressionModel(optimizer=optimizer, lr=lr, scheduler=True)
     clipper = _clipper(loss_aware)
     figures = LastFigures(clipper)
     trainer = make_trainer(tmp_path, callbacks=[clipper, figures, *callbacks], max_steps=max_steps, **kwargs)
-    trainer.fit(model, regression_loader(n=48), ckpt_path=ckpt_path)
+    trainer.fit(model, regression_loader(n=n), ckpt_path=ckpt_path)
     return model, figures, figures.thresholds(), trainer
 
 
-# The checkpoint is written by ModelCheckpoint at an epoch's last batch (6 batches per epoch): Lightning
+# The checkpoint is written by ModelCheckpoint at an epoch's last batch (n / 8 batches per epoch): Lightning
 # restarts a plain DataLoader's epoch on a mid-epoch resume, and a checkpoint saved after `fit` stopped on
 # `max_steps` at an epoch end replays a batch on resume, so only these give the uninterrupted run's batches
 # (checked without any lightning-clip callback while writing this test).
-@pytest.mark.parametrize("loss_aware", [False, True])
-@pytest.mark.parametrize(("saved_at", "crashed_at"), [(6, 9), (12, 14)])
-def test_resume_continues_exactly(tmp_path: Any, saved_at: int, crashed_at: int, loss_aware: bool) -> None:
-    full_model, full_figures, full_thresholds, _ = _run(tmp_path / "full", TOTAL, loss_aware=loss_aware)
-    # the plain rule has no threshold at its first step only; the loss-aware one clips from the first step
-    assert sum(c == float("inf") for c in full_thresholds) == (0 if loss_aware else 1)
+@pytest.mark.parametrize("rule", sorted(RULES))
+@pytest.mark.parametrize(("saved_at", "crashed_at", "n"), [(3, 5, 24), (6, 9, 48), (12, 14, 48)])
+def test_resume_continues_exactly(tmp_path: Any, saved_at: int, crashed_at: int, n: int, rule: str) -> None:
+    """Step 3 (epochs of 3 batches) is inside the cautious start (its first five norms)."""
+    full_model, full_figures, full_thresholds, _ = _run(tmp_path / "full", TOTAL, rule=rule, n=n)
+    # the plain rule has no threshold at its first step only; the others clip from the first step
+    assert sum(c == float("inf") for c in full_thresholds) == (1 if rule == "plain" else 0)
     coefs = [c for *_, c in full_figures.figures[0][saved_at:]]
     assert any(c < 1.0 for c in coefs)  # the thresholds mattered
-    assert loss_aware or any(c == 1.0 for c in coefs)
+    assert rule != "plain" or any(c == 1.0 for c in coefs)
 
     every = ModelCheckpoint(dirpath=str(tmp_path / "ckpts"), every_n_train_steps=saved_at, save_top_k=-1)
     _, _, first, _ = _run(
-        tmp_path / "first", crashed_at, callbacks=(every,), loss_aware=loss_aware, enable_checkpointing=True
+        tmp_path / "first", crashed_at, callbacks=(every,), rule=rule, n=n, enable_checkpointing=True
     )
     assert first == full_thresholds[:crashed_at]
     files = sorted((tmp_path / "ckpts").glob("*.ckpt"))
-    assert [f.name for f in files] == [f"epoch={saved_at // 6 - 1}-step={saved_at}.ckpt"]
+    assert [f.name for f in files] == [f"epoch={saved_at // (n // 8) - 1}-step={saved_at}.ckpt"]
 
     resumed_model, resumed_figures, resumed, _ = _run(
-        tmp_path / "resumed", TOTAL, ckpt_path=str(files[0]), loss_aware=loss_aware
+        tmp_path / "resumed", TOTAL, ckpt_path=str(files[0]), rule=rule, n=n
     )
     assert resumed == full_thresholds[saved_at:]  # exact, first resumed step included (no new warm-up)
     for a, b in zip(full_model.state_dict().values(), resumed_model.state_dict().values(), strict=True):
@@ -71,19 +79,19 @@ def test_resume_continues_exactly(tmp_path: Any, saved_at: int, crashed_at: int,
     assert resumed_figures.clipper.state_dict() == full_figures.clipper.state_dict()
 
 
-@pytest.mark.parametrize("loss_aware", [False, True])
-def test_resume_without_saved_state_differs(tmp_path: Any, loss_aware: bool) -> None:
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_resume_without_saved_state_differs(tmp_path: Any, rule: str) -> None:
     """Control: the same resume with the callback's state dropped from the file restarts the warm-up (the
-    loss-aware rule: its ceiling starts again at a tenth of the first norms)."""
-    _, _, full_thresholds, _ = _run(tmp_path / "full", TOTAL, loss_aware=loss_aware)
+    loss-aware rule and the cautious start: the ceiling starts again at a tenth of the first norms)."""
+    _, _, full_thresholds, _ = _run(tmp_path / "full", TOTAL, rule=rule)
     every = ModelCheckpoint(dirpath=str(tmp_path / "ckpts"), every_n_train_steps=6, save_top_k=-1)
-    _run(tmp_path / "first", 6, callbacks=(every,), loss_aware=loss_aware, enable_checkpointing=True)
+    _run(tmp_path / "first", 6, callbacks=(every,), rule=rule, enable_checkpointing=True)
     path = next((tmp_path / "ckpts").glob("*.ckpt"))
     ckpt = torch.load(path, weights_only=True)
     ckpt["callbacks"] = {k: v for k, v in ckpt["callbacks"].items() if "AdaptiveGradientClipping" not in k}
     torch.save(ckpt, path)
-    _, figures, resumed, _ = _run(tmp_path / "resumed", TOTAL, ckpt_path=str(path), loss_aware=loss_aware)
-    restart = 0.1 * figures.figures[0][0][0] if loss_aware else float("inf")  # its pre-clip norm
+    _, figures, resumed, _ = _run(tmp_path / "resumed", TOTAL, ckpt_path=str(path), rule=rule)
+    restart = float("inf") if rule == "plain" else 0.1 * figures.figures[0][0][0]  # its pre-clip norm
     assert resumed[0] == pytest.approx(restart, rel=1e-6)
     assert resumed[0] != pytest.approx(full_thresholds[6], rel=1e-3)
 
