@@ -22,7 +22,7 @@ from lightning_clip import AdaptiveGradientClipping, ExplosionGuard, VanishingGr
 from lightning_clip.testing import FaultInjector
 from tests.distributed.launch import run_ranks
 from tests.models import RegressionModel, ShardedRegressionModel, global_batches, make_trainer, rank_loader
-from tests.reference import EPS, mean_thresholds, naive_norm
+from tests.reference import EPS, loss_aware_thresholds, mean_thresholds, naive_norm
 
 pytestmark = pytest.mark.distributed
 
@@ -134,6 +134,36 @@ def test_norms_thresholds_and_layer_figures_match_the_unsharded_model(tmp_path: 
             torch.testing.assert_close(rows[STEPS]["weights"][name], w, rtol=1e-5, atol=1e-6)
     # identical figures on both ranks, bit for bit
     assert [ranks[0][s]["clip"] for s in ranks[0]] == [ranks[1][s]["clip"] for s in ranks[1]]
+
+
+# ------------------------------------------------------------------ the default rule under Adam, sharded
+def _adam_defaults(rank: int, tmp_path: Any) -> dict[str, Any]:
+    pl.seed_everything(0, verbose=False)
+    clipper = AdaptiveGradientClipping(factor=1.1, decay=0.8)  # loss_aware at its default
+    record = Record(clipper, None)
+    trainer = fsdp_trainer(tmp_path, [clipper, record], STEPS)
+    trainer.fit(ShardedRegressionModel(optimizer="adam", lr=0.01), rank_loader(rank))
+    rule = clipper.rule(0)
+    return {
+        "kind": type(rule).__name__,
+        "clips": [record.rows[s]["clip"] for s in sorted(record.rows)],
+        "state": rule.state_dict(),
+    }
+
+
+def test_adam_gets_the_cautious_start_alike_on_every_rank(tmp_path: Any) -> None:
+    """FSDP2 with Adam at defaults: the rule is the cautious start alone, its thresholds are the reference
+    rule's fed the (full, DTensor-reduced) pre-clip norms and no loss, and both ranks agree bit for bit."""
+    ranks = run_ranks(_adam_defaults, tmp_path)
+    for got in ranks:
+        assert got["kind"] == "CautiousMeanThreshold"
+        norms = [n for n, _, _ in got["clips"]]
+        expected = loss_aware_thresholds(norms, [None] * len(norms), factor=1.1, decay=0.8)
+        assert [t for _, t, _ in got["clips"]] == pytest.approx(expected, rel=1e-9)
+        assert got["clips"][0][1] == pytest.approx(0.1 * norms[0], rel=1e-12)  # the start clips step 1
+        assert all(c < 1.0 for _, _, c in got["clips"][:5])
+    assert ranks[0]["clips"] == ranks[1]["clips"]
+    assert ranks[0]["state"] == ranks[1]["state"]
 
 
 # ------------------------------------------------------------------------------- tensor parallelism
