@@ -198,9 +198,12 @@ def loss_aware_thresholds(
     decay: float = 0.97,
     warmup_steps: int = 1,
     max_norm: float | None = None,
+    paced: bool = True,
 ) -> list[float]:
     """The default ``mean`` rule (loss-aware ceiling), written out from its documentation: the threshold
     per step for the pre-clip ``norms`` and the step ``losses`` (None: no loss), every step applied.
+    ``paced=False`` with no losses: the cautious start alone of an optimizer that normalises the gradient
+    (the ceiling widens by ``2**0.1`` on every binding step, whatever the norms' window).
 
     Ceiling: over the first 5 finite norms, 0.1 x their median so far (outside an episode), from there
     on as follows; an episode while the loss excess is above its elevated threshold
@@ -309,7 +312,8 @@ def loss_aware_thresholds(
                 ceiling *= 0.5
                 drift = 0
             elif healthy and binding and not drifted:
-                ceiling *= min(2.0**0.1, 2.0 ** (1.0 / nw)) if ceiling < slow else 1.0005
+                fast = min(2.0**0.1, 2.0 ** (1.0 / nw)) if paced else 2.0**0.1
+                ceiling *= fast if ceiling < slow else 1.0005
         if math.isfinite(n) and n > 0:
             t += 1
             m = decay * m + (1.0 - decay) * min(n, mean_term)

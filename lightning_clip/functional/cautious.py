@@ -14,9 +14,9 @@ __all__ = ["CautiousMeanThreshold"]
 
 class CautiousMeanThreshold(LossAwareMeanThreshold):
     """``min(factor · μ̂_{t−1}, ceiling_t, max_norm)`` with the ceiling of `LossAwareMeanThreshold` fed no
-    loss: it starts at a tenth of the median of the first five finite norms and widens, while it binds,
-    as that rule's does (a doubling per 10 steps at most, more slowly while the norms are noisy). Nothing
-    cuts it: no episode, no probe, no `tighten`.
+    loss: it starts at a tenth of the median of the first five finite norms and widens by a doubling per
+    10 steps while it binds (not paced by the norms' noise: `fast_rate`). Nothing cuts it: no episode, no
+    probe, no `tighten`.
 
     **Why, under Adam.** Adam's step does not follow the gradient's scale, so the start shortens no step.
     What it changes is the second-moment estimate: with ``β₂ = 0.999`` it averages about the last 1,000
@@ -41,6 +41,14 @@ class CautiousMeanThreshold(LossAwareMeanThreshold):
     """
 
     follows_loss = False
+
+    def fast_rate(self) -> float:
+        """`fast_growth` (a doubling per 10 steps), whatever the noise of the norms. The loss-aware rule
+        paces its widening by its norm band's window so as not to widen an SGD step into a runaway
+        before the smoothed norm can show it; an Adam step does not follow the scale, so there is nothing
+        to pace, and a start held for hundreds of steps by noisy norms (a GAN's generator) would only
+        throttle the run for nothing."""
+        return self.fast_growth
 
     def threshold(self, norm: float, loss: float | None = None) -> float:
         return super().threshold(norm, None)

@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from zclip import ZClip
 
+from lightning_clip.functional.cautious import CautiousMeanThreshold
 from lightning_clip.functional.ceiling import LossAwareMeanThreshold
 from lightning_clip.functional.thresholds import (
     MeanThreshold,
@@ -862,3 +863,20 @@ def test_tighten_then_new_level_restores_the_ceiling_and_a_calm_step_forgets_it(
     assert calm.episode_undo is None
     calm.new_level()
     assert calm.ceiling < ceiling  # nothing to undo any more
+
+
+def test_cautious_start_widens_at_the_fast_rate_whatever_the_noise():
+    """Noisy norms (×1 and ×30 alternating) make the loss-aware rule pace its widening by its norm band's
+    window; the cautious start alone (an optimizer that normalises the gradient) widens by 2^0.1 on every
+    binding step, so noise cannot hold it (and throttle Adam) for hundreds of steps."""
+    norms = [1.0 if t % 2 else 30.0 for t in range(60)]
+    cautious, paced = CautiousMeanThreshold(), LossAwareMeanThreshold()
+    got_c = [cautious.step(n) for n in norms]
+    got_p = [paced.step(n) for n in norms]
+    assert got_c[:5] == got_p[:5]  # the same start: a tenth of the median of the first five
+    assert got_c == pytest.approx(loss_aware_thresholds(norms, [None] * 60, paced=False), rel=1e-12)
+    assert got_p == pytest.approx(loss_aware_thresholds(norms, [None] * 60), rel=1e-12)
+    # from the 6th step on, every binding step (norm above the threshold) widens it by exactly 2^0.1
+    ratios = [b / a for a, b, n in zip(got_c[5:40], got_c[6:41], norms[5:40], strict=True) if n > a]
+    assert len(ratios) >= 10 and ratios == pytest.approx([2**0.1] * len(ratios), rel=1e-12)
+    assert got_p[40] < 0.5 * got_c[40]  # the paced rule is far behind

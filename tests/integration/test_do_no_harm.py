@@ -58,7 +58,7 @@ def test_an_optimizer_that_normalises_the_gradient_gets_the_cautious_start_alone
     rule = clipper.rule(0)
     assert type(rule) is CautiousMeanThreshold
     norms = [n for n, _, _ in pre.steps]
-    expected = loss_aware_thresholds(norms, [None] * len(norms))
+    expected = loss_aware_thresholds(norms, [None] * len(norms), paced=False)
     assert [t for _, t, _ in pre.steps] == pytest.approx(expected, rel=1e-9)
     assert pre.steps[0][1] == pytest.approx(0.1 * norms[0], rel=1e-12)  # the cautious start
     assert rule.cuts == 0 and rule.probes == 0
@@ -151,5 +151,5 @@ def test_a_rule_read_before_the_fit_becomes_the_kind_its_optimizer_takes(tmp_pat
     pre, _ = fit(tmp_path, LossBlowUp(optimizer="adam", lr=1e-2), 20, clipper)
     assert type(clipper.rule(0)) is CautiousMeanThreshold
     norms = [n for n, _, _ in pre.steps]
-    expected = loss_aware_thresholds(norms, [None] * len(norms))
+    expected = loss_aware_thresholds(norms, [None] * len(norms), paced=False)
     assert [t for _, t, _ in pre.steps] == pytest.approx(expected, rel=1e-9)
