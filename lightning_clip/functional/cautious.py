@@ -34,7 +34,7 @@ class CautiousMeanThreshold(LossAwareMeanThreshold):
         >>> rule = CautiousMeanThreshold()
         >>> [round(rule.step(n, loss=50.0), 3) for n in (4.0, 2.0, 1.0, 1.0, 1.0)]  # a tenth of the median
         [0.4, 0.3, 0.2, 0.15, 0.1]
-        >>> round(rule.step(1.0), 4)  # binding: widened (2^0.1 per step at most)
+        >>> round(rule.step(1.0), 4)  # binding: widened by 2^0.1
         0.1072
         >>> rule.cuts, rule.probes
         (0, 0)

@@ -4,8 +4,8 @@ No Lightning and no tensors here, like `lightning_clip.functional.thresholds`, w
 keeps: host-side floats once per optimizer step, a ``state_dict`` of plain values.
 
 **Where it applies:** only to an optimizer whose step follows the gradient's scale
-(`~lightning_clip.functional.optimizers.ceiling_applies`); elsewhere ``AdaptiveGradientClipping`` uses the
-plain `~lightning_clip.functional.thresholds.MeanThreshold`.
+(`~lightning_clip.functional.optimizers.ceiling_applies`); elsewhere ``AdaptiveGradientClipping`` keeps
+its cautious start alone (`~lightning_clip.functional.cautious.CautiousMeanThreshold`).
 
 **The loss only confirms.** The ceiling is cut only when the smoothed loss is elevated *and* the
 smoothed pre-clip norm is more than twice its own healthy level (`NORM_CONFIRM_EXCESS`): a loss that
@@ -407,7 +407,6 @@ class LossAwareMeanThreshold(MeanThreshold):
         self.norm_band.load_state_dict(state.get("norm_band", {}))
         undo = state.get("episode_undo")
         self.episode_undo = None if undo is None else (float(undo[0]), float(undo[1]))
-        first = state.get(
-            "first_norms", [] if self.count == 0 else None
-        )  # saved without it: over once counted
+        # a state saved without `first_norms`: the start is over once a norm was counted
+        first = state.get("first_norms", [] if self.count == 0 else None)
         self.first_norms = None if first is None else [float(value) for value in first]

@@ -96,10 +96,10 @@ WRECKED_LOSS_EXCESS = math.log(100.0)
 """A confirmed rise to more than 100× the healthy level is a divergence whether or not it still climbs
 (the weights were wrecked: no curriculum stage jumps that far)."""
 ANCHOR_STEPS = 5
+"""The anchor is the highest single loss of this many first steps of a confirmed rise."""
 NEW_LEVEL_SIGMAS = 5.0
 """A restored known-good state's first loss stands at a new level when it is this many noise σ (and ×4)
 above the healthy level (`DivergenceDetector.new_level`)."""
-"""The anchor is the highest single loss of this many first steps of a confirmed rise."""
 
 DETECTOR_SMOOTHING = 19.0
 """The detector's bands average at most this many steps (decay ≥ 0.9), however noisy the signal: a loss
