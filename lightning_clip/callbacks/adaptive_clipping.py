@@ -1,9 +1,13 @@
-"""AdaptiveGradientClipping: clip to a threshold learned from recent gradient norms."""
+"""AdaptiveGradientClipping: clip to a threshold learned from recent gradient norms.
+
+The hooks measure, clip and log; each optimizer's statistics (made on first use, committed once a step's
+fate is known, saved, carried across rollbacks) are kept by its base class, in
+`lightning_clip.callbacks._clip_statistics`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_warn
@@ -11,12 +15,11 @@ from typing_extensions import override
 
 from lightning_clip import _compat
 from lightning_clip._validation import check_choice, check_norm_type
-from lightning_clip.callbacks._base import LightningClipCallback
+from lightning_clip.callbacks._clip_statistics import ClipStatisticsMixin
 from lightning_clip.callbacks._per_tensor import PerTensorClipping
 from lightning_clip.callbacks._throttle import ThrottleWatch, throttle_message
 from lightning_clip.exceptions import LightningClipWarning
 from lightning_clip.functional.cautious import CautiousMeanThreshold
-from lightning_clip.functional.ceiling import LossAwareMeanThreshold
 from lightning_clip.functional.optimizers import ceiling_applies
 from lightning_clip.functional.per_tensor import PER_TENSOR_MODES
 from lightning_clip.functional.thresholds import (
@@ -27,7 +30,6 @@ from lightning_clip.functional.thresholds import (
     check_max_norm,
     make_rule,
 )
-from lightning_clip.guard.decision import DIVERGENCE
 from lightning_clip.step import LOSS_RIDER, GradMeasurement, LossWindow
 
 if TYPE_CHECKING:
@@ -41,13 +43,7 @@ ALL_MODES = (*MODES, *PER_TENSOR_MODES)
 __all__ = ["AdaptiveGradientClipping"]
 
 
-def _follows_loss(rule: ThresholdRule) -> TypeGuard[LossAwareMeanThreshold]:
-    """Whether the loss cuts, probes or tightens this rule's ceiling (the loss-aware rule of an SGD-like
-    optimizer; not `CautiousMeanThreshold`, the start alone for an optimizer that normalises)."""
-    return isinstance(rule, LossAwareMeanThreshold) and rule.follows_loss
-
-
-class AdaptiveGradientClipping(LightningClipCallback):
+class AdaptiveGradientClipping(ClipStatisticsMixin):
     r"""Clip the gradient norm to a threshold learned from a running mean of recent norms.
 
     Acts in ``on_before_optimizer_step``, where gradients are accumulated, AMP-unscaled and not yet
@@ -209,13 +205,9 @@ class AdaptiveGradientClipping(LightningClipCallback):
             self._per_tensor = PerTensorClipping(
                 mode, factor, decay, warmup_steps, self.max_norm, self.norm_type
             )
-        self._rules: dict[int, ThresholdRule] = {}
-        self._saved: dict[int, dict[str, Any]] = {}  # loaded states of rules not created yet
         self._multi = False
         self._losses = LossWindow()  # mode="mean": the losses back-propagated since the last step
         self._last_loss: float | None = None
-        # optimizer index -> (the step's measurement, its threshold, its loss), until the step's fate is known
-        self._uncommitted: dict[int, tuple[GradMeasurement, float, float | None]] = {}
         #: figures of the last step, per optimizer index: (norm, threshold, coef)
         self.last: dict[int, tuple[float, float, float]] = {}
         self._ceiling_applies: dict[int, bool] = {}  # per optimizer index, from its `defaults` (fit start)
@@ -242,44 +234,6 @@ class AdaptiveGradientClipping(LightningClipCallback):
 
     def _state_key_args(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in (*RULE_ARGS, "norm_type")}
-
-    # ----------------------------------------------------------------------------------------- state
-    def rule(self, index: int = 0) -> ThresholdRule:
-        """The threshold statistics of optimizer ``index`` (created on first use), in the total-norm modes
-        (the per-tensor modes keep theirs apart: `tensor_thresholds`)."""
-        found = self._rules.get(index)
-        if found is None:
-            found = self._new_rule(index)
-            if index in self._saved:
-                found.load_state_dict(self._saved.pop(index))
-            self._rules[index] = found
-        return found
-
-    def tensor_thresholds(self, index: int = 0) -> torch.Tensor | None:
-        """Per-tensor modes: the threshold each parameter tensor of optimizer ``index`` meets at the next
-        step (a CPU float32 tensor in param-group order, ∞ where there is none yet: warm-up, no gradient
-        so far); None in the total-norm modes."""
-        if self._per_tensor is None:
-            return None
-        self._per_tensor.commit(index)
-        return self._per_tensor.rule(index).thresholds().detach().to("cpu", copy=True)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        if self._per_tensor is not None:
-            return self._per_tensor.state_dict()
-        self._commit()
-        rules = {str(i): r.state_dict() for i, r in self._rules.items()}
-        rules.update({str(i): s for i, s in self._saved.items() if str(i) not in rules})
-        return {"version": 1, "rules": rules}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self._per_tensor is not None:
-            self._per_tensor.load_state_dict(state_dict)
-        self._uncommitted = {}
-        self._rules = {}
-        self._saved = {int(i): s for i, s in state_dict.get("rules", {}).items()}
 
     # ----------------------------------------------------------------------------------------- hooks
     @override
@@ -401,14 +355,6 @@ class AdaptiveGradientClipping(LightningClipCallback):
         self.last[index] = (norm, threshold, coef)
         return norm, threshold, coef
 
-    def _commit(self, index: int | None = None) -> None:
-        """Feed the measured norms of finished steps whose update was applied into the statistics."""
-        for i in [index] if index is not None else list(self._uncommitted):
-            pending = self._uncommitted.pop(i, None)
-            if pending is not None and not pending[0].skipped:
-                measurement, threshold, loss = pending
-                self.rule(i).update(measurement.total_norm, threshold, loss)
-
     def _watch_throttle(self, trainer: Trainer, optimizer: Any, index: int, coef: float) -> None:
         """Warn once per episode when the clip coefficient stays far below 1 (see the class docstring)."""
         watch = self._throttle.setdefault(index, ThrottleWatch(self.throttle_window))
@@ -419,32 +365,3 @@ class AdaptiveGradientClipping(LightningClipCallback):
                 throttle_message(index, name, watch, self.throttle_window, figures[1], figures[0]),
                 category=LightningClipWarning,
             )
-
-    # -------------------------------------------------------------------------------- rollbacks
-    @override
-    def before_rollback(self) -> dict[int, float]:
-        """The threshold each optimizer's rule is at when `ExplosionGuard` rolls back (committed state)."""
-        self._commit()
-        if self._per_tensor is not None:
-            self._per_tensor.commit()
-        return {i: r.current() for i, r in self._rules.items() if _follows_loss(r)}
-
-    @override
-    def after_rollback(self, memo: dict[int, float], kinds: Sequence[str]) -> None:
-        """After a rollback for a divergence, clip tighter than when it happened: each loss-aware rule's
-        ceiling goes to half the threshold it was at (`LossAwareMeanThreshold.tighten`)."""
-        if DIVERGENCE not in kinds:
-            return
-        for i, bound in memo.items():
-            rule = self.rule(i)
-            if _follows_loss(rule):
-                rule.tighten(bound)
-
-    @override
-    def on_new_level(self) -> None:
-        """The loss rose by design (`ExplosionGuard`'s restored known-good state sees it too): each
-        loss-aware rule undoes what it cut or tightened for it (`LossAwareMeanThreshold.new_level`). A step
-        not yet committed is fed to the fresh bands when it is (at the new level)."""
-        for rule in self._rules.values():
-            if _follows_loss(rule):
-                rule.new_level()

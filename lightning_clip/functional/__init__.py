@@ -6,7 +6,7 @@
 * `thresholds`: the running statistics that turn a stream of norms into
   clipping thresholds (``mean``, loss-aware by default, ZClip's ``zscore``, AutoClip's ``percentile``).
 * `per_tensor`: per-tensor thresholds (AdaGC, the per-tensor ``mean`` rule) over one stacked statistics
-  tensor, and the fused per-tensor multiply.
+  tensor (their shared base: `per_tensor_rule`), and the fused per-tensor multiply.
 * `band`: where the training loss (or a norm) stands against its healthy level (`LossBand`).
 * `divergence`: the finite divergence detector of `ExplosionGuard`.
 * `health`: per-layer and through-time gradient health, spectral radii.
