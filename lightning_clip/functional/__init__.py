@@ -8,6 +8,8 @@
 * `per_tensor`: per-tensor thresholds (AdaGC, the per-tensor ``mean`` rule) over one stacked statistics
   tensor (their shared base: `per_tensor_rule`), and the fused per-tensor multiply.
 * `band`: where the training loss (or a norm) stands against its healthy level (`LossBand`).
+* `ceiling`: the loss-aware ceiling of the ``mean`` rule (its probe of a stall: `probe`), and `cautious`,
+  its start alone under Adam's family.
 * `divergence`: the finite divergence detector of `ExplosionGuard`.
 * `health`: per-layer and through-time gradient health, spectral radii.
 * `causes`: what makes gradients vanish, measured: activation sites of the autograd graph, their

@@ -24,14 +24,13 @@ from typing import Any
 
 from lightning_clip.functional.band import LossBand
 from lightning_clip.functional.divergence import ANCHOR_STEPS
+from lightning_clip.functional.probe import FLOAT32_TINY, StallProbe
 from lightning_clip.functional.thresholds import FLOAT32_MAX, MeanThreshold, _bounded
 
 __all__ = ["NORM_CONFIRM_EXCESS", "LossAwareMeanThreshold"]
 
 NORM_CONFIRM_EXCESS = math.log(2.0)
 """A loss rise cuts the ceiling only with the smoothed pre-clip norm above twice its healthy level."""
-FLOAT32_TINY = 1.1754943508222875e-38
-"""Smallest normal float32: the loss-aware ceiling never goes below it (so it can always widen again)."""
 
 
 def _undone(ceiling: float, undo: tuple[float, float]) -> tuple[float, float]:
@@ -57,7 +56,7 @@ class _CeilingPlan:
     undone: bool
 
 
-class LossAwareMeanThreshold(MeanThreshold):
+class LossAwareMeanThreshold(StallProbe, MeanThreshold):
     """The ``mean`` rule under a ceiling learned from the training loss (the default of ``mode="mean"``).
 
     ``threshold_t = min(factor · μ̂_{t−1}, ceiling_t, max_norm)``. ``μ̂`` is exactly `MeanThreshold`'s
@@ -132,8 +131,6 @@ class LossAwareMeanThreshold(MeanThreshold):
     """At most this many bases (the first and the re-bases) per episode."""
     max_cut = 1000.0
     """One base cuts the ceiling by at most this factor."""
-    probe_cut = 0.5
-    """A probe multiplies the ceiling by this (halves it)."""
 
     def __init__(
         self, factor: float = 1.5, decay: float = 0.97, warmup_steps: int = 1, max_norm: float | None = None
@@ -173,15 +170,6 @@ class LossAwareMeanThreshold(MeanThreshold):
         (`best_loss`, of the settled value, not relaxed, unlike the band's healthy level): then the
         ceiling does not widen — a wider ceiling has not paid off."""
         return self._above(self.best_loss, calm)
-
-    def stalled(self, calm: float) -> bool:
-        """Whether the smoothed loss stands more than ``calm`` above the lowest it has been since the last
-        probe it did not answer (`probe_best`): training is not progressing at this step size."""
-        return self._above(self.probe_best, calm)
-
-    def _above(self, low: float | None, calm: float) -> bool:
-        fast = self.band.smoothed()
-        return low is not None and fast is not None and fast - low > calm
 
     def fast_rate(self) -> float:
         """The growth of a binding ceiling per healthy step below the slow-start level: `fast_growth`, but
@@ -282,10 +270,7 @@ class LossAwareMeanThreshold(MeanThreshold):
         else:
             self.stall_steps = self.stall_steps + int(binding) if stalled else 0
             if self.stall_steps >= self.probe_window() and fast is not None:
-                self.probe_level, self.probe_age, self.probe_ceiling = fast, 0, self.ceiling
-                self.ceiling = max(self.probe_cut * self.ceiling, FLOAT32_TINY)
-                self.stall_steps = 0
-                self.probes += 1
+                self._open_probe(fast)
             elif healthy and binding and not drifted:  # no widening while drifted, at either pace
                 growth = self.fast_rate() if self.ceiling < self.slow_start else self.slow_growth
                 self.ceiling = min(self.ceiling * (1.0 + growth), FLOAT32_MAX)
@@ -294,31 +279,6 @@ class LossAwareMeanThreshold(MeanThreshold):
             if len(self.first_norms) >= self.start_steps:
                 self.first_norms = None
         super().update(norm, self.mean_term())  # the mean as the plain rule applies the norm
-
-    def probe_window(self) -> int:
-        """How long a stall must bind before a probe, and how long a probe waits for the loss to answer:
-        the longer of the loss band's and the norm band's windows (`LossBand.window`: about how long a
-        change of level takes to show in the smoothed value), in whole steps (rounded up, past a 1e-6
-        rounding slack)."""
-        return math.ceil(max(self.band.window(), self.norm_band.window()) - 1e-6)
-
-    def _judge_probe(self, fast: float | None, calm: float) -> None:
-        """One step of an open probe: after `probe_window` steps, kept when the smoothed loss fell more
-        than ``calm`` below where it stood when the probe began (the tighter step paid off; the slow-start
-        level comes down to the halved ceiling, so that it widens back only slowly), else undone: the
-        ceiling back to where it was, and the current settled smoothed loss taken as the lowest since
-        (`probe_best`) — a loss that stands where it stands whatever the step is no evidence against the
-        ceiling (the widening stays held by `drifted`, against `best_loss`)."""
-        self.probe_age += 1
-        if self.probe_age < self.probe_window() or fast is None or self.probe_level is None:
-            return
-        if not fast < self.probe_level - calm:
-            if self.probe_ceiling is not None:
-                self.ceiling = max(self.ceiling, self.probe_ceiling)
-            self.probe_best = self.band.settled()
-        else:  # kept: the slow-start level follows (an undone probe leaves it where it was)
-            self.slow_start = min(self.slow_start, self.ceiling)
-        self._close_probe()
 
     def tighten(self, threshold_at_event: float, fraction: float = 0.5) -> None:
         """After a rollback for a divergence: clip tighter than when it happened.
@@ -370,10 +330,6 @@ class LossAwareMeanThreshold(MeanThreshold):
         self.episode_base, self.episode_age, self.episode_count = None, 0, 0
         self.episode_peak = self.episode_anchor = self.episode_undo = None
         self._close_probe()
-
-    def _close_probe(self) -> None:
-        """No probe open, and no stall counted towards one."""
-        self.stall_steps, self.probe_level, self.probe_age, self.probe_ceiling = 0, None, 0, None
 
     _OPTIONAL = ("episode_base", "best_loss", "probe_level", "probe_ceiling", "probe_best", "episode_peak",
                  "episode_anchor")  # fmt: skip
