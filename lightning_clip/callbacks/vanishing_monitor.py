@@ -1,35 +1,37 @@
-"""VanishingGradientMonitor: per-layer gradient health, warnings and the gradient-flow figure."""
+"""VanishingGradientMonitor: per-layer gradient health, warnings and the gradient-flow figure.
+
+The hooks decide when a check runs and gather what it needs (layers, recurrent inputs, the causes);
+the check and the window of parameters without a gradient are kept by its base `VanishingCheckMixin`
+(`lightning_clip.callbacks._vanishing_check`), the warnings and the figure by its base
+`VanishingOutputMixin` (`lightning_clip.callbacks._vanishing_output`, with ``LOSS_JUMP`` and
+``NORM_JUMP``, re-exported here).
+"""
 
 from __future__ import annotations
 
-import logging
-import math
-import os
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning_utilities.core.rank_zero import rank_zero_only, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_clip import _compat, _namespace, diagnosis
+from lightning_clip import _compat
 from lightning_clip._validation import check_bool, check_int, check_number
 from lightning_clip.callbacks import _vanishing_messages as messages
-from lightning_clip.callbacks._base import LightningClipCallback
-from lightning_clip.callbacks._vanishing_probe import CauseProbe, Evidence, TimeTap
+from lightning_clip.callbacks._vanishing_check import VanishingCheckMixin
+from lightning_clip.callbacks._vanishing_output import LOSS_JUMP as LOSS_JUMP
+from lightning_clip.callbacks._vanishing_output import NORM_JUMP as NORM_JUMP
+from lightning_clip.callbacks._vanishing_output import VanishingOutputMixin
+from lightning_clip.callbacks._vanishing_output import log as log
+from lightning_clip.callbacks._vanishing_probe import CauseProbe, TimeTap
 from lightning_clip.callbacks.adaptive_clipping import AdaptiveGradientClipping
 from lightning_clip.callbacks.explosion_guard import ExplosionGuard
-from lightning_clip.diagnosis import Onset
-from lightning_clip.exceptions import VanishingGradientWarning
 from lightning_clip.functional import health
-from lightning_clip.functional.norms import grad_norms, group_norms
 from lightning_clip.guard.events import run_log_dir
 from lightning_clip.step import LOSS_RIDER, StepState, optimizer_params
 
 __all__ = ["VanishingGradientMonitor"]
-
-log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from lightning_clip._compat import LightningModule, Trainer
@@ -39,14 +41,9 @@ OTHER_LAYER = "<unowned>"
 """Layer name of optimizer parameters that no module of the LightningModule owns."""
 RECENT_CHECKS = 64
 """Check steps remembered per optimizer (to date the start of a streak of flagged checks)."""
-LOSS_JUMP = 1.5
-"""A training loss above this × the median of the (up to 10) steps before it, and above every loss before it,
-between the last healthy check and the first flagged one, is a blow-up."""
-NORM_JUMP = 10.0
-"""The same for the gradient norm (of the steps where a lightning-clip callback measured it)."""
 
 
-class VanishingGradientMonitor(LightningClipCallback):
+class VanishingGradientMonitor(VanishingCheckMixin, VanishingOutputMixin):  # type: ignore[misc, unused-ignore]
     r"""Diagnose vanishing gradients: which layers, how small, why — and warn before a run is wasted.
 
     Vanishing gradients cannot be clipped away: backpropagation multiplies Jacobians
@@ -345,22 +342,6 @@ class VanishingGradientMonitor(LightningClipCallback):
         self._tap.clear()
         self.probe.end_step()
 
-    def _note_gradients(self, index: int, optimizer: torch.optim.Optimizer, state: StepState) -> None:
-        """Keep, for optimizer ``index``, the trainable parameters that got no gradient on any step since its
-        last check: only those not seen yet are looked at (a ``.grad is None`` read each, no kernel, no
-        transfer), so after a window's first step the cost is that of the few that are still unseen. A step
-        another callback skipped before this hook (its gradients already dropped) counts through what it
-        measured."""
-        unseen = self._unseen.get(index)
-        if unseen is None:
-            unseen = [p for p in optimizer_params(optimizer) if p.requires_grad]
-        if state.skipped:
-            measured = next(iter(state.measurements.values()), None)
-            seen = {id(p) for p in measured.params} if measured is not None else set()
-            self._unseen[index] = [p for p in unseen if id(p) not in seen]
-        else:
-            self._unseen[index] = [p for p in unseen if p.grad is None]
-
     def _share_step(self, state: StepState) -> None:
         """What the other lightning-clip callbacks measured at this step, for the blow-up signal: the
         gradient norm (a host value if one of them read it, else the tensor, no transfer) and the training
@@ -388,248 +369,3 @@ class VanishingGradientMonitor(LightningClipCallback):
             handle.remove()
         self._handles = []
         self._tap.clear()
-
-    # ------------------------------------------------------------------------------------ check
-    def check(
-        self,
-        params: list[torch.Tensor],
-        per_param: torch.Tensor,
-        trainable: list[torch.Tensor],
-        step: int,
-        no_grad: list[torch.Tensor] | None = None,
-    ) -> dict[str, Any]:
-        """One check: measure, update the patience state, warn. Returns the check's figures (also kept
-        in `last`), or ``{}`` when the gradients are not finite (such a check does not count).
-
-        Args:
-            params: parameters with a gradient; ``per_param`` their gradient norms (a 1-D tensor).
-            trainable: every trainable parameter of the optimizer.
-            step: the Trainer's ``global_step``, quoted in the warnings.
-            no_grad: the trainable parameters that got no gradient on any step since the last check
-                (reported); None: those of ``trainable`` without a gradient now (a window of this step).
-        """
-        other = len(self.layer_names) - 1
-        layer_idx = [self._layer_of.get(id(p), other) for p in params]
-        present = sorted(set(layer_idx))
-        pieces, profiles, radius_names = self._device_pieces(params, per_param, layer_idx, present)
-        extra = self.probe.pieces(self._weight_norms)
-        device = per_param.device
-        everything = [p.reshape(-1).float().to(device) for p in pieces + extra]
-        flat = torch.cat(everything).tolist() if everything else []  # the check's one host transfer
-        n_own = sum(p.numel() for p in pieces)
-        evidence = self.probe.unpack(flat[n_own:], step)  # the per-step series grow even if not finite
-        figures = self._read_back(flat[:n_own], present, profiles, radius_names, step)
-        if not figures:
-            return {}
-        figures["evidence"] = evidence
-        if no_grad is None:
-            with_grad = {id(p) for p in params}
-            no_grad = [p for p in trainable if id(p) not in with_grad and p.grad is None]
-        figures["no_grad"] = self._no_grad_layers(no_grad)
-        due = self._update_patience(figures, trainable)
-        figures["warned"] = due
-        self.last = figures
-        self.history.append({"step": step, "layers": list(present), "norms": list(figures["norms"])})
-        self.history = health.thin_history(self.history, self.max_history)
-        self._warn_due(figures, due)
-        return figures
-
-    def _device_pieces(
-        self, params: list[torch.Tensor], per_param: torch.Tensor, layer_idx: list[int], present: list[int]
-    ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], dict[str, list[str]]]:
-        """The check's own tensors for the single host transfer: per-layer gradient and weight norms,
-        spectral radii (when needed), through-time profiles."""
-        local = {g: i for i, g in enumerate(present)}
-        pieces: list[torch.Tensor] = []
-        device = per_param.device
-        if params:
-            group = torch.tensor([local[g] for g in layer_idx], device=device)
-            with torch.no_grad():
-                _, w_per = grad_norms([p.detach() for p in params])
-            self._weight_norms = {id(p): w_per[i] for i, p in enumerate(params)}  # reused by the causes
-            pieces += [
-                group_norms(per_param.to(torch.float32), group, len(present)),
-                group_norms(w_per.to(device), group, len(present)),
-            ]
-        present_names = {self.layer_names[g] for g in present}
-        profiles = self._tap.take(present_names)
-        radius_names: dict[str, list[str]] = {}
-        for name, mod in self._recurrent.items():
-            may_warn = any(self.tracker.may_alert(f"{kind}:{name}") for kind in ("depth", "time"))
-            # sharded weights are gathered (collective): then on every check step, whatever this rank's state
-            sharded = any(_compat.is_dtensor(p) for p in mod.parameters())
-            if name in present_names and (self.log_layer_metrics or may_warn or sharded):
-                radius_names[name], radii = health.spectral_radii(mod)
-                pieces.append(radii.to(device))
-        pieces += [p.to(device) for p in profiles.values()]
-        return pieces, profiles, radius_names
-
-    def _read_back(
-        self,
-        flat: list[float],
-        present: list[int],
-        profiles: dict[str, torch.Tensor],
-        radius_names: dict[str, list[str]],
-        step: int,
-    ) -> dict[str, Any]:
-        """The check's figures from the host values of `_device_pieces` ({} if not finite)."""
-        n = len(present)
-        norms, w_norms, pos = flat[:n], flat[n : 2 * n], 2 * n
-        if any(not math.isfinite(v) for v in norms):
-            return {}
-        radii_of: dict[str, dict[str, float]] = {}
-        for name, blocks in radius_names.items():
-            radii_of[name] = dict(zip(blocks, flat[pos : pos + len(blocks)], strict=True))
-            pos += len(blocks)
-        decays: dict[str, tuple[float, int, int]] = {}
-        for name, prof in profiles.items():
-            values = flat[pos : pos + prof.numel()]
-            pos += prof.numel()
-            decays[name] = (*health.time_decay(values), len(values))
-        return {
-            "step": step,
-            "layers": [self.layer_names[g] for g in present],
-            "norms": norms,
-            "depth_ratios": health.depth_ratios(norms),
-            "grad_to_weight": [g / w if w > 0 else math.nan for g, w in zip(norms, w_norms, strict=True)],
-            "time_decay": decays,
-            "spectral_radius": radii_of,
-        }
-
-    def _update_patience(self, figures: dict[str, Any], trainable: list[torch.Tensor]) -> list[str]:
-        """Flag this check's keys (``depth:``, ``time:``, ``nograd:`` + layer) and return those now due."""
-        pairs = list(zip(figures["layers"], figures["depth_ratios"], strict=True))
-        flagged = {f"depth:{name}" for name, r in pairs if r < self.depth_threshold}
-        flagged |= {f"time:{n}" for n, (d, _, _) in figures["time_decay"].items() if d < self.time_threshold}
-        flagged |= {f"nograd:{name}" for name in figures["no_grad"]}
-        observed = [f"depth:{name}" for name, r in pairs if math.isfinite(r)]
-        observed += [f"time:{n}" for n, (d, _, _) in figures["time_decay"].items() if math.isfinite(d)]
-        other = len(self.layer_names) - 1
-        trainable_layers = dict.fromkeys(
-            self.layer_names[self._layer_of.get(id(p), other)] for p in trainable
-        )
-        observed += [f"nograd:{name}" for name in trainable_layers]
-        return self.tracker.update(flagged, observed)
-
-    def _no_grad_layers(self, no_grad: list[torch.Tensor]) -> dict[str, list[str]]:
-        """``layer -> names of its parameters`` in ``no_grad``."""
-        out: dict[str, list[str]] = {}
-        other = len(self.layer_names) - 1
-        for p in no_grad:
-            layer = self._layer_of.get(id(p), other)
-            mod = self._layers[layer][1] if layer < len(self._layers) else None
-            pname = "?"
-            if mod is not None:
-                pname = next((n for n, q in mod.named_parameters(recurse=False) if q is p), "?")
-            out.setdefault(self.layer_names[layer], []).append(pname)
-        return out
-
-    # --------------------------------------------------------------------------------- messages
-    def _warn_due(self, figures: dict[str, Any], due: list[str]) -> None:
-        figures["causes"] = {}
-        depth_due = [k.split(":", 1)[1] for k in due if k.startswith("depth:")]
-        if depth_due:
-            self._warn(self._depth_warning(figures, depth_due))
-        for key in due:
-            if key.startswith("time:"):
-                self._warn(self._time_warning(figures, key.split(":", 1)[1]))
-        nograd_due = [k.split(":", 1)[1] for k in due if k.startswith("nograd:")]
-        if nograd_due:
-            layers = {n: figures["no_grad"][n] for n in nograd_due}
-            self._warn(messages.no_grad_message(figures["step"], self.patience, layers))
-
-    def _onset(self, keys: list[str]) -> Onset:
-        """When the streak of the keys' flagged checks began (the longest streak among them) and what
-        happened just before it."""
-        index = next((i for i, d in self._recent.items() if d and d[-1] == self.last["step"]), 0)
-        recent = list(self._recent.get(index, [self.last["step"]]))
-        streak = min(max(self.tracker.flagged_count(k) for k in keys), len(recent))
-        first = recent[-streak]
-        healthy = recent[-streak - 1] if streak < len(recent) else None
-        return self.probe.onset(first, healthy, LOSS_JUMP, NORM_JUMP)
-
-    def _kind(self, name: str) -> str:
-        mod = self._recurrent[name]
-        return type(mod).__name__ + (f", {mod.nonlinearity}" if isinstance(mod, nn.RNN) else "")
-
-    def _depth_warning(self, fig: dict[str, Any], due: list[str]) -> str:
-        ev: Evidence | None = fig["evidence"]
-        onset = self._onset([f"depth:{n}" for n in due])
-        found = diagnosis.depth_causes(
-            ev.sites if ev else [], ev.scales if ev else [], self.probe.facts, onset
-        )
-        fig["causes"]["depth"] = found
-        below = [
-            n for n, r in zip(fig["layers"], fig["depth_ratios"], strict=True) if r < self.depth_threshold
-        ]
-        reported = [n for n in below if n not in due and self.tracker.alerted(f"depth:{n}")]
-        radii = fig["spectral_radius"]
-        extra = "".join(
-            messages.recurrent_line(n, self._kind(n), radii.get(n, {})) for n in due if n in self._recurrent
-        )
-        depth = messages.DepthFigures(
-            fig["step"], fig["layers"], fig["norms"], fig["depth_ratios"], fig["grad_to_weight"]
-        )
-        return messages.depth_message(
-            depth,
-            due,
-            reported,
-            self.depth_threshold,
-            self.patience,
-            self.check_every_n_steps,
-            found,
-            self.probe.facts,
-            extra,
-            measured=self.measure_causes,
-        )
-
-    def _time_warning(self, fig: dict[str, Any], name: str) -> str:
-        ev: Evidence | None = fig["evidence"]
-        decay, k, steps = fig["time_decay"][name]
-        mod = self._recurrent[name]
-        radii = fig["spectral_radius"].get(name, {})
-        gates = ev.gates.get(name, {}) if ev else {}
-        onset = self._onset([f"time:{name}"])
-        found = diagnosis.time_causes(
-            name, mod.mode, mod.hidden_size, radii, gates, steps - k, self.probe.facts, onset
-        )
-        fig["causes"][f"time:{name}"] = found
-        return messages.time_message(
-            name,
-            self._kind(name),
-            fig["step"],
-            decay,
-            k,
-            steps,
-            self.patience,
-            self.time_threshold,
-            found,
-            self.probe.facts,
-            messages.recurrent_line(name, self._kind(name), radii),
-            self.measure_causes,
-        )
-
-    @staticmethod
-    def _warn(message: str) -> None:
-        rank_zero_warn(message, category=VanishingGradientWarning)
-
-    # ----------------------------------------------------------------------------------- figure
-    @rank_zero_only
-    def _save_figure(self, trainer: Trainer, directory: str) -> None:
-        try:
-            from lightning_clip.report.plot import plot_gradient_flow
-
-            fig = plot_gradient_flow(self.history, self.layer_names)
-        except ImportError:
-            log.info(
-                "matplotlib is not installed: no gradient-flow figure (pip install 'lightning-clip[plot]')."
-            )
-            return
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, "gradient_flow.png")
-        fig.savefig(path, dpi=100)
-        log.info("Gradient-flow figure saved to %s", path)
-        for logger in trainer.loggers:
-            if _namespace.is_tensorboard_logger(logger):  # either namespace's TensorBoardLogger
-                experiment: Any = logger.experiment  # type: ignore[attr-defined, union-attr, unused-ignore]
-                experiment.add_figure("grad_health/gradient_flow", fig, global_step=trainer.global_step)
