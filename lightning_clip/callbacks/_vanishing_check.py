@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from lightning_clip import _compat
-from lightning_clip.callbacks._base import LightningClipCallback
-from lightning_clip.callbacks._vanishing_probe import CauseProbe, TimeTap
+from lightning_clip.callbacks._vanishing_probe import TimeTap
+from lightning_clip.callbacks._vanishing_state import VanishingState
 from lightning_clip.functional import health
 from lightning_clip.functional.norms import grad_norms, group_norms
 from lightning_clip.step import StepState, optimizer_params
@@ -26,7 +26,7 @@ from lightning_clip.step import StepState, optimizer_params
 __all__ = ["VanishingCheckMixin"]
 
 
-class VanishingCheckMixin(LightningClipCallback):
+class VanishingCheckMixin(VanishingState):
     """The check of `VanishingGradientMonitor`, a base of it (it reads the monitor's settings, layers and
     recurrent captures, declared below, and warns through ``_warn_due``, of its other base
     `VanishingOutputMixin`).
@@ -36,18 +36,10 @@ class VanishingCheckMixin(LightningClipCallback):
     checks, ``_note_gradients`` keeps each optimizer's parameters that got no gradient yet (``_unseen``).
     """
 
-    depth_threshold: float
-    time_threshold: float
     log_layer_metrics: bool
     max_history: int
-    tracker: health.PatienceTracker
-    probe: CauseProbe
-    history: list[dict[str, Any]]
-    layer_names: list[str]
-    last: dict[str, Any]
     _layers: list[tuple[str, nn.Module]]
     _layer_of: dict[int, int]
-    _recurrent: dict[str, nn.RNNBase]
     _tap: TimeTap
     _weight_norms: dict[int, torch.Tensor]
     _unseen: dict[int, list[torch.Tensor]]

@@ -20,11 +20,10 @@ from torch import nn
 
 from lightning_clip import _namespace, diagnosis
 from lightning_clip.callbacks import _vanishing_messages as messages
-from lightning_clip.callbacks._base import LightningClipCallback
-from lightning_clip.callbacks._vanishing_probe import CauseProbe, Evidence
+from lightning_clip.callbacks._vanishing_probe import Evidence
+from lightning_clip.callbacks._vanishing_state import VanishingState
 from lightning_clip.diagnosis import Onset
 from lightning_clip.exceptions import VanishingGradientWarning
-from lightning_clip.functional import health
 
 __all__ = ["LOSS_JUMP", "NORM_JUMP", "VanishingOutputMixin"]
 
@@ -40,23 +39,15 @@ NORM_JUMP = 10.0
 """The same for the gradient norm (of the steps where a lightning-clip callback measured it)."""
 
 
-class VanishingOutputMixin(LightningClipCallback):
+class VanishingOutputMixin(VanishingState):
     """The warnings and the gradient-flow figure of `VanishingGradientMonitor`, a base of it (it reads the
     monitor's settings, its patience state, the last check's figures and the cause measurements, declared
     below)."""
 
     check_every_n_steps: int
     patience: int
-    depth_threshold: float
-    time_threshold: float
     measure_causes: bool
-    tracker: health.PatienceTracker
-    probe: CauseProbe
-    history: list[dict[str, Any]]
-    layer_names: list[str]
-    last: dict[str, Any]
     _recent: dict[int, deque[int]]
-    _recurrent: dict[str, nn.RNNBase]
 
     # --------------------------------------------------------------------------------- messages
     def _warn_due(self, figures: dict[str, Any], due: list[str]) -> None:

@@ -145,12 +145,9 @@ class LossAwareMeanThreshold(StallProbe, MeanThreshold):
         self.band = LossBand()
         self.norm_band = LossBand()
         self.best_loss: float | None = None  # the lowest settled smoothed log loss since the band was set
-        self.stall_steps = 0  # binding steps of the current stall (`stalled`)
-        self.probe_level: float | None = None  # the smoothed log loss when the open probe began
-        self.probe_age = 0  # steps of the open probe
-        self.probe_ceiling: float | None = None  # the ceiling before the open probe halved it
-        self.probes = 0  # probes begun
-        self.probe_best: float | None = None  # ... since the last probe undone
+        # the probe's state (declared and described by `StallProbe`)
+        self.stall_steps, self.probe_level, self.probe_age, self.probe_ceiling = 0, None, 0, None
+        self.probes, self.probe_best = 0, None
         self.episode_peak: float | None = None  # the highest smoothed log loss since the episode's base
         self.episode_anchor: float | None = None  # the highest single log loss of its first steps
         self.episode_undo: tuple[float, float] | None = None  # ceiling and slow start before the episode
