@@ -212,7 +212,7 @@ def loss_aware_thresholds(
     cut to ``base * max(exp(-excess), 1e-3)``, slow-start level = base / 2); otherwise, with the excess at
     most its calm threshold (or no loss) and the norm above the ceiling, the ceiling grows by
     ``min(2**0.1, 2**(1/w))`` below the slow-start level, ``w`` the norm band's window after
-    the step, by ``1.0005`` above it — neither while *drifted*: the loss band's ``fast`` after the step
+    the step, by ``1.002`` above it — neither while *drifted*: the loss band's ``fast`` after the step
     more than the calm threshold above its lowest value so far. Probes: outside an episode, once a *stall*
     (the same test against the lowest ``fast`` since the last probe undone) has lasted ``w`` binding steps
     (``w`` the longer of the two bands' windows after the step, rounded up to whole steps; a step that
@@ -313,7 +313,7 @@ def loss_aware_thresholds(
                 drift = 0
             elif healthy and binding and not drifted:
                 fast = min(2.0**0.1, 2.0 ** (1.0 / nw)) if paced else 2.0**0.1
-                ceiling *= fast if ceiling < slow else 1.0005
+                ceiling *= fast if ceiling < slow else 1.002
         if math.isfinite(n) and n > 0:
             t += 1
             m = decay * m + (1.0 - decay) * min(n, mean_term)
