@@ -188,6 +188,7 @@ class DivergenceDetector:
     def update(self, loss: float | None, norm: float | None) -> Reading:
         """Commit an applied step; returns its `Reading`."""
         reading = self.peek(loss, norm)
+        smoothed_before = self.loss.smoothed()
         loss_reading = self.loss.update(loss)
         norm_reading = self.norm.update(norm)
         if self.loss_start is None and self.loss.reference is not None:
@@ -201,7 +202,8 @@ class DivergenceDetector:
                     self.anchor = max(self.anchor, loss_reading.log_value)
         else:
             self.anchor, self.suspect_age = None, 0
-        self.healthy_streak = self.healthy_streak + 1 if reading.verdict == HEALTHY else 0
+        spiked = self._spiked(loss_reading, smoothed_before)
+        self.healthy_streak = self.healthy_streak + 1 if reading.verdict == HEALTHY and not spiked else 0
         self.steps += 1
         return reading
 
@@ -225,10 +227,22 @@ class DivergenceDetector:
             return False
         return x - reference > max(DIVERGED_LOSS_EXCESS, NEW_LEVEL_SIGMAS * self.loss.noise_level())
 
+    @staticmethod
+    def _spiked(loss_reading: BandReading | None, smoothed_before: float | None) -> bool:
+        """Whether this step's single loss is more than 100× (`WRECKED_LOSS_EXCESS`) the smoothed loss of
+        the steps before it: no known-good step, however the band reads it (a band made wide by a noisy
+        loss averages one such loss away while the weights already run away). Against the smoothed loss,
+        not the healthy level: a loss that rises by design for good is followed by the smoothed value
+        within its window, and the streak resumes."""
+        if loss_reading is None or smoothed_before is None:
+            return False
+        return loss_reading.log_value - smoothed_before > WRECKED_LOSS_EXCESS
+
     @property
     def snapshot_ok(self) -> bool:
         """The current state may be taken as known-good: `HEALTHY_STREAK` healthy steps in a row, or
-        every step since the start healthy."""
+        every step since the start healthy (a step whose single loss spiked 100× its smoothed level,
+        `_spiked`, is not healthy)."""
         return self.healthy_streak >= min(HEALTHY_STREAK, self.steps)
 
     def state_dict(self) -> dict[str, Any]:

@@ -142,6 +142,29 @@ def test_snapshot_ok_needs_a_healthy_streak_or_a_healthy_start() -> None:
     assert detector.healthy_streak == HEALTHY_STREAK
 
 
+def test_a_single_loss_spiking_100x_its_smoothed_level_is_no_known_good_step() -> None:
+    """A loss so noisy that its band reads a ×10 batch as noise: one batch at 200× the steady level
+    (hand computation: log 200 = 5.3 > log 100 above the smoothed log level of 0) resets the healthy
+    streak, so the weights it was computed on are not snapshotted; 99× does not. A loss that then stays
+    at 200× for good is followed by the smoothed value, and the streak comes back."""
+    rng = random.Random(0)
+    detector = DivergenceDetector()
+    for _ in range(60):  # a noisy healthy loss: ×1 or ×10 at random, calm gradients
+        detector.update(rng.choice([1.0, 10.0]), 1.0)
+    assert detector.snapshot_ok
+    level = math.exp(detector.loss.smoothed() or 0.0)
+    detector.update(99.0 * level, 1.0)
+    assert detector.snapshot_ok  # 99× the smoothed level: not a spike
+    level = math.exp(detector.loss.smoothed() or 0.0)
+    detector.update(200.0 * level, 1.0)
+    assert detector.healthy_streak == 0 and not detector.snapshot_ok
+    for _ in range(HEALTHY_STREAK + 40):  # a new level for good: the smoothed value follows it
+        detector.update(200.0 * level, 1.0)
+        if detector.snapshot_ok:
+            break
+    assert detector.snapshot_ok
+
+
 def test_detector_state_round_trip_with_weights_only() -> None:
     detector = DivergenceDetector()
     values = [v for v in losses(3, 0.3) if v is not None]
