@@ -124,8 +124,8 @@ class LossAwareMeanThreshold(StallProbe, MeanThreshold):
     slow_growth = 2e-3
     """Growth above the slow-start level (doubles every ~350 steps): a ceiling cut further than the runaway
     needed (a probe kept on a loss that only wandered back, an episode's last base) comes back within a
-    run of a few thousand steps, where at ~1,400 steps a doubling it stayed 2-3× below the clip that
-    trains the RNN to the end."""
+    run of a few thousand steps. At 5e-4 (a doubling per ~1,400 steps) such a ceiling stayed 2-3× below
+    the clip that trains the exploding RNN until the run ended."""
     slow_start_fraction = 0.5
     """At an episode the slow-start level becomes this fraction of the episode's base."""
     rebase_steps = 10

@@ -143,9 +143,9 @@ def test_snapshot_ok_needs_a_healthy_streak_or_a_healthy_start() -> None:
 
 
 def test_a_single_loss_spiking_100x_its_smoothed_level_is_no_known_good_step() -> None:
-    """A loss so noisy that its band reads a ×10 batch as noise: one batch at 200× the steady level
-    (hand computation: log 200 = 5.3 > log 100 above the smoothed log level of 0) resets the healthy
-    streak, so the weights it was computed on are not snapshotted; 99× does not. A loss that then stays
+    """A loss so noisy that its band reads a ×10 batch as noise: one batch at 200× the smoothed loss of
+    the steps before it (hand computation: log 200 = 5.30 > log 100 = 4.61) resets the healthy streak,
+    so the weights it was computed on are not snapshotted; 99× (log 99 = 4.60) does not. A loss that then stays
     at 200× for good is followed by the smoothed value, and the streak comes back."""
     rng = random.Random(0)
     detector = DivergenceDetector()
