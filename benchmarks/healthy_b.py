@@ -34,6 +34,12 @@ Families (steps are optimizer steps unless said; times: one fit, one core of a s
   points, student 16→256→BN→ReLU→256→BN→ReLU→10 (Kaiming-normal init), Adam 2e-3, batch 50, 1500 steps
   (25 epochs, reshuffled per epoch): the training loss goes towards 0. Metrics: accuracy on 4000 test
   points and the final loss on the whole training set (eval mode).
+* ``sgd_resnet``: 12×12 images of one bar (amplitude 2, length 4–8, random place, 4 orientations: the label) under
+  Gaussian noise of std 1; 2000 training images (reshuffled per epoch), a residual CNN (a 3×3 stem and two
+  residual blocks of width 24, Kaiming fan-out init, global average pooling), SGD lr 0.05 with heavy-ball
+  momentum 0.9, weight decay 1e-4, ×0.1 at 75% of the 1250 steps, batch 32 (20 epochs, towards zero
+  training loss): the family where the loss-aware ceiling applies. Metrics: accuracy on 2000 test images
+  and the final loss on the whole training set (eval mode).
 * ``lstm_lm_small`` / ``lstm_lm_large``: Lightning's demo ``SimpleLSTM`` (the PyTorch word-language-model
   example) on the lower-cased word/punctuation tokens of the same docstrings (1000-word vocabulary plus
   ``<unk>``/``<eos>``), hidden state carried across batches (truncated BPTT) over 16 parallel streams,
@@ -60,7 +66,8 @@ Command (from the repository root; ``--jobs`` > 1 only on an idle machine)::
 Runtime (measured 2026-12-06 on a 2-core machine shared with other jobs, load 4–7, ``--jobs 1``), median
 wall per fit: gan 11 s, vae 9 s, curriculum 5 s, transformer_lm(_warmup) 13–17 s, classifier 5 s,
 lstm_lm_small 5–7 s, lstm_lm_large 11–14 s, transformer_demo 15 s; the default grid (9 families,
-``none clip1 defaults`` + ``clip0.25`` for the LSTM LMs, 3 seeds: 87 fits) took 920 s. Output of that run:
+``none clip1 defaults`` + ``clip0.25`` for the LSTM LMs, 3 seeds: 87 fits) took 920 s. ``sgd_resnet``
+(added later): ~20 s a fit with ``--jobs 2`` on an otherwise idle machine. Output of that run:
 ``bench_out/healthy_b_cal.txt`` (not committed).
 """
 
@@ -550,6 +557,74 @@ class TeacherClassifier(Base):
         return {"accuracy": float(acc), "loss": float(loss)}
 
 
+# ------------------------------------------------------------------------------- SGD residual CNN
+def bar_images(n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """12×12 images of one bar (length 4–8) at a random place, in one of 4 orientations (the label:
+    horizontal, vertical, two diagonals), amplitude 2, under Gaussian noise of std 1."""
+    images = torch.zeros(n, 12, 12)
+    labels = torch.randint(0, 4, (n,), generator=gen)
+    lengths = torch.randint(4, 9, (n,), generator=gen)
+    corners = torch.randint(0, 12, (n, 2), generator=gen)
+    steps = {0: (0, 1), 1: (1, 0), 2: (1, 1), 3: (1, -1)}
+    for i in range(n):
+        dr, dc = steps[int(labels[i])]
+        r, c = int(corners[i, 0]), int(corners[i, 1])
+        for k in range(int(lengths[i])):
+            images[i, (r + k * dr) % 12, (c + k * dc) % 12] = 2.0
+    return (images + torch.randn(n, 12, 12, generator=gen)).unsqueeze(1), labels
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class SGDResNet(Base):
+    """A residual CNN under SGD with heavy-ball momentum and a step decay: the loss-aware ceiling applies."""
+
+    TRAIN, TEST, BATCH, STEPS = 2000, 2000, 32, 1250
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        data_gen = torch.Generator().manual_seed(4099)
+        self.x_train, self.y_train = bar_images(self.TRAIN, data_gen)
+        self.x_test, self.y_test = bar_images(self.TEST, data_gen)
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24), nn.ReLU(),
+            ResidualBlock(24), ResidualBlock(24),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 4),
+        )  # fmt: skip
+        for module in self.net.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        per_epoch = self.TRAIN // self.BATCH
+        epoch, pos = divmod(int(batch), per_epoch)
+        order = torch.randperm(self.TRAIN, generator=batch_gen(self.seed, epoch, salt=3))
+        rows = order[pos * self.BATCH : (pos + 1) * self.BATCH]
+        return F.cross_entropy(self.net(self.x_train[rows]), self.y_train[rows])
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        decay = torch.optim.lr_scheduler.MultiStepLR(opt, [int(0.75 * self.STEPS)], gamma=0.1)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.net.eval()
+        acc = (self.net(self.x_test).argmax(1) == self.y_test).float().mean()
+        loss = F.cross_entropy(self.net(self.x_train), self.y_train)
+        return {"accuracy": float(acc), "loss": float(loss)}
+
+
 # ---------------------------------------------------------------------------------------- LSTM word LM
 class StreamLSTM(Base):
     """The demo ``SimpleLSTM`` over ``STREAMS`` contiguous streams, hidden state carried (truncated BPTT)."""
@@ -650,6 +725,7 @@ FAMILIES: dict[str, Family] = {
     "transformer_lm": Family(lambda s: CharGPT(s, warmup=0), CharGPT.STEPS, ("val_loss",), 0.01),
     "transformer_lm_warmup": Family(lambda s: CharGPT(s, warmup=50), CharGPT.STEPS, ("val_loss",), 0.01),
     "classifier": Family(TeacherClassifier, TeacherClassifier.STEPS, ("accuracy", "loss"), 0.02),
+    "sgd_resnet": Family(SGDResNet, SGDResNet.STEPS, ("accuracy", "loss"), 0.02),
     "lstm_lm_small": Family(
         lambda s: StreamLSTM(s, ninp=48, nhid=64, bptt=20),
         350,

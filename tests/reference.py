@@ -208,7 +208,9 @@ def loss_aware_thresholds(
     Ceiling: over the first 5 finite norms, 0.1 x their median so far (outside an episode), from there
     on as follows; an episode while the loss excess is above its elevated threshold
     (`loss_band_readings`), opened only when the norm's own band (the same band fed the norms) reads an
-    excess above ln 2 (the norms confirm the rise; an open episode goes on without); base = the threshold in force, re-based after 10 steps, 3 bases at most; ceiling
+    excess above ln 2 (the norms confirm the rise; an open episode goes on without) while the ceiling
+    is at most twice the mean term and the reading's ``fast`` is not more than ln 10 below the loss band's
+    first reference (where training began); base = the threshold in force, re-based after 10 steps, 3 bases at most; ceiling
     cut to ``base * max(exp(-excess), 1e-3)``, slow-start level = base / 2); otherwise, with the excess at
     most its calm threshold (or no loss) and the norm above the ceiling, the ceiling grows by
     ``min(2**0.1, 2**(1/w))`` below the slow-start level, ``w`` the norm band's window after
@@ -229,7 +231,7 @@ def loss_aware_thresholds(
     first 5 steps. At an elevated step of an episode with all 3 bases made, 10 or more steps after the
     third, whose reading's ``fast`` is neither above that highest single value nor more than the calm
     threshold below that peak, the episode ends undone: no cut, the ceiling back up to where it stood
-    before the episode's first base (and the slow-start level to where it was then); after the step,
+    before the episode's first base (before the halving of a probe the base ended, if one was open; and the slow-start level to where it was then); after the step,
     both bands' references become their settled ``fast``, and so do the drift's and the stall's lowest
     values.
     """
@@ -245,9 +247,13 @@ def loss_aware_thresholds(
     before_episode = None  # (ceiling, slow-start level) before the open episode's first base
     peak = highest = -math.inf  # the open base's peak fast and highest single log loss of its first steps
     start: list[float] | None = []  # the finite norms of the start (its first 5); None after
+    began = None  # the loss band's first reference (where training began), as it stood before the value
     for n, loss in zip(norms, losses, strict=True):
         reading, lw, fast, low = loss_band.step(loss)
         peeked = loss_band.peeked
+        learned = began is not None and reading is not None and peeked < began - math.log(10.0)
+        if began is None and loss_band.ref is not None:
+            began = loss_band.ref
         norm_reading, nw, _, _ = norm_band.step(n)
         undone = False
         excess, elevated, calm = (None, math.inf, math.inf) if reading is None else reading
@@ -257,13 +263,15 @@ def loss_aware_thresholds(
             ceiling = 0.1 * statistics.median(
                 [*start, n]
             )  # the first 5 finite norms: a tenth of their median
-        if excess is not None and excess > elevated and (confirmed or base is not None):
+        rules = ceiling <= 2.0 * mean_term  # the ceiling is within twice the mean term
+        opens = confirmed and rules and not learned
+        if excess is not None and excess > elevated and (opens or base is not None):
             assert loss is not None
             if base is None or (age >= 10 and bases < 3):
                 current = min(ceiling, mean_term)
                 if math.isfinite(current):
-                    if base is None:
-                        before_episode = (ceiling, slow)
+                    if base is None:  # an open probe ends: its halving is part of what is replaced
+                        before_episode = (ceiling if probe is None else max(ceiling, probe[2]), slow)
                     base, age, bases = current, 0, bases + 1
                     slow = 0.5 * base
                     peak, highest = peeked, math.log(loss)

@@ -10,9 +10,13 @@ its cautious start alone (`~lightning_clip.functional.cautious.CautiousMeanThres
 **The loss only confirms.** The ceiling is cut only when the smoothed loss is elevated *and* the
 smoothed pre-clip norm is more than twice its own healthy level (`NORM_CONFIRM_EXCESS`): a loss that
 rises while the gradients stay at their scale (a KL warm-up, a harder curriculum stage, a stronger
-adversary) never cuts it. It may *probe* it (halve it while the clip binds and the loss stands above its
-lowest), but a probe the loss does not answer by coming down is undone, and so is an episode of cuts
-that the loss answers neither by coming down nor by climbing on.
+adversary) never cuts it. Nor does a rise while the ceiling stands more than twice above the plain rule's
+threshold (`RULING_FACTOR`: the plain rule bounds the steps, the start is over), or while the smoothed
+loss is more than 10× below where training began (`LEARNED_FACTOR`: a run trained towards zero, whose
+hard batches raise the loss and its gradients together and fall back on their own; their cuts added up
+to a clip coefficient of 0.2–0.4 on a healthy SGD CNN). It may *probe* it (halve it while the clip
+binds and the loss stands above its lowest), but a probe the loss does not answer by coming down is
+undone, and so is an episode of cuts that the loss answers neither by coming down nor by climbing on.
 """
 
 from __future__ import annotations
@@ -22,15 +26,21 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_clip.functional.band import LossBand
+from lightning_clip.functional.band import BandReading, LossBand
 from lightning_clip.functional.divergence import ANCHOR_STEPS
 from lightning_clip.functional.probe import FLOAT32_TINY, StallProbe
 from lightning_clip.functional.thresholds import FLOAT32_MAX, MeanThreshold, _bounded
 
-__all__ = ["NORM_CONFIRM_EXCESS", "LossAwareMeanThreshold"]
+__all__ = ["LEARNED_FACTOR", "NORM_CONFIRM_EXCESS", "RULING_FACTOR", "LossAwareMeanThreshold"]
 
 NORM_CONFIRM_EXCESS = math.log(2.0)
 """A loss rise cuts the ceiling only with the smoothed pre-clip norm above twice its healthy level."""
+RULING_FACTOR = 2.0
+"""An episode opens only while the ceiling is at most this factor above the plain rule's threshold (further
+above, the plain rule bounds the steps: a run that widened its ceiling so far is past its start)."""
+LEARNED_FACTOR = 10.0
+"""An episode opens only while the smoothed loss is above a tenth of where training began: below, the run
+is trained towards zero, and its rises are hard batches that raise the loss and the gradients together."""
 
 
 def _undone(ceiling: float, undo: tuple[float, float]) -> tuple[float, float]:
@@ -78,7 +88,9 @@ class LossAwareMeanThreshold(StallProbe, MeanThreshold):
       is kept if the smoothed loss fell by more than its calm band, undone otherwise (`_judge_probe`):
       a loss that stands where it stands whatever the step cannot ratchet the ceiling down;
     * when the smoothed loss is elevated (above twice its healthy level for a noisy loss) *and* the smoothed
-      pre-clip norm more than twice its own (`NORM_CONFIRM_EXCESS`), an *episode* opens: its base is the
+      pre-clip norm more than twice its own (`NORM_CONFIRM_EXCESS`), while the ceiling is at most twice
+      the plain rule's threshold (`RULING_FACTOR`) and the smoothed loss above a tenth of where training
+      began (`LEARNED_FACTOR`, `loss_start`: `_may_open`), an *episode* opens: its base is the
       threshold in force, the slow-start level drops to half of it, and the ceiling is cut to
       ``base × exp(−excess)`` (at most `max_cut`), following the worst excess; still open after
       `rebase_steps` steps, it is re-based on the current threshold (`episode_bases` bases in all). It
@@ -156,6 +168,7 @@ class LossAwareMeanThreshold(StallProbe, MeanThreshold):
         self.episode_undo: tuple[float, float] | None = None  # ceiling and slow start before the episode
         self.episodes_undone = 0
         self.first_norms: list[float] | None = []  # the start's norms; None once the start is over
+        self.loss_start: float | None = None  # the loss band's first healthy level (log)
 
     def mean_term(self) -> float:
         """The plain mean rule's threshold, ``min(factor · μ̂, max_norm)`` (``max_norm`` or ∞ in warm-up)."""
@@ -190,15 +203,16 @@ class LossAwareMeanThreshold(StallProbe, MeanThreshold):
         excess = None if reading is None else reading.excess
         cut = False
         calm = self.band.calm_excess()
-        norm_reading = self.norm_band.peek(norm)
-        confirmed = norm_reading is not None and norm_reading.excess > NORM_CONFIRM_EXCESS
+        opens = reading is not None and self._may_open(reading, norm, ceiling, mean_term)
         undone = False
-        if excess is not None and excess > self.band.elevated_excess() and (confirmed or base is not None):
+        if excess is not None and excess > self.band.elevated_excess() and (opens or base is not None):
             assert reading is not None
             if base is None or (age >= self.rebase_steps and bases < self.episode_bases):
                 current = min(ceiling, mean_term)
                 if math.isfinite(current):
-                    undo = (ceiling, slow_start) if base is None and undo is None else undo
+                    if base is None and undo is None:  # what the episode replaces (a probe it ends, too)
+                        halved = self.probe_ceiling if self.probe_level is not None else None
+                        undo = (ceiling if halved is None else max(ceiling, halved), slow_start)
                     base, age, bases = current, 0, bases + 1
                     slow_start = self.slow_start_fraction * base
             elif age >= self.rebase_steps and not self._answered(reading.fast, calm):
@@ -217,6 +231,17 @@ class LossAwareMeanThreshold(StallProbe, MeanThreshold):
         return _CeilingPlan(
             min(mean_term, ceiling), ceiling, slow_start, base, age, bases, cut, excess, calm, undo, undone
         )
+
+    def _may_open(self, reading: BandReading, norm: float, ceiling: float, mean_term: float) -> bool:
+        """Whether an elevated loss (its ``reading``) may open an episode: the smoothed norm confirms it
+        (over twice its healthy level: `NORM_CONFIRM_EXCESS`), the ceiling bounds the steps (at most
+        `RULING_FACTOR` × the plain rule's threshold ``mean_term``), and the loss is not trained towards zero
+        (its smoothed value above a `LEARNED_FACTOR`-th of where training began, `loss_start`): there, a
+        hard batch raises the loss and its gradients together and they fall back on their own."""
+        norm_reading = self.norm_band.peek(norm)
+        confirmed = norm_reading is not None and norm_reading.excess > NORM_CONFIRM_EXCESS
+        learned = self.loss_start is not None and reading.fast < self.loss_start - math.log(LEARNED_FACTOR)
+        return confirmed and ceiling <= RULING_FACTOR * mean_term and not learned
 
     def _answered(self, fast: float, calm: float) -> bool:
         """Whether the loss of an open episode answers its cut: it still climbs (``fast`` above the highest
@@ -247,6 +272,8 @@ class LossAwareMeanThreshold(StallProbe, MeanThreshold):
             self.best_loss = low if self.best_loss is None else min(self.best_loss, low)
             self.probe_best = low if self.probe_best is None else min(self.probe_best, low)
         self.norm_band.update(norm)
+        if self.loss_start is None and self.band.reference is not None:
+            self.loss_start = self.band.reference
         if plan.undone:  # the levels the loss and the norms stand at are their healthy levels from here on
             self.band.accept()
             self.norm_band.accept()
@@ -323,7 +350,7 @@ class LossAwareMeanThreshold(StallProbe, MeanThreshold):
             self.episodes_undone += 1
         self._close_episode()
         self.band, self.norm_band = LossBand(), LossBand()
-        self.best_loss = self.probe_best = None
+        self.best_loss = self.probe_best = self.loss_start = None
 
     def _close_episode(self) -> None:
         """No episode open (and no memory of what one replaced), no probe open or waiting."""
@@ -332,7 +359,7 @@ class LossAwareMeanThreshold(StallProbe, MeanThreshold):
         self._close_probe()
 
     _OPTIONAL = ("episode_base", "best_loss", "probe_level", "probe_ceiling", "probe_best", "episode_peak",
-                 "episode_anchor")  # fmt: skip
+                 "episode_anchor", "loss_start")  # fmt: skip
     """State keys holding a float or None."""
     _COUNTS = ("episode_age", "episode_count", "cuts", "stall_steps", "probe_age", "probes",
                "episodes_undone")  # fmt: skip

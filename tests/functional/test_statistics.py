@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from zclip import ZClip
 
+from lightning_clip.functional import ceiling as ceiling_module
 from lightning_clip.functional.cautious import CautiousMeanThreshold
 from lightning_clip.functional.ceiling import LossAwareMeanThreshold
 from lightning_clip.functional.thresholds import (
@@ -654,6 +655,53 @@ def test_loss_aware_state_round_trip_through_a_confirmed_runaway():
         assert _fed(norms[k:], losses[k:], partial)[1] != expected[k:]
 
 
+def _bounces(norm_rate: float, loss_rate: float, first: int) -> tuple[list[float], list[float]]:
+    """A loss trained down (×``loss_rate`` a step) whose norms shrink (×``norm_rate`` a step), and from step
+    ``first`` on, every 40 steps, three hard batches in a row: the loss ×15 and the norms ×8 (a classifier
+    under SGD: the loss and its gradients rise together, and fall back on their own)."""
+    rng = random.Random(5)
+    norms, losses = [], []
+    for t in range(400):
+        hard = t >= first and (t - first) % 40 < 3
+        norms.append(5.0 * norm_rate**t * math.exp(rng.gauss(0.0, 0.1)) * (8.0 if hard else 1.0))
+        losses.append(2.0 * loss_rate**t * math.exp(rng.gauss(0.0, 0.1)) * (15.0 if hard else 1.0))
+    return norms, losses
+
+
+@pytest.mark.parametrize(
+    ("condition", "other", "norm_rate", "loss_rate", "first"),
+    [
+        # the loss trained towards zero (0.03 at step 280, where training began at ~1.8): even smoothed
+        # over a bounce, below a tenth of where it began
+        ("LEARNED_FACTOR", "RULING_FACTOR", 0.99, 0.985, 280),
+        # the norms shrink faster than the loss: the ceiling (~4) over twice the plain threshold (~0.7)
+        ("RULING_FACTOR", "LEARNED_FACTOR", 0.98, 0.995, 120),
+    ],
+)
+def test_hard_batches_do_not_ratchet_the_ceiling(monkeypatch, condition, other, norm_rate, loss_rate, first):
+    """Hard batches raise the loss and the norms together (smoothed: the loss over twice its level, the
+    norms over twice theirs), so without its two conditions the rule cuts its ceiling at each, below the
+    plain rule, bounce after bounce. Each condition alone (the other switched off) keeps every cut away:
+    the loss more than 10× below where training began (`LEARNED_FACTOR`), or the ceiling more than 2×
+    above the plain rule's threshold (`RULING_FACTOR`): no episode, the plain rule's threshold on every
+    step from the first bounce, and the documented formula (`tests.reference`) with both conditions."""
+    norms, losses = _bounces(norm_rate, loss_rate, first)
+    rule = LossAwareMeanThreshold()
+    got = [rule.step(n, loss) for n, loss in zip(norms, losses, strict=True)]
+    assert got == pytest.approx(loss_aware_thresholds(norms, losses, 1.5, 0.97, 1, None), rel=1e-7)
+    plain = reference_mean_thresholds(norms, 1.5, 0.97, 1, None)
+    monkeypatch.setattr(ceiling_module, other, math.inf)
+    alone = LossAwareMeanThreshold()
+    got = [alone.step(n, loss) for n, loss in zip(norms, losses, strict=True)]
+    assert alone.cuts == 0 and alone.probes == 0
+    assert got[first:] == pytest.approx(plain[first:], rel=1e-12)
+    monkeypatch.setattr(ceiling_module, condition, math.inf)
+    unconditioned = LossAwareMeanThreshold()
+    cut = [unconditioned.step(n, loss) for n, loss in zip(norms, losses, strict=True)]
+    assert unconditioned.cuts >= 3
+    assert cut[-1] < 0.5 * plain[-1]
+
+
 def _jump_for_good() -> tuple[list[float], list[float]]:
     """Calm for 100 steps, then the loss ×30 and the norms ×10 for good, from one step to the next (SGD
     targets scaled up: no runaway, a new level)."""
@@ -692,6 +740,33 @@ def test_an_episode_the_loss_does_not_answer_is_undone():
     assert rule.cuts == cuts and rule.episode_base is None  # no new episode after the undo
     assert rule.ceiling >= before[0]
     assert kept.episode_base is not None and kept.ceiling < 1e-3 * before[0]  # held down for good
+
+
+def test_an_episode_that_ends_a_probe_undoes_the_probe_too():
+    """A stall halves the binding ceiling (a probe, step 23: 2.062 → 1.031); two steps later, while the
+    probe waits for its answer, the loss jumps ×30 and the norms ×10 for good. The episode that opens ends
+    the probe, and once undone it returns the ceiling to where it stood before the probe (2.062), not to
+    the probe's halving; the documented formula (`tests.reference`) agrees step for step."""
+    rng = random.Random(6)
+    norms, losses = [], []
+    for t in range(80):
+        jump = t >= 25
+        norms.append(10.0 * math.exp(rng.gauss(0.0, 0.05)) * (10.0 if jump else 1.0))
+        losses.append(math.exp(rng.gauss(0.0, 0.02)) * (1.2 if t >= 12 else 1.0) * (30.0 if jump else 1.0))
+    rule = LossAwareMeanThreshold()
+    got, undone_at, before_probe = [], None, None
+    for t, (n, loss) in enumerate(zip(norms, losses, strict=True)):
+        probes = rule.probes
+        ceiling = rule.ceiling
+        got.append(rule.step(n, loss))
+        if rule.probes > probes:
+            before_probe = ceiling
+            assert t == 23 and rule.ceiling == pytest.approx(0.5 * ceiling)
+        if undone_at is None and rule.episodes_undone:
+            undone_at = t
+            assert rule.ceiling == before_probe
+    assert before_probe == pytest.approx(2.062, abs=1e-3) and undone_at is not None
+    assert got == pytest.approx(loss_aware_thresholds(norms, losses, 1.5, 0.97, 1, None), rel=1e-7)
 
 
 @pytest.mark.parametrize("k", [103, 125, 131])
