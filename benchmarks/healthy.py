@@ -510,7 +510,36 @@ def teacher_data() -> tuple[torch.Tensor, ...]:
     return x[:2048], y[:2048], x[2048:], y[2048:]
 
 
-class Classifier(pl.LightningModule):
+class Labelled(pl.LightningModule):
+    """A classifier of labelled batches ``(x, y)``: ``net`` and the optimizer come from the subclass."""
+
+    net: nn.Module
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+
+@torch.no_grad()
+def eval_labelled(model: Labelled, data: tuple[torch.Tensor, ...]) -> dict[str, float]:
+    """Validation accuracy and loss, and the final training loss (eval mode), on ``(xt, yt, xv, yv)``."""
+    xt, yt, xv, yv = data
+    model.eval()
+    logits = model.net(xv)
+    return {
+        "val_acc": float((logits.argmax(1) == yv).float().mean()),
+        "val_loss": float(F.cross_entropy(logits, yv)),
+        "train_loss": float(F.cross_entropy(model.net(xt), yt)),
+    }
+
+
+def labelled_loader(x: torch.Tensor, y: torch.Tensor, seed: int) -> DataLoader:
+    """Batches of 64, reshuffled each epoch from the seed, the last incomplete one dropped."""
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True, drop_last=True, generator=g)
+
+
+class Classifier(Labelled):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(
@@ -523,31 +552,17 @@ class Classifier(pl.LightningModule):
             nn.Linear(256, 4),
         )
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(self.net(x), y)
-
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
-@torch.no_grad()
 def eval_classifier(model: Classifier) -> dict[str, float]:
-    xt, yt, xv, yv = teacher_data()
-    model.eval()
-    logits = model.net(xv)
-    return {
-        "val_acc": float((logits.argmax(1) == yv).float().mean()),
-        "val_loss": float(F.cross_entropy(logits, yv)),
-        "train_loss": float(F.cross_entropy(model.net(xt), yt)),
-    }
+    return eval_labelled(model, teacher_data())
 
 
 def build_classifier(seed: int, manual_clip: float | None) -> tuple[pl.LightningModule, Any, int]:
     xt, yt, _, _ = teacher_data()
-    g = torch.Generator().manual_seed(seed)
-    loader = DataLoader(TensorDataset(xt, yt), batch_size=64, shuffle=True, drop_last=True, generator=g)
-    return Classifier(), loader, 1500
+    return Classifier(), labelled_loader(xt, yt, seed), 1500
 
 
 # ----------------------------------------------------------------------------------- SGD CNN classifier
@@ -563,7 +578,7 @@ def teacher_images() -> tuple[torch.Tensor, ...]:
     return x[:3072], y[:3072], x[3072:], y[3072:]
 
 
-class SGDConvNet(pl.LightningModule):
+class SGDConvNet(Labelled):
     def __init__(self) -> None:
         super().__init__()
 
@@ -577,31 +592,17 @@ class SGDConvNet(pl.LightningModule):
             nn.Flatten(), nn.Linear(32 * 4 * 4, 10),
         )  # fmt: skip
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(self.net(x), y)
-
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.02, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
 
-@torch.no_grad()
 def eval_sgd_cnn(model: SGDConvNet) -> dict[str, float]:
-    xt, yt, xv, yv = teacher_images()
-    model.eval()
-    logits = model.net(xv)
-    return {
-        "val_acc": float((logits.argmax(1) == yv).float().mean()),
-        "val_loss": float(F.cross_entropy(logits, yv)),
-        "train_loss": float(F.cross_entropy(model.net(xt), yt)),
-    }
+    return eval_labelled(model, teacher_images())
 
 
 def build_sgd_cnn(seed: int, manual_clip: float | None) -> tuple[pl.LightningModule, Any, int]:
     xt, yt, _, _ = teacher_images()
-    g = torch.Generator().manual_seed(seed)
-    loader = DataLoader(TensorDataset(xt, yt), batch_size=64, shuffle=True, drop_last=True, generator=g)
-    return SGDConvNet(), loader, 1440
+    return SGDConvNet(), labelled_loader(xt, yt, seed), 1440
 
 
 # ------------------------------------------------------------------------------------ Lightning demos

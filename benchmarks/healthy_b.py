@@ -511,8 +511,42 @@ class CharGPT(Base):
 
 
 # ------------------------------------------------------------------------------------------ classifier
-class TeacherClassifier(Base):
-    TRAIN, TEST, BATCH, STEPS = 3000, 4000, 50, 1500
+class EpochClassifier(Base):
+    """A classifier over a fixed training set (``x_train``, ``y_train``, set by the subclass with ``net``),
+    reshuffled per epoch from the seed and ``SALT``; `evaluate`: test accuracy, whole-training-set loss."""
+
+    TRAIN: int
+    BATCH: int
+    SALT: int
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    net: nn.Module
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self._perm: tuple[int, Tensor] | None = None  # the current epoch and its order
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        per_epoch = self.TRAIN // self.BATCH
+        epoch, pos = divmod(int(batch), per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            order = torch.randperm(self.TRAIN, generator=batch_gen(self.seed, epoch, salt=self.SALT))
+            self._perm = (epoch, order)
+        rows = self._perm[1][pos * self.BATCH : (pos + 1) * self.BATCH]
+        return F.cross_entropy(self.net(self.x_train[rows]), self.y_train[rows])
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.net.eval()
+        acc = (self.net(self.x_test).argmax(1) == self.y_test).float().mean()
+        loss = F.cross_entropy(self.net(self.x_train), self.y_train)
+        return {"accuracy": float(acc), "loss": float(loss)}
+
+
+class TeacherClassifier(EpochClassifier):
+    TRAIN, TEST, BATCH, STEPS, SALT = 3000, 4000, 50, 1500, 1
 
     def __init__(self, seed: int) -> None:
         super().__init__(seed)
@@ -536,25 +570,9 @@ class TeacherClassifier(Base):
             if isinstance(layer, nn.Linear):
                 nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
                 nn.init.zeros_(layer.bias)
-        self._perm: tuple[int, Tensor] | None = None
-
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        per_epoch = self.TRAIN // self.BATCH
-        epoch, pos = divmod(int(batch), per_epoch)
-        if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, torch.randperm(self.TRAIN, generator=batch_gen(self.seed, epoch, salt=1)))
-        rows = self._perm[1][pos * self.BATCH : (pos + 1) * self.BATCH]
-        return F.cross_entropy(self.net(self.x_train[rows]), self.y_train[rows])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=2e-3)
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        self.net.eval()
-        acc = (self.net(self.x_test).argmax(1) == self.y_test).float().mean()
-        loss = F.cross_entropy(self.net(self.x_train), self.y_train)
-        return {"accuracy": float(acc), "loss": float(loss)}
 
 
 # ------------------------------------------------------------------------------- SGD residual CNN
@@ -586,10 +604,10 @@ class ResidualBlock(nn.Module):
         return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
 
 
-class SGDResNet(Base):
+class SGDResNet(EpochClassifier):
     """A residual CNN under SGD with heavy-ball momentum and a step decay: the loss-aware ceiling applies."""
 
-    TRAIN, TEST, BATCH, STEPS = 2000, 2000, 32, 1250
+    TRAIN, TEST, BATCH, STEPS, SALT = 2000, 2000, 32, 1250, 3
 
     def __init__(self, seed: int) -> None:
         super().__init__(seed)
@@ -605,24 +623,10 @@ class SGDResNet(Base):
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        per_epoch = self.TRAIN // self.BATCH
-        epoch, pos = divmod(int(batch), per_epoch)
-        order = torch.randperm(self.TRAIN, generator=batch_gen(self.seed, epoch, salt=3))
-        rows = order[pos * self.BATCH : (pos + 1) * self.BATCH]
-        return F.cross_entropy(self.net(self.x_train[rows]), self.y_train[rows])
-
     def configure_optimizers(self) -> Any:
         opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
         decay = torch.optim.lr_scheduler.MultiStepLR(opt, [int(0.75 * self.STEPS)], gamma=0.1)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        self.net.eval()
-        acc = (self.net(self.x_test).argmax(1) == self.y_test).float().mean()
-        loss = F.cross_entropy(self.net(self.x_train), self.y_train)
-        return {"accuracy": float(acc), "loss": float(loss)}
 
 
 # ---------------------------------------------------------------------------------------- LSTM word LM

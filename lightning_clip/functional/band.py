@@ -81,6 +81,8 @@ class LossBand:
       σ·√(Σw²)/Σw`` with ``w`` the EMA's weights, ``s = σ·√((1 − d)/(1 + d))`` its steady value): while
       only a few values are averaged, a lucky low batch is not taken for the healthy level. The reference
       is set once the noise has `noise_warmup` terms; until then the excess is 0.
+    * ``start_level`` is the first reference set: the level the signal began at (`accept` leaves it; the
+      divergence detector and the loss-aware ceiling read it as where training began).
 
     The **excess** ``fast − reference`` is the log of the ratio between the smoothed value and its healthy
     level. A value that is not positive and finite is not judged (`peek` returns None) and leaves the state
@@ -119,6 +121,7 @@ class LossBand:
         self.weight = 0.0  # the EMA's total weight (its bias correction, for a varying decay)
         self.weight2 = 0.0  # the sum of its squared weights (how many values it really averages)
         self.reference: float | None = None
+        self.start_level: float | None = None  # the first reference set: where the signal began
         self.noise = 0.0
         self.noise_count = 0
         self.last: float | None = None
@@ -220,6 +223,8 @@ class LossBand:
         self.weight2 = d * d * self.weight2 + (1.0 - d) ** 2
         if judged:
             self.reference = reading.reference
+            if self.start_level is None:
+                self.start_level = reading.reference
         return reading
 
     def state_dict(self) -> dict[str, Any]:
@@ -229,6 +234,7 @@ class LossBand:
             "weight": self.weight,
             "weight2": self.weight2,
             "reference": self.reference,
+            "start_level": self.start_level,
             "noise": self.noise,
             "noise_count": self.noise_count,
             "last": self.last,
@@ -241,6 +247,8 @@ class LossBand:
         self.weight2 = float(state.get("weight2", 0.0))
         reference = state.get("reference")
         self.reference = None if reference is None else float(reference)
+        start = state.get("start_level")
+        self.start_level = None if start is None else float(start)
         self.noise = float(state.get("noise", 0.0))
         self.noise_count = int(state.get("noise_count", 0))
         last = state.get("last")

@@ -90,7 +90,7 @@ class LossAwareMeanThreshold(StallProbe, MeanThreshold):
     * when the smoothed loss is elevated (above twice its healthy level for a noisy loss) *and* the smoothed
       pre-clip norm more than twice its own (`NORM_CONFIRM_EXCESS`), while the ceiling is at most twice
       the plain rule's threshold (`RULING_FACTOR`) and the smoothed loss above a tenth of where training
-      began (`LEARNED_FACTOR`, `loss_start`: `_may_open`), an *episode* opens: its base is the
+      began (`LEARNED_FACTOR`, the loss band's `~LossBand.start_level`: `_may_open`), an *episode* opens: its base is the
       threshold in force, the slow-start level drops to half of it, and the ceiling is cut to
       ``base × exp(−excess)`` (at most `max_cut`), following the worst excess; still open after
       `rebase_steps` steps, it is re-based on the current threshold (`episode_bases` bases in all). It
@@ -168,7 +168,6 @@ class LossAwareMeanThreshold(StallProbe, MeanThreshold):
         self.episode_undo: tuple[float, float] | None = None  # ceiling and slow start before the episode
         self.episodes_undone = 0
         self.first_norms: list[float] | None = []  # the start's norms; None once the start is over
-        self.loss_start: float | None = None  # the loss band's first healthy level (log)
 
     def mean_term(self) -> float:
         """The plain mean rule's threshold, ``min(factor · μ̂, max_norm)`` (``max_norm`` or ∞ in warm-up)."""
@@ -236,11 +235,12 @@ class LossAwareMeanThreshold(StallProbe, MeanThreshold):
         """Whether an elevated loss (its ``reading``) may open an episode: the smoothed norm confirms it
         (over twice its healthy level: `NORM_CONFIRM_EXCESS`), the ceiling bounds the steps (at most
         `RULING_FACTOR` × the plain rule's threshold ``mean_term``), and the loss is not trained towards zero
-        (its smoothed value above a `LEARNED_FACTOR`-th of where training began, `loss_start`): there, a
+        (its smoothed value above a `LEARNED_FACTOR`-th of where training began, the band's `start_level`): there, a
         hard batch raises the loss and its gradients together and they fall back on their own."""
         norm_reading = self.norm_band.peek(norm)
         confirmed = norm_reading is not None and norm_reading.excess > NORM_CONFIRM_EXCESS
-        learned = self.loss_start is not None and reading.fast < self.loss_start - math.log(LEARNED_FACTOR)
+        start = self.band.start_level
+        learned = start is not None and reading.fast < start - math.log(LEARNED_FACTOR)
         return confirmed and ceiling <= RULING_FACTOR * mean_term and not learned
 
     def _answered(self, fast: float, calm: float) -> bool:
@@ -272,8 +272,6 @@ class LossAwareMeanThreshold(StallProbe, MeanThreshold):
             self.best_loss = low if self.best_loss is None else min(self.best_loss, low)
             self.probe_best = low if self.probe_best is None else min(self.probe_best, low)
         self.norm_band.update(norm)
-        if self.loss_start is None and self.band.reference is not None:
-            self.loss_start = self.band.reference
         if plan.undone:  # the levels the loss and the norms stand at are their healthy levels from here on
             self.band.accept()
             self.norm_band.accept()
@@ -350,7 +348,7 @@ class LossAwareMeanThreshold(StallProbe, MeanThreshold):
             self.episodes_undone += 1
         self._close_episode()
         self.band, self.norm_band = LossBand(), LossBand()
-        self.best_loss = self.probe_best = self.loss_start = None
+        self.best_loss = self.probe_best = None
 
     def _close_episode(self) -> None:
         """No episode open (and no memory of what one replaced), no probe open or waiting."""
@@ -359,7 +357,7 @@ class LossAwareMeanThreshold(StallProbe, MeanThreshold):
         self._close_probe()
 
     _OPTIONAL = ("episode_base", "best_loss", "probe_level", "probe_ceiling", "probe_best", "episode_peak",
-                 "episode_anchor", "loss_start")  # fmt: skip
+                 "episode_anchor")  # fmt: skip
     """State keys holding a float or None."""
     _COUNTS = ("episode_age", "episode_count", "cuts", "stall_steps", "probe_age", "probes",
                "episodes_undone")  # fmt: skip

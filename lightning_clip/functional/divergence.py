@@ -149,9 +149,6 @@ class DivergenceDetector:
         self.norm = LossBand(max_smoothing=DETECTOR_SMOOTHING)
         self.healthy_streak = 0
         self.steps = 0
-        self.loss_start: float | None = (
-            None  # the loss band's first healthy level (log): where training began
-        )
         self.anchor: float | None = None  # open suspicion: the highest single log loss of its first steps
         self.suspect_age = 0  # steps since the suspicion opened (or was re-anchored)
 
@@ -162,7 +159,7 @@ class DivergenceDetector:
             return False
         return (
             loss_reading.excess > DIVERGED_LOSS_EXCESS
-            and (self.loss_start is None or loss_reading.fast > self.loss_start)
+            and (self.loss.start_level is None or loss_reading.fast > self.loss.start_level)
             and norm_reading.excess > HEALTHY_NORM_EXCESS
         )
 
@@ -191,8 +188,6 @@ class DivergenceDetector:
         smoothed_before = self.loss.smoothed()
         loss_reading = self.loss.update(loss)
         norm_reading = self.norm.update(norm)
-        if self.loss_start is None and self.loss.reference is not None:
-            self.loss_start = self.loss.reference
         if loss_reading is not None and self._suspect(loss_reading, norm_reading):
             if self.anchor is None or self.suspect_age >= RUNAWAY_WINDOW:  # open, or re-anchor a slow rise
                 self.anchor, self.suspect_age = loss_reading.log_value, 0
@@ -251,7 +246,6 @@ class DivergenceDetector:
             "norm": self.norm.state_dict(),
             "healthy_streak": self.healthy_streak,
             "steps": self.steps,
-            "loss_start": self.loss_start,
             "anchor": self.anchor,
             "suspect_age": self.suspect_age,
         }
@@ -261,8 +255,10 @@ class DivergenceDetector:
         self.norm.load_state_dict(state.get("norm", {}))
         self.healthy_streak = int(state.get("healthy_streak", 0))
         self.steps = int(state.get("steps", 0))
-        start = state.get("loss_start")
-        self.loss_start = None if start is None else float(start)
+        if (
+            self.loss.start_level is None and state.get("loss_start") is not None
+        ):  # saved before the band kept it
+            self.loss.start_level = float(state["loss_start"])
         anchor = state.get("anchor")
         self.anchor = None if anchor is None else float(anchor)
         self.suspect_age = int(state.get("suspect_age", 0))

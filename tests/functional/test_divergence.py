@@ -180,6 +180,23 @@ def test_detector_state_round_trip_with_weights_only() -> None:
     assert resumed.state_dict() == detector.state_dict()
 
 
+def test_detector_state_saved_before_the_band_kept_its_start_level_loads_it() -> None:
+    """A state saved when the detector kept where training began itself (``loss_start``, the loss band's
+    first reference) and the band did not: the same start level, the same verdicts after it."""
+    detector = DivergenceDetector()
+    values = [v for v in losses(3, 0.3) if v is not None]
+    for v in values[:100]:
+        detector.update(v, 2.0)
+    state = detector.state_dict()
+    start = state["loss"].pop("start_level")
+    assert start is not None and start == detector.loss.start_level
+    older = DivergenceDetector()
+    older.load_state_dict({**state, "loss_start": start})
+    assert older.loss.start_level == start
+    for v in values[100:]:
+        assert older.update(v, 2.0) == detector.update(v, 2.0)
+
+
 def test_step_state_sums_the_loss_and_every_contribution_in_one_reduction() -> None:
     calls: list[list[float]] = []
 
