@@ -702,6 +702,25 @@ class Family:
     blowup: float = math.inf  # a training loss above this is a blown-up run (stopped without a guard)
 
 
+def labelled_family(
+    name: str,
+    build: Callable[[int, float | None], tuple[pl.LightningModule, Any, int]],
+    evaluate: Callable[[Any], dict[str, float]],
+) -> Family:
+    """A classifier family measured by `eval_labelled`: validation accuracy (the bar, within 2%) and
+    validation loss (also within 2%), the final training loss printed."""
+    return Family(
+        name,
+        build,
+        evaluate,
+        "val_acc",
+        0.02,
+        higher_is_better=True,
+        also=(("val_loss", False),),
+        info=("train_loss",),
+    )
+
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
@@ -712,26 +731,8 @@ FAMILIES: dict[str, Family] = {
         Family(
             "transformer_lm_warmup", build_char_lm(100), eval_char_lm, "val_loss", 0.01, chance=math.log(103)
         ),
-        Family(
-            "classifier",
-            build_classifier,
-            eval_classifier,
-            "val_acc",
-            0.02,
-            higher_is_better=True,
-            also=(("val_loss", False),),
-            info=("train_loss",),
-        ),
-        Family(
-            "sgd_cnn",
-            build_sgd_cnn,
-            eval_sgd_cnn,
-            "val_acc",
-            0.02,
-            higher_is_better=True,
-            also=(("val_loss", False),),
-            info=("train_loss",),
-        ),
+        labelled_family("classifier", build_classifier, eval_classifier),
+        labelled_family("sgd_cnn", build_sgd_cnn, eval_sgd_cnn),
         Family(
             "demo_lstm_small",
             build_demo_lstm(128, 250),

@@ -255,9 +255,8 @@ class DivergenceDetector:
         self.norm.load_state_dict(state.get("norm", {}))
         self.healthy_streak = int(state.get("healthy_streak", 0))
         self.steps = int(state.get("steps", 0))
-        if (
-            self.loss.start_level is None and state.get("loss_start") is not None
-        ):  # saved before the band kept it
+        # a state saved before the loss band kept where training began
+        if self.loss.start_level is None and state.get("loss_start") is not None:
             self.loss.start_level = float(state["loss_start"])
         anchor = state.get("anchor")
         self.anchor = None if anchor is None else float(anchor)
