@@ -609,8 +609,9 @@ class SGDResNet(EpochClassifier):
 
     TRAIN, TEST, BATCH, STEPS, SALT = 2000, 2000, 32, 1250, 3
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, lr: float = 0.05) -> None:
         super().__init__(seed)
+        self.lr = lr
         data_gen = torch.Generator().manual_seed(4099)
         self.x_train, self.y_train = bar_images(self.TRAIN, data_gen)
         self.x_test, self.y_test = bar_images(self.TEST, data_gen)
@@ -624,7 +625,7 @@ class SGDResNet(EpochClassifier):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=1e-4)
         decay = torch.optim.lr_scheduler.MultiStepLR(opt, [int(0.75 * self.STEPS)], gamma=0.1)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
 
@@ -760,6 +761,25 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def bench_trainer(callbacks: list[pl.Callback], clip: float | None, root: str) -> pl.Trainer:
+    """The Trainer of one fit: one epoch over the family's batch indices on the CPU, Lightning's
+    ``gradient_clip_val=clip``, no logger, checkpoint, progress bar or validation."""
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        callbacks=callbacks,
+        gradient_clip_val=clip,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=root,
+    )
+
+
 def run_one(task: tuple[str, str, int]) -> dict[str, Any]:
     """One fit: the family's module with the variant's callbacks; its metrics, guard counts, errors."""
     family_name, variant_name, seed = task
@@ -777,20 +797,7 @@ def run_one(task: tuple[str, str, int]) -> dict[str, Any]:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as root, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=1,
-            max_epochs=1,
-            callbacks=[*row.callbacks(), recorder],
-            gradient_clip_val=clip,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            default_root_dir=root,
-        )
+        trainer = bench_trainer([*row.callbacks(), recorder], clip, root)
         try:
             trainer.fit(module, loader)
         except Exception as exc:  # counted as an error, whatever it is

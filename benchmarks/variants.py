@@ -17,6 +17,8 @@ Rows:
 * ``clipper``: ``[AdaptiveGradientClipping()]`` alone; ``guard``: ``[ExplosionGuard()]`` alone.
 * ``adagc``: AdaGC's defaults (``mode="adagc", max_norm=1.0, factor=1.05, decay=0.98``) with the guard;
   ``mean_per_tensor``: ``mode="mean_per_tensor"`` with the guard (issue 20's per-tensor modes).
+* ``defaults_max1``: the defaults with a known bound, ``AdaptiveGradientClipping(max_norm=1.0)``, and the
+  guard.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ FIXED: dict[str, Callable[[], list[pl.Callback]]] = {
         ExplosionGuard(),
     ],
     "mean_per_tensor": lambda: [AdaptiveGradientClipping(mode="mean_per_tensor"), ExplosionGuard()],
+    "defaults_max1": lambda: [AdaptiveGradientClipping(max_norm=1.0), ExplosionGuard()],
 }
 """Rows without a fixed clip. Add a row here (one line) to put it in every zoo table."""
 
