@@ -99,7 +99,7 @@ from pytorch_lightning.demos.lstm import SimpleLSTM
 from pytorch_lightning.demos.transformer import Transformer as DemoTransformer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from variants import CoefRecorder, guard_counts, variant
+from variants import CoefRecorder, bench_trainer, guard_counts, variant
 
 torch.set_num_threads(1)
 
@@ -759,25 +759,6 @@ def quiet() -> None:
     torch.set_flush_denormal(True)  # a saturated LSTM without clipping otherwise runs 5× slower
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def bench_trainer(callbacks: list[pl.Callback], clip: float | None, root: str) -> pl.Trainer:
-    """The Trainer of one fit: one epoch over the family's batch indices on the CPU, Lightning's
-    ``gradient_clip_val=clip``, no logger, checkpoint, progress bar or validation."""
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        callbacks=callbacks,
-        gradient_clip_val=clip,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=root,
-    )
 
 
 def run_one(task: tuple[str, str, int]) -> dict[str, Any]:

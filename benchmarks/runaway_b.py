@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from variants import CoefRecorder, guard_counts, variant
+from variants import CoefRecorder, bench_trainer, guard_counts, variant
 
 from lightning_clip import ExplosionGuard
 
@@ -204,20 +204,7 @@ def run_one(task: tuple[dict[str, Any], str, int]) -> dict[str, Any]:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=1,
-            max_epochs=1,
-            callbacks=[*callbacks, recorder, tracker],
-            gradient_clip_val=row.gradient_clip_val,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            default_root_dir=root,
-        )
+        trainer = bench_trainer([*callbacks, recorder, tracker], row.gradient_clip_val, root)
         loader = DataLoader(torch.arange(setting.steps), batch_size=None)  # type: ignore[arg-type]
         try:
             trainer.fit(module, loader)

@@ -29,8 +29,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from healthy_b import SGDResNet, bench_trainer, quiet
+from healthy_b import SGDResNet, quiet
 from torch.utils.data import DataLoader
+from variants import bench_trainer
+
+from lightning_clip.functional.norms import collect_grads, total_norm
 
 ROWS = (("none", 0.05), ("clip1", 0.05), ("none", 0.03), ("none", 0.02))
 """(clip, lr): ``none`` or ``clip<c>`` (Lightning's ``gradient_clip_val=c``) at SGD learning rate lr."""
@@ -44,8 +47,7 @@ class NormRecorder(pl.Callback):
         self.norms: list[float] = []
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        self.norms.append(float(total_norm(collect_grads(pl_module.parameters()))))
 
 
 def run_one(task: tuple[str, float, int]) -> dict[str, Any]:

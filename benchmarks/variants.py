@@ -105,3 +105,23 @@ def guard_counts(trainer: pl.Trainer) -> tuple[int, int]:
             divergences = sum(1 for r in cb.records if "divergence" in r.get("kinds", []))
             return divergences, cb.rollbacks
     return 0, 0
+
+
+def bench_trainer(callbacks: list[pl.Callback], clip: float | None, root: str) -> pl.Trainer:
+    """Copy B's Trainer of one fit (``healthy_b.py``, ``runaway_b.py``): one epoch over a loader of batch
+    indices on the CPU, Lightning's ``gradient_clip_val=clip``, no logger, checkpoint, progress bar or
+    validation. (Copy A's scripts build their own.)"""
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        callbacks=callbacks,
+        gradient_clip_val=clip,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=root,
+    )
