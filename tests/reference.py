@@ -199,9 +199,12 @@ def loss_aware_thresholds(
     warmup_steps: int = 1,
     max_norm: float | None = None,
     paced: bool = True,
+    conditions: bool = True,
 ) -> list[float]:
     """The default ``mean`` rule (loss-aware ceiling), written out from its documentation: the threshold
     per step for the pre-clip ``norms`` and the step ``losses`` (None: no loss), every step applied.
+    ``conditions=False``: an episode opens on the norms' confirmation alone (neither the ceiling's bound
+    against the mean term nor the loss's against where training began).
     ``paced=False`` with no losses: the cautious start alone of an optimizer that normalises the gradient
     (the ceiling widens by ``2**0.1`` on every binding step, whatever the norms' window).
 
@@ -210,7 +213,10 @@ def loss_aware_thresholds(
     (`loss_band_readings`), opened only when the norm's own band (the same band fed the norms) reads an
     excess above ln 2 (the norms confirm the rise; an open episode goes on without) while the ceiling
     is at most twice the mean term and the reading's ``fast`` is not more than ln 10 below the loss band's
-    first reference (where training began); base = the threshold in force, re-based after 10 steps, 3 bases at most; ceiling
+    first reference (where training began); base = the threshold in force (a new episode's no lower than
+    the last base taken, by any episode since the last one undone, unless the norm is over twice the mean
+    term or the reading's ``fast`` is not ln 2 below where training began), re-based on the threshold in force
+    after 10 steps, 3 bases at most; ceiling
     cut to ``base * max(exp(-excess), 1e-3)``, slow-start level = base / 2); otherwise, with the excess at
     most its calm threshold (or no loss) and the norm above the ceiling, the ceiling grows by
     ``min(2**0.1, 2**(1/w))`` below the slow-start level, ``w`` the norm band's window after
@@ -245,6 +251,7 @@ def loss_aware_thresholds(
     drift = 0  # binding steps of the current drift
     probe = None  # (smoothed log loss at its start, its age, the ceiling before it) of the open probe
     before_episode = None  # (ceiling, slow-start level) before the open episode's first base
+    last = 0.0  # the last base any episode took (0 before the first, and after an undone episode)
     peak = highest = -math.inf  # the open base's peak fast and highest single log loss of its first steps
     start: list[float] | None = []  # the finite norms of the start (its first 5); None after
     began = None  # the loss band's first reference (where training began), as it stood before the value
@@ -264,19 +271,22 @@ def loss_aware_thresholds(
                 [*start, n]
             )  # the first 5 finite norms: a tenth of their median
         rules = ceiling <= 2.0 * mean_term  # the ceiling is within twice the mean term
-        opens = confirmed and rules and not learned
+        opens = confirmed and ((rules and not learned) or not conditions)
         if excess is not None and excess > elevated and (opens or base is not None):
             assert loss is not None
             if base is None or (age >= 10 and bases < 3):
                 current = min(ceiling, mean_term)
+                escalates = n > 2.0 * mean_term or (began is not None and peeked >= began - math.log(2.0))
+                if base is None and not escalates:  # no lower than the last base of any episode
+                    current = max(current, last)
                 if math.isfinite(current):
                     if base is None:  # an open probe ends: its halving is part of what is replaced
                         before_episode = (ceiling if probe is None else max(ceiling, probe[2]), slow)
                     base, age, bases = current, 0, bases + 1
-                    slow = 0.5 * base
+                    slow, last = 0.5 * base, base
                     peak, highest = peeked, math.log(loss)
             elif age >= 10 and not (peeked > highest or peeked < peak - calm):
-                undone, base, age, bases = True, None, 0, 0
+                undone, base, age, bases, last = True, None, 0, 0, 0.0
                 assert before_episode is not None
                 ceiling, slow = max(ceiling, before_episode[0]), before_episode[1]
             elif base is not None:

@@ -14,9 +14,10 @@ adversary) never cuts it. Nor does a rise while the ceiling stands more than twi
 threshold (`RULING_FACTOR`: the plain rule bounds the steps, the start is over), or while the smoothed
 loss is more than 10× below where training began (`LEARNED_FACTOR`: a run trained towards zero, whose
 hard batches raise the loss and its gradients together and fall back on their own; their cuts added up
-to a clip coefficient of 0.2–0.4 on a healthy SGD CNN). It may *probe* it (halve it while the clip
-binds and the loss stands above its lowest), but a probe the loss does not answer by coming down is
-undone, and so is an episode of cuts that the loss answers neither by coming down nor by climbing on.
+to a clip coefficient of 0.2–0.4 on a healthy SGD CNN), and cuts compound only while the runaway
+escalates (`COMPOUND_FACTOR`). It may *probe* it (halve it while the clip binds and the loss stands above
+its lowest), but a probe the loss does not answer by coming down is undone, and so is an episode of cuts
+that the loss answers neither by coming down nor by climbing on.
 """
 
 from __future__ import annotations
@@ -31,21 +32,20 @@ from lightning_clip.functional.divergence import ANCHOR_STEPS
 from lightning_clip.functional.probe import FLOAT32_TINY, StallProbe
 from lightning_clip.functional.thresholds import FLOAT32_MAX, MeanThreshold, _bounded
 
-__all__ = ["LEARNED_FACTOR", "NORM_CONFIRM_EXCESS", "RULING_FACTOR", "LossAwareMeanThreshold"]
+__all__ = ["COMPOUND_FACTOR", "LEARNED_FACTOR", "NORM_CONFIRM_EXCESS", "RULING_FACTOR", "LossAwareMeanThreshold"]  # fmt: skip
 
 NORM_CONFIRM_EXCESS = math.log(2.0)
 """A loss rise cuts the ceiling only with the smoothed pre-clip norm above twice its healthy level."""
 RULING_FACTOR = 2.0
-"""An episode opens only while the ceiling is at most this factor above the plain rule's threshold (further
-above, the plain rule bounds the steps: a run that widened its ceiling so far is past its start)."""
+"""An episode opens only with the ceiling at most this factor × the plain threshold (past its start)."""
+COMPOUND_FACTOR = 2.0
+"""Makes a new episode escalate: cut below the last base (`LossAwareMeanThreshold._new_base`)."""
 LEARNED_FACTOR = 10.0
-"""An episode opens only while the smoothed loss is above a tenth of where training began: below, the run
-is trained towards zero, and its rises are hard batches that raise the loss and the gradients together."""
+"""An episode opens only with the smoothed loss above a tenth of where training began (not towards zero)."""
 
 
 def _undone(ceiling: float, undo: tuple[float, float]) -> tuple[float, float]:
-    """The ceiling and slow-start level once what replaced ``undo`` (the pair they were before an episode
-    or a `LossAwareMeanThreshold.tighten`) is undone: the ceiling no lower than it is now."""
+    """The ceiling and slow-start level with ``undo`` (theirs before an episode or a tighten) restored."""
     return max(ceiling, undo[0]), undo[1]
 
 
@@ -90,8 +90,9 @@ class LossAwareMeanThreshold(StallProbe, MeanThreshold):
     * when the smoothed loss is elevated (above twice its healthy level for a noisy loss) *and* the smoothed
       pre-clip norm more than twice its own (`NORM_CONFIRM_EXCESS`), while the ceiling is at most twice
       the plain rule's threshold (`RULING_FACTOR`) and the smoothed loss above a tenth of where training
-      began (`LEARNED_FACTOR`, the loss band's `~LossBand.start_level`: `_may_open`), an *episode* opens: its base is the
-      threshold in force, the slow-start level drops to half of it, and the ceiling is cut to
+      began (`LEARNED_FACTOR`, the loss band's `~LossBand.start_level`: `_may_open`), an *episode* opens:
+      its base is the threshold in force, no lower than the last base taken unless the runaway escalates
+      (`_new_base`), the slow-start level drops to half of it, and the ceiling is cut to
       ``base × exp(−excess)`` (at most `max_cut`), following the worst excess; still open after
       `rebase_steps` steps, it is re-based on the current threshold (`episode_bases` bases in all). It
       closes when the loss is no longer elevated;
@@ -101,8 +102,8 @@ class LossAwareMeanThreshold(StallProbe, MeanThreshold):
       before the episode, and the bands take the levels they stand at as healthy (`LossBand.accept`).
 
     The running mean cannot ratchet the threshold up through a runaway (the ceiling does not follow the
-    norms) and the ceiling does not depend on the mean (it cannot collapse with it). Without a loss
-    (``loss=None``, or one that is not positive and finite) the step only widens a binding ceiling.
+    norms), nor the ceiling collapse with the mean. Without a loss (``loss=None``, or one not positive and
+    finite) the step only widens a binding ceiling.
     `tighten` lowers the ceiling after a rollback for a divergence (`ExplosionGuard`).
 
     Args:
@@ -131,13 +132,9 @@ class LossAwareMeanThreshold(StallProbe, MeanThreshold):
     start_steps = 5
     """Over the first this-many finite norms, the ceiling is `start` × their median so far."""
     fast_growth = 2.0 ** (1.0 / 10.0) - 1.0
-    """Growth of a binding ceiling per healthy step below the slow-start level (doubles every 10 steps) at
-    most: see `fast_rate`."""
+    """At most, the growth of a binding ceiling per healthy step below the slow-start level (`fast_rate`)."""
     slow_growth = 2e-3
-    """Growth above the slow-start level (doubles every ~350 steps): a ceiling cut further than the runaway
-    needed (a probe kept on a loss that only wandered back, an episode's last base) comes back within a
-    run of a few thousand steps. At 5e-4 (a doubling per ~1,400 steps) such a ceiling stayed 2-3× below
-    the clip that trains the exploding RNN until the run ended."""
+    """Growth above the slow-start level: a doubling per ~350 steps (at 5e-4, cut ceilings stayed too low)."""
     slow_start_fraction = 0.5
     """At an episode the slow-start level becomes this fraction of the episode's base."""
     rebase_steps = 10
@@ -166,6 +163,7 @@ class LossAwareMeanThreshold(StallProbe, MeanThreshold):
         self.episode_peak: float | None = None  # the highest smoothed log loss since the episode's base
         self.episode_anchor: float | None = None  # the highest single log loss of its first steps
         self.episode_undo: tuple[float, float] | None = None  # ceiling and slow start before the episode
+        self.last_base: float | None = None  # the last base an episode took (kept once it closes)
         self.episodes_undone = 0
         self.first_norms: list[float] | None = []  # the start's norms; None once the start is over
 
@@ -184,10 +182,9 @@ class LossAwareMeanThreshold(StallProbe, MeanThreshold):
         return self._above(self.best_loss, calm)
 
     def fast_rate(self) -> float:
-        """The growth of a binding ceiling per healthy step below the slow-start level: `fast_growth`, but
-        at most a doubling per *window* of its norm band (`LossBand.window`: a wider ceiling shows in the
-        smoothed norm only after about that many steps). Windows are 9 steps at moderate noise, 30-170
-        while the norms are noisy (early training, an exploding RNN): the ceiling widens that slowly."""
+        """The growth of a binding ceiling per healthy step below the slow-start level: `fast_growth`, but at
+        most a doubling per *window* of its norm band (`LossBand.window`: 9 steps at moderate noise, 30-170
+        while the norms are noisy, as early in an exploding RNN): a wider ceiling shows only after so long."""
         window = self.norm_band.window()
         return min(self.fast_growth, 2.0 ** (1.0 / window) - 1.0)
 
@@ -208,6 +205,8 @@ class LossAwareMeanThreshold(StallProbe, MeanThreshold):
             assert reading is not None
             if base is None or (age >= self.rebase_steps and bases < self.episode_bases):
                 current = min(ceiling, mean_term)
+                if base is None:
+                    current = self._new_base(current, reading, norm, mean_term)
                 if math.isfinite(current):
                     if base is None and undo is None:  # what the episode replaces (a probe it ends, too)
                         halved = self.probe_ceiling if self.probe_level is not None else None
@@ -232,16 +231,23 @@ class LossAwareMeanThreshold(StallProbe, MeanThreshold):
         )
 
     def _may_open(self, reading: BandReading, norm: float, ceiling: float, mean_term: float) -> bool:
-        """Whether an elevated loss (its ``reading``) may open an episode: the smoothed norm confirms it
-        (over twice its healthy level: `NORM_CONFIRM_EXCESS`), the ceiling bounds the steps (at most
-        `RULING_FACTOR` × the plain rule's threshold ``mean_term``), and the loss is not trained towards zero
-        (its smoothed value above a `LEARNED_FACTOR`-th of where training began, the band's `start_level`): there, a
-        hard batch raises the loss and its gradients together and they fall back on their own."""
+        """Whether an elevated loss (its ``reading``) may open an episode: see the class docstring
+        (`NORM_CONFIRM_EXCESS`, `RULING_FACTOR`, `LEARNED_FACTOR`)."""
         norm_reading = self.norm_band.peek(norm)
         confirmed = norm_reading is not None and norm_reading.excess > NORM_CONFIRM_EXCESS
         start = self.band.start_level
         learned = start is not None and reading.fast < start - math.log(LEARNED_FACTOR)
         return confirmed and ceiling <= RULING_FACTOR * mean_term and not learned
+
+    def _new_base(self, current: float, reading: BandReading, norm: float, mean_term: float) -> float:
+        """A new episode's base: the threshold in force ``current``, but no lower than the last base taken
+        unless the runaway escalates — its norm over `COMPOUND_FACTOR` × the plain rule's threshold
+        ``mean_term``, or its smoothed loss not yet 1 / `COMPOUND_FACTOR` of where training began."""
+        start = self.band.start_level
+        early = start is not None and reading.fast >= start - math.log(COMPOUND_FACTOR)
+        if self.last_base is None or norm > COMPOUND_FACTOR * mean_term or early:
+            return current
+        return max(current, self.last_base)  # the cuts follow the worst excess: they do not multiply
 
     def _answered(self, fast: float, calm: float) -> bool:
         """Whether the loss of an open episode answers its cut: it still climbs (``fast`` above the highest
@@ -278,6 +284,8 @@ class LossAwareMeanThreshold(StallProbe, MeanThreshold):
             self.best_loss = self.probe_best = self.band.settled()
         self.slow_start = plan.slow_start
         self.episode_base = plan.base
+        if (plan.base is not None and plan.age == 0) or plan.undone:  # a base taken, or the episode undone
+            self.last_base = None if plan.undone else plan.base
         self.episode_age = plan.age + 1 if plan.base is not None else 0
         self.episode_count = plan.bases
         self.episode_undo = plan.undo
@@ -353,11 +361,11 @@ class LossAwareMeanThreshold(StallProbe, MeanThreshold):
     def _close_episode(self) -> None:
         """No episode open (and no memory of what one replaced), no probe open or waiting."""
         self.episode_base, self.episode_age, self.episode_count = None, 0, 0
-        self.episode_peak = self.episode_anchor = self.episode_undo = None
+        self.episode_peak = self.episode_anchor = self.episode_undo = self.last_base = None
         self._close_probe()
 
     _OPTIONAL = ("episode_base", "best_loss", "probe_level", "probe_ceiling", "probe_best", "episode_peak",
-                 "episode_anchor")  # fmt: skip
+                 "episode_anchor", "last_base")  # fmt: skip
     """State keys holding a float or None."""
     _COUNTS = ("episode_age", "episode_count", "cuts", "stall_steps", "probe_age", "probes",
                "episodes_undone")  # fmt: skip

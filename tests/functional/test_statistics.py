@@ -681,7 +681,7 @@ def _bounces(norm_rate: float, loss_rate: float, first: int) -> tuple[list[float
 def test_hard_batches_do_not_ratchet_the_ceiling(monkeypatch, condition, other, norm_rate, loss_rate, first):
     """Hard batches raise the loss and the norms together (smoothed: the loss over twice its level, the
     norms over twice theirs), so without its two conditions the rule cuts its ceiling at each, below the
-    plain rule, bounce after bounce. Each condition alone (the other switched off) keeps every cut away:
+    plain rule, at each bounce. Each condition alone (the other switched off) keeps every cut away:
     the loss more than 10× below where training began (`LEARNED_FACTOR`), or the ceiling more than 2×
     above the plain rule's threshold (`RULING_FACTOR`): no episode, the plain rule's threshold on every
     step from the first bounce, and the documented formula (`tests.reference`) with both conditions."""
@@ -699,7 +699,68 @@ def test_hard_batches_do_not_ratchet_the_ceiling(monkeypatch, condition, other, 
     unconditioned = LossAwareMeanThreshold()
     cut = [unconditioned.step(n, loss) for n, loss in zip(norms, losses, strict=True)]
     assert unconditioned.cuts >= 3
-    assert cut[-1] < 0.5 * plain[-1]
+    assert min(c / p for c, p in zip(cut[first:], plain[first:], strict=True)) < 0.5
+
+
+def _openings(norms: list[float], losses: list[float]) -> list[tuple[int, float, float, float, float]]:
+    """Each episode's opening: (step, its base, the threshold in force before it, the ceiling after it, the
+    norm over the plain rule's threshold)."""
+    rule, opened = LossAwareMeanThreshold(), []
+    for t, (n, loss) in enumerate(zip(norms, losses, strict=True)):
+        base, in_force, plain = rule.episode_base, rule.current(), rule.mean_term()
+        rule.step(n, loss)
+        if base is None and rule.episode_base is not None:
+            opened.append((t, rule.episode_base, in_force, rule.ceiling, n / plain))
+    return opened
+
+
+@pytest.mark.parametrize(
+    ("norm_factor", "hard_steps", "norm_rate", "loss_rate", "loss_factor", "bases", "in_force", "ceilings"),
+    [
+        # norms ×3 for 5 steps, at most 1.72 × the plain threshold, the loss ~0.03 (begun at 2): each new
+        # episode bases on the first's (the rule as it was, every base the threshold in force: the ceiling
+        # 0.428 → 0.217 → 0.108)
+        (3.0, 5, 0.995, 0.985, 15.0, [2.36, 2.36, 2.36], [2.36, 1.213, 1.039], [0.428, 0.422, 0.405]),
+        # norms ×8 for 3 steps: over 3 × the plain threshold (still running away) — the cuts compound
+        (8.0, 3, 0.99, 0.985, 15.0, [0.686, 0.307, 0.163], [0.686, 0.307, 0.163], [0.264, 0.118, 0.064]),
+        # the norms as in the first, but the loss not yet halved since training began (a runaway taking
+        # hold before the run learned) — the cuts compound
+        (3.0, 5, 0.995, 0.998, 5.0, [2.36, 1.186, 0.634], [2.36, 1.186, 0.634], [0.836, 0.405, 0.21]),
+    ],
+)
+def test_episodes_compound_only_while_the_runaway_escalates(
+    monkeypatch, norm_factor, hard_steps, norm_rate, loss_rate, loss_factor, bases, in_force, ceilings
+):
+    """Hard batches (from step 280, every 40 steps) with both conditions switched off: an episode opens at
+    each bounce. One that does not escalate (its norm at most `COMPOUND_FACTOR` × the plain rule's threshold,
+    its smoothed loss below half of where training began) bases on the last base taken, not on the threshold
+    the last cut left in force, so its cut follows the worst excess instead of multiplying; one that
+    escalates bases on the threshold in force. Reference: the documented formula (`tests.reference`, its
+    two conditions off), step for step; the ratios that decide are checked against their bounds."""
+    monkeypatch.setattr(ceiling_module, "LEARNED_FACTOR", math.inf)
+    monkeypatch.setattr(ceiling_module, "RULING_FACTOR", math.inf)
+    rng = random.Random(5)
+    norms, losses = [], []
+    for t in range(400):
+        hard = t >= 280 and (t - 280) % 40 < hard_steps
+        norms.append(5.0 * norm_rate**t * math.exp(rng.gauss(0.0, 0.1)) * (norm_factor if hard else 1.0))
+        losses.append(2.0 * loss_rate**t * math.exp(rng.gauss(0.0, 0.1)) * (loss_factor if hard else 1.0))
+    rule, opened, got = LossAwareMeanThreshold(), [], []
+    for t, (n, loss) in enumerate(zip(norms, losses, strict=True)):
+        base, before, plain = rule.episode_base, rule.current(), rule.mean_term()
+        got.append(rule.step(n, loss))
+        if base is None and rule.episode_base is not None:
+            learned = rule.band.smoothed() - rule.band.start_level
+            opened.append((t, rule.episode_base, before, rule.ceiling, n / plain, learned))
+    assert [t for t, *_ in opened] == [284, 324, 364] if hard_steps == 5 else [281, 321, 361]
+    assert [round(o[1], 3) for o in opened] == bases
+    assert [round(o[2], 3) for o in opened] == in_force
+    assert [round(o[3], 3) for o in opened] == ceilings
+    runaway = [o[4] > ceiling_module.COMPOUND_FACTOR for o in opened[1:]]
+    early = [o[5] > -math.log(ceiling_module.COMPOUND_FACTOR) for o in opened[1:]]
+    assert runaway == [norm_factor == 8.0] * 2 and early == [loss_rate == 0.998] * 2
+    expected = loss_aware_thresholds(norms, losses, 1.5, 0.97, 1, None, conditions=False)
+    assert got == pytest.approx(expected, rel=1e-7)
 
 
 def _jump_for_good() -> tuple[list[float], list[float]]:
