@@ -655,16 +655,24 @@ def test_loss_aware_state_round_trip_through_a_confirmed_runaway():
         assert _fed(norms[k:], losses[k:], partial)[1] != expected[k:]
 
 
-def _bounces(norm_rate: float, loss_rate: float, first: int) -> tuple[list[float], list[float]]:
+def _bounces(
+    norm_rate: float,
+    loss_rate: float,
+    first: int,
+    hard_steps: int = 3,
+    norm_factor: float = 8.0,
+    loss_factor: float = 15.0,
+) -> tuple[list[float], list[float]]:
     """A loss trained down (×``loss_rate`` a step) whose norms shrink (×``norm_rate`` a step), and from step
-    ``first`` on, every 40 steps, three hard batches in a row: the loss ×15 and the norms ×8 (a classifier
-    under SGD: the loss and its gradients rise together, and fall back on their own)."""
+    ``first`` on, every 40 steps, ``hard_steps`` hard batches in a row: the loss ×``loss_factor`` and the
+    norms ×``norm_factor`` (a classifier under SGD: the loss and its gradients rise together, and fall back
+    on their own)."""
     rng = random.Random(5)
     norms, losses = [], []
     for t in range(400):
-        hard = t >= first and (t - first) % 40 < 3
-        norms.append(5.0 * norm_rate**t * math.exp(rng.gauss(0.0, 0.1)) * (8.0 if hard else 1.0))
-        losses.append(2.0 * loss_rate**t * math.exp(rng.gauss(0.0, 0.1)) * (15.0 if hard else 1.0))
+        hard = t >= first and (t - first) % 40 < hard_steps
+        norms.append(5.0 * norm_rate**t * math.exp(rng.gauss(0.0, 0.1)) * (norm_factor if hard else 1.0))
+        losses.append(2.0 * loss_rate**t * math.exp(rng.gauss(0.0, 0.1)) * (loss_factor if hard else 1.0))
     return norms, losses
 
 
@@ -702,18 +710,6 @@ def test_hard_batches_do_not_ratchet_the_ceiling(monkeypatch, condition, other, 
     assert min(c / p for c, p in zip(cut[first:], plain[first:], strict=True)) < 0.5
 
 
-def _openings(norms: list[float], losses: list[float]) -> list[tuple[int, float, float, float, float]]:
-    """Each episode's opening: (step, its base, the threshold in force before it, the ceiling after it, the
-    norm over the plain rule's threshold)."""
-    rule, opened = LossAwareMeanThreshold(), []
-    for t, (n, loss) in enumerate(zip(norms, losses, strict=True)):
-        base, in_force, plain = rule.episode_base, rule.current(), rule.mean_term()
-        rule.step(n, loss)
-        if base is None and rule.episode_base is not None:
-            opened.append((t, rule.episode_base, in_force, rule.ceiling, n / plain))
-    return opened
-
-
 @pytest.mark.parametrize(
     ("norm_factor", "hard_steps", "norm_rate", "loss_rate", "loss_factor", "bases", "in_force", "ceilings"),
     [
@@ -739,12 +735,7 @@ def test_episodes_compound_only_while_the_runaway_escalates(
     two conditions off), step for step; the ratios that decide are checked against their bounds."""
     monkeypatch.setattr(ceiling_module, "LEARNED_FACTOR", math.inf)
     monkeypatch.setattr(ceiling_module, "RULING_FACTOR", math.inf)
-    rng = random.Random(5)
-    norms, losses = [], []
-    for t in range(400):
-        hard = t >= 280 and (t - 280) % 40 < hard_steps
-        norms.append(5.0 * norm_rate**t * math.exp(rng.gauss(0.0, 0.1)) * (norm_factor if hard else 1.0))
-        losses.append(2.0 * loss_rate**t * math.exp(rng.gauss(0.0, 0.1)) * (loss_factor if hard else 1.0))
+    norms, losses = _bounces(norm_rate, loss_rate, 280, hard_steps, norm_factor, loss_factor)
     rule, opened, got = LossAwareMeanThreshold(), [], []
     for t, (n, loss) in enumerate(zip(norms, losses, strict=True)):
         base, before, plain = rule.episode_base, rule.current(), rule.mean_term()
