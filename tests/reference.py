@@ -314,10 +314,10 @@ def loss_aware_thresholds(
         if base is not None:
             drift, probe = 0, None
         elif probe is not None:
-            start, probe_age, before = probe
-            probe = (start, probe_age + 1, before)
+            level, probe_age, before = probe
+            probe = (level, probe_age + 1, before)
             if probe_age + 1 >= window and fast is not None:
-                if fast >= start - calm:  # the loss did not answer the halving: undone
+                if fast >= level - calm:  # the loss did not answer the halving: undone
                     ceiling = max(ceiling, before)
                     since = low if low is not None else fast
                 else:  # answered: kept, and the slow-start level follows
