@@ -215,9 +215,9 @@ def loss_aware_thresholds(
     is at most twice the mean term and the reading's ``fast`` is not more than ln 10 below the loss band's
     first reference (where training began); base = the threshold in force (a new episode's no lower than
     the last base taken, by any episode since the last one undone, unless the norm is over twice the mean
-    term or the reading's ``fast`` is not ln 2 below where training began), re-based on the threshold in force
-    after 10 steps, 3 bases at most; ceiling
-    cut to ``base * max(exp(-excess), 1e-3)``, slow-start level = base / 2); otherwise, with the excess at
+    term or the reading's ``fast`` is not ln 2 below where training began), re-based on the threshold in
+    force after 10 steps, 3 bases at most; ceiling cut to ``base * max(exp(-excess), 1e-3)``, slow-start
+    level = base / 2); otherwise, with the excess at
     most its calm threshold (or no loss) and the norm above the ceiling, the ceiling grows by
     ``min(2**0.1, 2**(1/w))`` below the slow-start level, ``w`` the norm band's window after
     the step, by ``1.002`` above it — neither while *drifted*: the loss band's ``fast`` after the step
